@@ -1,0 +1,25 @@
+# One-command set-up on a fresh machine: `make test` (tests) and `make demo` (the synthetic-user demo).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch pinned for development and CI only; the pack itself never pins torch.
+TORCH ?= torch==2.13.0
+
+.PHONY: venv test lint demo bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+demo: venv
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ppd-train demo --out runs/demo

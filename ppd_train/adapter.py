@@ -1,0 +1,251 @@
+"""The PPD adapter: decoupled user cross-attention for Stable Cascade Stage C, and its one file format.
+
+In every Stage C attention block the query that already attends to ``[image tokens ; text tokens]`` also attends to the
+user tokens, through new key/value projections, and the result is added before the block's output projection::
+
+    out = out_proj( Attn(q, K, V) + w * Attn(q, K_u, V_u) ),   K_u = P(u) W'_k,  V_u = P(u) W'_v
+
+``P`` is one projector shared by all blocks (LayerNorm -> Linear D->c, plus a learned per-token position, because
+attention is blind to token order and our tokens are distinct VLM layers). ``W'_v`` starts at zero, so a fresh adapter
+changes nothing. ``K_u, V_u`` depend only on the user: :meth:`PPDAdapter.forward` computes them once and bindings reuse
+them for every sampling step.
+
+This module knows no model framework. ``stage_c.py`` binds it to diffusers, ``nodes/`` to ComfyUI; both call
+:func:`apply_user_attention`, so the math lives here only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import FileFormatError, IncompatibleError
+from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_safetensors
+
+FORMAT_NAME = "ppd-adapter"
+FORMAT_VERSION = 1
+METADATA_KEY = "ppd_adapter"
+
+# Attention-block layout of the released Stage C checkpoints: kind -> (width, heads, block count).
+KNOWN_STAGE_C = {"lite": (1536, 24, 32), "full": (2048, 32, 64)}
+
+
+@dataclass(frozen=True)
+class StageCInfo:
+    """What an adapter needs to know about a Stage C: its attention blocks in forward order."""
+
+    block_widths: tuple[int, ...]
+    block_heads: tuple[int, ...]
+
+    @property
+    def kind(self) -> str:
+        for name, (width, heads, count) in KNOWN_STAGE_C.items():
+            if self.block_widths == (width,) * count and self.block_heads == (heads,) * count:
+                return name
+        return "custom"
+
+    def describe(self) -> str:
+        widths = sorted(set(self.block_widths))
+        return f"Stage C {self.kind} ({len(self.block_widths)} attention blocks, width {'/'.join(map(str, widths))})"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Everything that fixes the adapter's shapes, plus where its user embeddings must come from."""
+
+    block_widths: tuple[int, ...]
+    block_heads: tuple[int, ...]
+    embed_dim: int  # D: width of one user-embedding token
+    num_tokens: int  # T: tokens per user embedding
+    proj_dim: int = 0  # c: width of the shared user projector (0 = widest block)
+    embedder: str = "unknown"  # id of the embedder whose embeddings this adapter reads (see embedding.py)
+    training: dict = field(default_factory=dict, compare=False)  # summary written by the trainer
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_widths", tuple(int(w) for w in self.block_widths))
+        object.__setattr__(self, "block_heads", tuple(int(h) for h in self.block_heads))
+        if not self.proj_dim:
+            object.__setattr__(self, "proj_dim", max(self.block_widths))
+        if len(self.block_widths) != len(self.block_heads) or not self.block_widths:
+            raise IncompatibleError("Adapter config: block_widths and block_heads must be non-empty and equally long.")
+        for w, h in zip(self.block_widths, self.block_heads):
+            if w % h:
+                raise IncompatibleError(f"Adapter config: block width {w} is not divisible by its {h} heads.")
+        if self.embed_dim <= 0 or self.num_tokens <= 0:
+            raise IncompatibleError("Adapter config: embed_dim and num_tokens must be positive.")
+
+    @classmethod
+    def for_stage_c(cls, info: StageCInfo, embed_dim: int, num_tokens: int, **kw) -> AdapterConfig:
+        return cls(block_widths=info.block_widths, block_heads=info.block_heads, embed_dim=embed_dim,
+                   num_tokens=num_tokens, **kw)
+
+    @property
+    def stage_c(self) -> StageCInfo:
+        return StageCInfo(self.block_widths, self.block_heads)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, stage_c_kind=self.stage_c.kind,
+                 block_count=len(self.block_widths))
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str | os.PathLike = "<adapter>") -> AdapterConfig:
+        if d.get("format") != FORMAT_NAME:
+            raise FileFormatError(f"{path} is not a PPD adapter (format={d.get('format')!r}).")
+        version = d.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise FileFormatError(
+                f"{path} uses PPD adapter format version {version}; this version of PPD reads up to "
+                f"{FORMAT_VERSION}. Update the PPD pack."
+            )
+        try:
+            return cls(block_widths=tuple(d["block_widths"]), block_heads=tuple(d["block_heads"]),
+                       embed_dim=int(d["embed_dim"]), num_tokens=int(d["num_tokens"]), proj_dim=int(d["proj_dim"]),
+                       embedder=str(d.get("embedder", "unknown")), training=dict(d.get("training") or {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FileFormatError(f"{path}: adapter metadata is incomplete or damaged ({e!r}).") from None
+
+
+@dataclass
+class UserKV:
+    """Per-block user keys and values ``[B, T, width]`` (merged heads), computed once per user and sampling run."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UserKV:
+        return UserKV([k.to(device=device, dtype=dtype) for k in self.keys],
+                      [v.to(device=device, dtype=dtype) for v in self.values])
+
+
+class _BlockKV(nn.Module):
+    def __init__(self, proj_dim: int, width: int) -> None:
+        super().__init__()
+        self.to_k = nn.Linear(proj_dim, width, bias=False)
+        self.to_v = nn.Linear(proj_dim, width, bias=False)
+        nn.init.zeros_(self.to_v.weight)  # a fresh adapter adds exactly nothing
+
+
+class PPDAdapter(nn.Module):
+    """User projector + per-block K/V projections. ``forward(tokens) -> UserKV`` (run it through DDP when training)."""
+
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.proj_dim
+        self.user_norm = nn.LayerNorm(config.embed_dim)
+        self.user_proj = nn.Linear(config.embed_dim, c)
+        self.token_pos = nn.Parameter(torch.zeros(config.num_tokens, c))
+        self.blocks = nn.ModuleList(_BlockKV(c, w) for w in config.block_widths)
+
+    def forward(self, tokens: torch.Tensor) -> UserKV:
+        """tokens ``[B, T, D]`` (or ``[T, D]`` for one user) -> per-block keys/values ``[B, T, width]``."""
+        if tokens.dim() == 2:
+            tokens = tokens.unsqueeze(0)
+        cfg = self.config
+        if tokens.dim() != 3 or tokens.shape[1:] != (cfg.num_tokens, cfg.embed_dim):
+            raise IncompatibleError(
+                f"User embedding of shape {tuple(tokens.shape)} does not fit this adapter, which reads "
+                f"[{cfg.num_tokens} tokens, width {cfg.embed_dim}] from embedder '{cfg.embedder}'. "
+                "Make the embedding with the embedder (and layers) the adapter was trained with."
+            )
+        param = self.user_proj.weight
+        u = self.user_proj(self.user_norm(tokens.to(device=param.device, dtype=param.dtype))) + self.token_pos
+        return UserKV([b.to_k(u) for b in self.blocks], [b.to_v(u) for b in self.blocks])
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def apply_user_attention(out: torch.Tensor, q: torch.Tensor, k_u: torch.Tensor, v_u: torch.Tensor,
+                         weight: float | torch.Tensor, attend: Attend) -> torch.Tensor:
+    """``out + weight * attend(q, k_u, v_u)``, the one place where user attention joins a block.
+
+    ``out`` and ``q`` have the batch first; ``k_u, v_u`` have batch B or 1 (one user for the whole batch). ``weight``
+    is a number or a ``[B]`` tensor; rows whose weight is 0 (e.g. the unconditional half of CFG) are not touched at
+    all, so they stay bit-identical to the base model. ``attend`` is the binding's native attention in its own layout.
+    """
+    batch = out.shape[0]
+    w = torch.as_tensor(weight, dtype=torch.float32).flatten().cpu()
+    if w.numel() == 1:
+        w = w.expand(batch)
+    if w.numel() != batch:
+        raise IncompatibleError(f"Adapter weight has {w.numel()} entries for a batch of {batch}.")
+    rows = torch.nonzero(w).flatten()
+    if rows.numel() == 0:
+        return out
+    if k_u.shape[0] == 1:
+        k_u, v_u = k_u.expand(batch, -1, -1), v_u.expand(batch, -1, -1)
+    k_u, v_u = k_u.to(q.dtype), v_u.to(q.dtype)
+    shape = (-1,) + (1,) * (out.dim() - 1)
+    if rows.numel() == batch:
+        return out + w.to(out.device, out.dtype).view(shape) * attend(q, k_u, v_u)
+    idx = rows.to(out.device)
+    extra = w[rows].to(out.device, out.dtype).view(shape) * attend(q[idx], k_u[idx], v_u[idx])
+    return out.index_add(0, idx, extra)
+
+
+# ---------------------------------------------------------------------------------------------------------- file format
+def save_adapter(adapter: PPDAdapter, path: str | os.PathLike, training: dict | None = None) -> None:
+    """Write the adapter (keys ``user_*``, ``token_pos``, ``blocks.{i}.to_k/to_v.weight``) atomically."""
+    config = adapter.config
+    if training is not None:
+        config = AdapterConfig(**{**asdict(config), "training": training})
+    atomic_save_safetensors(dict(adapter.state_dict()), path, {"format": FORMAT_NAME, METADATA_KEY: config.to_json()})
+
+
+def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    tensors, metadata = read_safetensors(path, "PPD adapter")
+    config = AdapterConfig.from_dict(read_json_metadata(metadata, METADATA_KEY, path, "PPD adapter"), path)
+    return config, tensors
+
+
+def load_adapter(path: str | os.PathLike, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> PPDAdapter:
+    """Load an adapter file; the tensors must match its own metadata exactly (else the file is damaged)."""
+    config, tensors = read_adapter_config(path)
+    adapter = PPDAdapter(config)
+    expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))[:3]
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])[:3]
+        raise FileFormatError(
+            f"{path}: tensors do not match the adapter's own metadata (missing {missing}, wrong shape {wrong}). "
+            "The file is damaged or was edited; export it again."
+        )
+    adapter.load_state_dict(tensors)
+    return adapter.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------- compatibility
+def check_stage_c(config: AdapterConfig, model: StageCInfo, adapter_name: str = "the adapter",
+                  model_name: str = "the Stage C model") -> None:
+    """Refuse an adapter made for another Stage C, naming both sides."""
+    if config.stage_c != model:
+        raise IncompatibleError(
+            f"{adapter_name} was made for {config.stage_c.describe()}, but {model_name} is {model.describe()}. "
+            "Load the Stage C checkpoint the adapter was trained on (lite vs full), or pick an adapter for this model."
+        )
+
+
+def check_embedding(config: AdapterConfig, shape: tuple[int, ...], embedder: str,
+                    adapter_name: str = "the adapter", embedding_name: str = "the user embedding") -> None:
+    """Refuse a user embedding from another embedder or with another token layout, naming both sides."""
+    tokens = tuple(shape[-2:])
+    if tokens != (config.num_tokens, config.embed_dim) or (
+            config.embedder != "unknown" and embedder != config.embedder):
+        raise IncompatibleError(
+            f"{embedding_name} ({tokens[0]} tokens x {tokens[1]} from embedder '{embedder}') does not fit "
+            f"{adapter_name}, which reads {config.num_tokens} tokens x {config.embed_dim} from embedder "
+            f"'{config.embedder}'. Re-embed the user with the embedder the adapter was trained with."
+        )

@@ -1,0 +1,98 @@
+"""Tiny real models with the structure of the real ones, for tests, the synthetic world and CPU benchmarks."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
+
+_BLOCKS = (("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),) * 2
+
+
+def tiny_stage_c_config(width: int = 32, heads: int = 2, clip_dim: int = 32, layers: int = 1) -> dict:
+    """Stage C's shape scaled down: two levels without spatial down-sampling, an attention block in every layer."""
+    return dict(in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1,
+                conditioning_dim=width, block_out_channels=(width, width), num_attention_heads=(heads, heads),
+                down_num_layers_per_block=(layers, layers), up_num_layers_per_block=(layers, layers),
+                down_blocks_repeat_mappers=(1, 1), up_blocks_repeat_mappers=(1, 1), block_types_per_layer=_BLOCKS,
+                clip_text_in_channels=clip_dim, clip_text_pooled_in_channels=clip_dim, clip_image_in_channels=clip_dim,
+                clip_seq=4, kernel_size=3, dropout=(0.0, 0.0), self_attn=True,
+                timestep_conditioning_type=("sca", "crp"), switch_level=(False,))
+
+
+def build_tiny_stage_c(seed: int = 0, **kw) -> StableCascadeUNet:
+    """A randomly initialised tiny Stage C (~124k parameters at the defaults, 4 attention blocks)."""
+    torch.manual_seed(seed)
+    unet = StableCascadeUNet(**tiny_stage_c_config(**kw))
+    # diffusers zero-initialises some output layers only in _init_weights (never called); random weights everywhere
+    # make every test sensitive to every block.
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.dim() > 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return unet.eval()
+
+
+# A stand-in for Qwen2's chat format (ChatML); the real template is richer, this one keeps content in order.
+_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+_CORPUS = (
+    "You are shown pairs of images made for the same caption. In each pair the user preferred the first image. "
+    "Think step by step about style, visual quality, colour, composition and aesthetics; describe each pair, "
+    "then finish with a short user profile. Pair 1 2 3 4 caption preferred rejected bright dark soft sharp."
+)
+
+
+def build_tiny_llava(folder, seed: int = 0, hidden: int = 32, layers: int = 2, image_size: int = 32) -> None:
+    """Write a tiny real LLaVA-OneVision checkpoint folder (model, byte-level BPE tokenizer, PIL image processor,
+    processor) that loads exactly like a downloaded one. No hub, no torchvision."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from .embedders.llava_processor import ImageOnlyLlavaOnevisionProcessor
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([_CORPUS] * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size],
+                 [2 * image_size, 2 * image_size]]
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
+                                                      image_grid_pinpoints=pinpoints)
+    patch = image_size // 4
+    processor = ImageOnlyLlavaOnevisionProcessor(image_processor, tokenizer, num_image_tokens=16,
+                                                 vision_feature_select_strategy="full", chat_template=_CHATML)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=image_size, patch_size=patch),
+        text_config=Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer),
+                                max_position_embeddings=8192, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
