@@ -27,3 +27,70 @@ def stage_c_inputs(batch: int = 2, size: int = 6, clip_dim: int = 32, seed: int 
     return dict(sample=torch.randn(batch, 16, size, size, generator=g), timestep_ratio=torch.rand(batch, generator=g),
                 clip_text_pooled=torch.randn(batch, 1, clip_dim, generator=g),
                 clip_text=torch.randn(batch, 77, clip_dim, generator=g), clip_img=torch.zeros(batch, 1, clip_dim))
+
+
+def random_image(seed: int, size=(40, 48), mode: str = "RGB"):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+def write_pair_folder(folder, n: int = 5, seed: int = 0, fmt: str = "jsonl", user_id: str | None = None):
+    """A real pair folder: PNG/JPEG files and pairs.jsonl or pairs.csv with relative paths."""
+    import csv
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        random_image(seed * 100 + 2 * i).save(folder / f"good_{i}.png")
+        random_image(seed * 100 + 2 * i + 1).save(folder / f"bad_{i}.jpg", quality=90)
+        row = {"prompt": f"a lighthouse at dusk, version {i}", "chosen": f"good_{i}.png", "rejected": f"bad_{i}.jpg"}
+        if user_id:
+            row["user_id"] = user_id
+        rows.append(row)
+    if fmt == "jsonl":
+        (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        with (folder / "pairs.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return folder
+
+
+def jpeg_bytes(seed: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    random_image(seed).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def write_pickapic(path, rows):
+    """A parquet shard with Pick-a-Pic v2's real column names and types (JPEG bytes in jpg_0/jpg_1)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {
+        "are_different": pa.array([r.get("are_different", True) for r in rows], pa.bool_()),
+        "best_image_uid": pa.array(["x"] * len(rows), pa.string()),
+        "caption": pa.array([r["caption"] for r in rows], pa.string()),
+        "created_at": pa.array([0] * len(rows), pa.int64()),
+        "has_label": pa.array([r.get("has_label", True) for r in rows], pa.bool_()),
+        "image_0_uid": pa.array(["a"] * len(rows), pa.string()),
+        "image_1_uid": pa.array(["b"] * len(rows), pa.string()),
+        "jpg_0": pa.array([r["jpg_0"] for r in rows], pa.binary()),
+        "jpg_1": pa.array([r["jpg_1"] for r in rows], pa.binary()),
+        "label_0": pa.array([r["label_0"] for r in rows], pa.float64()),
+        "label_1": pa.array([r["label_1"] for r in rows], pa.float64()),
+        "model_0": pa.array(["sdxl"] * len(rows), pa.string()),
+        "model_1": pa.array(["sdxl"] * len(rows), pa.string()),
+        "ranking_id": pa.array(list(range(len(rows))), pa.int64()),
+        "user_id": pa.array([r["user_id"] for r in rows], pa.int64()),
+        "num_example_per_prompt": pa.array([1] * len(rows), pa.int64()),
+    }
+    pq.write_table(pa.table(cols), path)
+    return path

@@ -1,0 +1,96 @@
+"""``ppd-train embed``: embed every user of a dataset into one table file, resumable after a kill.
+
+Users are processed in a fixed order, a batch at a time; each finished batch is written atomically as a part file
+next to the output. A rerun skips users already in parts, so a killed run loses at most one batch. When all users are
+done the parts are merged into the table and removed. Under ``accelerate launch`` every process embeds its own slice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+from tqdm.auto import tqdm
+
+from .embedding import UserEmbedding, load_embedding_table, save_embedding_table
+from .errors import PPDError
+from .pairs import PairError, PreferencePair, select_pairs
+from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_safetensors
+
+PART_KEY = "ppd_embedding_part"
+
+
+class Embedder(Protocol):
+    id: str
+
+    def embed(self, users, user_ids=None, progress=None) -> list[UserEmbedding]: ...
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _read_parts(parts: Path, settings: dict) -> dict[str, UserEmbedding]:
+    done: dict[str, UserEmbedding] = {}
+    for part in sorted(parts.glob("part-*.safetensors")):
+        tensors, metadata = read_safetensors(part, "embedding part")
+        meta = read_json_metadata(metadata, PART_KEY, part, "embedding part")
+        if meta.get("settings") != settings:
+            raise PPDError(f"{parts} holds an unfinished run with other settings ({meta.get('settings')}); finish it "
+                           f"with those settings, or delete {parts} to start over with {settings}.")
+        for i, umeta in enumerate(meta["users"]):
+            done[umeta["user_id"]] = UserEmbedding(tensors[f"u{i}"], settings["embedder"], umeta)
+    return done
+
+
+def embed_users(users: dict[str, list[PreferencePair]], embedder: Embedder, out: str | os.PathLike, n_pairs: int = 4,
+                select: str = "random", seed: int = 0, batch_users: int = 8, accelerator=None,
+                show_progress: bool = True, progress=None) -> dict[str, UserEmbedding]:
+    """Embed each user from ``n_pairs`` of their pairs (recorded in the embedding's ``pair_sources`` so training can
+    leave them out). Users with too few pairs are skipped and reported. Returns the merged table."""
+    out = Path(out)
+    parts = _parts_dir(out)
+    settings = {"embedder": embedder.id, "n_pairs": n_pairs, "select": select, "seed": seed}
+    chosen: dict[str, list[PreferencePair]] = {}
+    skipped = []
+    for uid in sorted(users):
+        try:
+            chosen[uid] = select_pairs(users[uid], n_pairs, select, seed, who=f"user {uid}")
+        except PairError:
+            skipped.append(uid)
+    if not chosen:
+        raise PPDError(f"No user has {n_pairs} usable pairs ({len(users)} users read). Lower --n-pairs or add data.")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    parts.mkdir(parents=True, exist_ok=True)
+    (parts / "settings.json").write_text(json.dumps(settings, sort_keys=True))
+    done = _read_parts(parts, settings)
+    todo = [u for i, u in enumerate(chosen) if i % world == rank and u not in done]
+    bar = tqdm(total=len(chosen), initial=len(done), desc="embedding users", unit="user",
+               disable=not show_progress or rank != 0)
+    for start in range(0, len(todo), batch_users):
+        batch = todo[start:start + batch_users]
+        embs = embedder.embed([chosen[u] for u in batch], user_ids=batch)
+        index = len(list(parts.glob(f"part-{rank:03d}-*.safetensors")))
+        atomic_save_safetensors({f"u{i}": e.tokens for i, e in enumerate(embs)},
+                                parts / f"part-{rank:03d}-{index:06d}.safetensors",
+                                {PART_KEY: json.dumps({"settings": settings, "users": [e.meta for e in embs]})})
+        bar.update(len(batch))
+        if progress is not None:
+            progress(len(batch))
+    bar.close()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if rank == 0:
+        done = _read_parts(parts, settings)
+        info = {**settings, "skipped_users": skipped}
+        save_embedding_table(out, done, info)
+        shutil.rmtree(parts)
+        if skipped:
+            print(f"note: {len(skipped)} user(s) with fewer than {n_pairs} usable pairs were skipped: "
+                  f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return load_embedding_table(out)[0]

@@ -1,0 +1,173 @@
+"""The paper's user embedder: LLaVA-OneVision reads N preference pairs; its hidden states become the user tokens.
+
+``cot`` (the paper): greedy generation of a step-by-step analysis ending in a short user profile; tokens = hidden
+states of the **last decoding step** at the selected layers; the generated text is kept as the profile.
+``direct``: one forward pass over the same prompt, no generation; tokens = the last prompt token at each selected
+layer. Orders of magnitude cheaper, which is what makes embedding thousands of training users affordable.
+
+Models load from a local folder in transformers format only (``local_files_only``, safetensors, no remote code).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..embedding import UserEmbedding
+from ..errors import PPDError
+from ..pairs import PreferencePair, content_hash
+
+PROMPT_INTRO = (
+    "You are shown {n} pairs of images. Both images of a pair were generated from the same caption, and in every "
+    "pair this user preferred the first image over the second.\n"
+)
+PROMPT_PAIR = "Pair {i}. Caption: \"{caption}\"\nPreferred image: {img}\nDispreferred image: {img}\n"
+PROMPT_TASK = (
+    "Think step by step about the style, visual quality and aesthetics this user prefers. Describe each pair, "
+    "then finish with a short user profile starting with 'User profile:'."
+)
+MODES = ("direct", "cot")
+
+
+def parse_layers(spec: str | Sequence[int], num_states: int) -> list[int]:
+    """``"all"``, ``"last"``, ``"-1,-8"`` or a list of ints -> indices into the ``num_states`` hidden states
+    (embedding output + one per decoder layer)."""
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s == "all":
+            return list(range(num_states))
+        if s == "last":
+            return [num_states - 1]
+        try:
+            spec = [int(x) for x in s.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise PPDError(f"Layers {spec!r}: use 'all', 'last' or comma-separated integers like '-1,-8'.") from None
+    out = []
+    for i in spec:
+        j = i + num_states if i < 0 else i
+        if not 0 <= j < num_states:
+            raise PPDError(f"Layer {i} does not exist: this VLM has hidden states 0..{num_states - 1} "
+                           f"(or -1..-{num_states}).")
+        out.append(j)
+    if not out:
+        raise PPDError("Select at least one layer.")
+    return out
+
+
+def build_prompt(pairs: Sequence[PreferencePair], image_token: str) -> str:
+    """The pairs in order, preferred image first, each image placed next to its own caption."""
+    body = "".join(PROMPT_PAIR.format(i=i + 1, caption=p.prompt.replace("\n", " "), img=image_token)
+                   for i, p in enumerate(pairs))
+    return PROMPT_INTRO.format(n=len(pairs)) + body + PROMPT_TASK
+
+
+class VLMEmbedder:
+    """Embeds users with a local LLaVA-OneVision folder. ``embed([...pairs per user...])`` -> UserEmbeddings."""
+
+    family = "vlm"
+
+    def __init__(self, folder: str | os.PathLike, mode: str = "direct", layers: str | Sequence[int] = "all",
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, max_new_tokens: int = 1024,
+                 batch_size: int = 1) -> None:
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        from .llava_processor import ImageOnlyLlavaOnevisionProcessor
+
+        if mode not in MODES:
+            raise PPDError(f"Unknown embedding mode {mode!r}; use 'direct' (fast) or 'cot' (the paper's "
+                           "chain-of-thought).")
+        self.folder = Path(folder)
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise PPDError(f"{self.folder} is not a model folder (no config.json). Put a LLaVA-OneVision checkpoint "
+                           "in transformers format there (e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf).")
+        try:
+            model_type = json.loads(config_path.read_text()).get("model_type")
+        except (json.JSONDecodeError, OSError) as e:
+            raise PPDError(f"{config_path} is not readable JSON ({e}).") from None
+        if model_type != "llava_onevision":
+            raise PPDError(f"{self.folder} holds a '{model_type}' model, not a LLaVA-OneVision VLM. Use a "
+                           "llava-onevision-qwen2-*-hf checkpoint.")
+        if not any(self.folder.glob("*.safetensors")):
+            raise PPDError(f"{self.folder} has no .safetensors weights; PPD loads VLM weights from safetensors only.")
+        self.mode = mode
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = max(1, int(batch_size))
+        self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            self.folder, dtype=dtype, local_files_only=True, use_safetensors=True).to(self.device).eval()
+        self.processor = ImageOnlyLlavaOnevisionProcessor.from_pretrained(self.folder, local_files_only=True)
+        self.processor.tokenizer.padding_side = "left"  # the last position must be every row's real last token
+        num_states = self.model.config.text_config.num_hidden_layers + 1
+        self.layers = parse_layers(layers, num_states)
+        layer_id = "all" if self.layers == list(range(num_states)) else ",".join(map(str, self.layers))
+        self.id = f"vlm:{self.folder.name}:{mode}:{layer_id}"
+        self.width = int(self.model.config.text_config.hidden_size)
+
+    def _inputs(self, users: Sequence[Sequence[PreferencePair]]):
+        tok = self.processor.tokenizer
+        texts, images = [], []
+        for pairs in users:
+            message = [{"role": "user", "content": [{"type": "text",
+                                                     "text": build_prompt(pairs, self.processor.image_token)}]}]
+            texts.append(self.processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False))
+            images.append([img for p in pairs for img in (p.chosen.load(), p.rejected.load())])
+        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        if tok.pad_token_id is None:
+            raise PPDError(f"The tokenizer in {self.folder} has no pad token; batch size must be 1.")
+        return inputs.to(self.device)
+
+    @torch.inference_mode()
+    def _embed_batch(self, users: Sequence[Sequence[PreferencePair]]) -> list[tuple[torch.Tensor, str]]:
+        inputs = self._inputs(users)
+        if self.mode == "direct":
+            out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1)
+            states = torch.stack([out.hidden_states[i][:, -1] for i in self.layers], dim=1)
+            return [(states[b].float().cpu(), "") for b in range(len(users))]
+        tok = self.processor.tokenizer
+        gen = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                                  output_hidden_states=True, return_dict_in_generate=True,
+                                  pad_token_id=tok.pad_token_id)
+        new = gen.sequences[:, inputs["input_ids"].shape[1]:]
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        results = []
+        for b in range(len(users)):
+            ids = new[b].tolist()
+            # the last decoding step of *this* row: the one that produced its end-of-sequence token
+            last = next((k for k, t in enumerate(ids) if t in eos_ids), len(gen.hidden_states) - 1)
+            last = min(last, len(gen.hidden_states) - 1)
+            step = gen.hidden_states[last]
+            tokens = torch.stack([step[i][b, -1] for i in self.layers]).float().cpu()
+            results.append((tokens, tok.decode(ids[: last + 1], skip_special_tokens=True).strip()))
+        return results
+
+    def embed(self, users: Sequence[Sequence[PreferencePair]], user_ids: Sequence[str] | None = None,
+              progress=None) -> list[UserEmbedding]:
+        """One embedding per user, ``batch_size`` users per forward; ``progress(n_done)`` is called per batch."""
+        out: list[UserEmbedding] = []
+        for start in range(0, len(users), self.batch_size):
+            chunk = users[start:start + self.batch_size]
+            for j, (tokens, text) in enumerate(self._embed_batch(chunk)):
+                pairs = chunk[j]
+                uid = user_ids[start + j] if user_ids is not None else (pairs[0].user_id if pairs else "")
+                meta = {"model": self.folder.name, "mode": self.mode, "layers": self.layers, "n_pairs": len(pairs),
+                        "content_hash": content_hash(pairs), "profile": text, "user_id": uid,
+                        "pair_sources": [p.source for p in pairs]}
+                out.append(UserEmbedding(tokens, self.id, meta))
+            if progress is not None:
+                progress(len(chunk))
+        return out
+
+    def unload(self) -> None:
+        """Free the VLM (the nodes call this after each job)."""
+        self.model = None  # type: ignore[assignment]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,179 @@
+"""User embeddings: file format, interpolation, the VLM and pair-difference embedders, and the resumable embed job."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_image, write_pair_folder
+
+from ppd_train.embed_dataset import embed_users
+from ppd_train.embedders.vlm import VLMEmbedder, build_prompt
+from ppd_train.embedding import UserEmbedding, interpolate, load_embedding_table, mix
+from ppd_train.errors import FileFormatError, IncompatibleError, PPDError
+from ppd_train.pairs import load_pair_folder, pairs_from_images
+
+
+def _emb(seed, embedder="vlm:x:direct:all", shape=(3, 8)):
+    return UserEmbedding(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), embedder,
+                         {"user_id": f"u{seed}"})
+
+
+def test_file_round_trip_and_refusals(tmp_path):
+    e = _emb(0)
+    e.meta["profile"] = "likes warm light"
+    e.save(tmp_path / "alice.safetensors")
+    back = UserEmbedding.load(tmp_path / "alice.safetensors")
+    assert torch.equal(back.tokens, e.tokens) and back.embedder == e.embedder and back.profile == "likes warm light"
+    with pytest.raises(IncompatibleError, match="NaN or infinite"):
+        UserEmbedding(torch.tensor([[1.0, float("nan")]]), "x")
+    from helpers import trained_looking_adapter
+
+    from ppd_train.adapter import save_adapter
+    from ppd_train.tiny import build_tiny_stage_c
+
+    save_adapter(trained_looking_adapter(build_tiny_stage_c()), tmp_path / "adapter.safetensors")
+    with pytest.raises(FileFormatError, match="not a user embedding"):
+        UserEmbedding.load(tmp_path / "adapter.safetensors")
+
+
+def test_interpolation_endpoints_are_exact():
+    a, b = _emb(1), _emb(2)
+    for method in ("lerp", "slerp"):
+        assert torch.equal(interpolate(a, b, 0.0, method).tokens, a.tokens)
+        assert torch.equal(interpolate(a, b, 1.0, method).tokens, b.tokens)
+        mid = interpolate(a, b, 0.5, method).tokens
+        assert not torch.equal(mid, a.tokens) and torch.isfinite(mid).all()
+    torch.testing.assert_close(interpolate(a, b, 0.25).tokens, 0.75 * a.tokens + 0.25 * b.tokens)
+    slerp = interpolate(a, b, 0.5, "slerp").tokens  # norms interpolate linearly
+    torch.testing.assert_close(slerp.norm(dim=-1), (a.tokens.norm(dim=-1) + b.tokens.norm(dim=-1)) / 2)
+    assert torch.equal(mix([a, b, _emb(3)], [0, 1, 0]).tokens, b.tokens)
+    torch.testing.assert_close(mix([a, b], [1, 3]).tokens, interpolate(a, b, 0.75).tokens)
+
+
+def test_incompatible_embeddings_are_refused():
+    with pytest.raises(IncompatibleError, match="different embedders"):
+        interpolate(_emb(1), _emb(2, embedder="pairdiff:clip:x"), 0.5)
+    with pytest.raises(IncompatibleError, match="different embedders"):
+        mix([_emb(1), _emb(2, shape=(4, 8))], [1, 1])
+    with pytest.raises(IncompatibleError, match="use 'lerp' or 'slerp'"):
+        interpolate(_emb(1), _emb(2), 0.5, "cubic")
+
+
+def _users(n_users: int, seed: int = 0):
+    out = []
+    for u in range(n_users):
+        a = [random_image(seed * 1000 + 10 * u + i) for i in range(4)]
+        b = [random_image(seed * 1000 + 10 * u + i + 4) for i in range(4)]
+        out.append(pairs_from_images([f"caption {u}"], a, b, user_id=f"user{u}"))
+    return out
+
+
+def test_vlm_direct_embeddings(tiny_llava_dir):
+    embedder = VLMEmbedder(tiny_llava_dir, mode="direct", layers="all")
+    users = _users(3)
+    one = [embedder.embed([u])[0] for u in users]
+    assert one[0].tokens.shape == (3, 32)  # embedding output + 2 layers, hidden 32
+    assert one[0].embedder == f"vlm:{tiny_llava_dir.name}:direct:all"
+    again = embedder.embed(users[:1])[0]
+    assert torch.equal(again.tokens, one[0].tokens)  # deterministic
+    assert (one[0].tokens - one[1].tokens).abs().max() > 1e-4  # other pairs, other user
+    batched = VLMEmbedder(tiny_llava_dir, mode="direct", batch_size=3).embed(users)
+    for a, b in zip(one, batched):
+        torch.testing.assert_close(a.tokens, b.tokens, rtol=1e-4, atol=1e-5)
+    last = VLMEmbedder(tiny_llava_dir, mode="direct", layers="-1").embed(users[:1])[0]
+    assert torch.equal(last.tokens[0], one[0].tokens[-1])
+    assert one[0].meta["content_hash"] and one[0].meta["n_pairs"] == 4
+
+
+def test_vlm_chain_of_thought_returns_profile(tiny_llava_dir):
+    embedder = VLMEmbedder(tiny_llava_dir, mode="cot", max_new_tokens=6)
+    users = _users(2, seed=1)
+    one = [embedder.embed([u])[0] for u in users]
+    assert isinstance(one[0].profile, str) and one[0].profile  # random weights: gibberish, but generated text
+    assert one[0].tokens.shape == (3, 32) and one[0].embedder.endswith(":cot:all")
+    batched = VLMEmbedder(tiny_llava_dir, mode="cot", max_new_tokens=6, batch_size=2).embed(users)
+    for a, b in zip(one, batched):
+        torch.testing.assert_close(a.tokens, b.tokens, rtol=1e-4, atol=1e-5)
+        assert a.profile == b.profile
+
+
+def test_prompt_keeps_each_image_next_to_its_caption(tiny_llava_dir):
+    pairs = _users(1)[0]
+    prompt = build_prompt(pairs, "<image>")
+    assert prompt.count("<image>") == 8
+    first = prompt.index("Pair 1.")
+    assert first < prompt.index("<image>") < prompt.index("Pair 2.")
+    embedder = VLMEmbedder(tiny_llava_dir)
+    message = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+    rendered = embedder.processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
+    assert rendered.index("Pair 1.") < rendered.index("<image>")
+
+
+def test_not_a_vlm_folder(tmp_path, tiny_stage_c_dir):
+    with pytest.raises(PPDError, match="not a model folder"):
+        VLMEmbedder(tmp_path)
+    with pytest.raises(PPDError, match="not a LLaVA-OneVision VLM"):
+        VLMEmbedder(tiny_stage_c_dir)
+    with pytest.raises(PPDError, match="Unknown embedding mode"):
+        VLMEmbedder(tmp_path, mode="fast")
+
+
+def test_layer_errors(tiny_llava_dir):
+    with pytest.raises(PPDError, match="hidden states 0..2"):
+        VLMEmbedder(tiny_llava_dir, layers="5")
+
+
+def test_pair_difference_with_clip_from_disk(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from ppd_train.embedders.pairdiff import PairDifferenceEmbedder
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=16)
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip")
+    embedder = PairDifferenceEmbedder.from_clip(tmp_path / "clip")
+    users = _users(2)
+    embs = embedder.embed(users)
+    assert embs[0].tokens.shape == (4, 16) and embs[0].embedder == "pairdiff:clip:clip"
+    swapped = embedder.embed([[type(p)(p.prompt, p.rejected, p.chosen) for p in users[0]]])[0]
+    torch.testing.assert_close(swapped.tokens, -embs[0].tokens)  # preference direction is what it encodes
+
+
+def test_embed_job_resumes_after_interrupt(tmp_path, tiny_llava_dir):
+    users = {}
+    for u in range(5):
+        for p in load_pair_folder(write_pair_folder(tmp_path / "data" / f"user{u}", n=5, seed=u)):
+            users.setdefault(p.user_id, []).append(p)
+    users["short"] = users["user0"][:2]  # too few pairs: skipped and reported
+    embedder = VLMEmbedder(tiny_llava_dir, batch_size=2)
+    full = tmp_path / "full.safetensors"
+    embed_users(users, embedder, full, n_pairs=4, batch_users=2, show_progress=False)
+
+    resumed = tmp_path / "resumed.safetensors"
+    calls = []
+
+    def interrupt(n):
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl+C after two batches were written
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_users(users, embedder, resumed, n_pairs=4, batch_users=2, show_progress=False, progress=interrupt)
+    assert not resumed.exists() and len(list((tmp_path / "resumed.safetensors.parts").glob("part-*"))) == 2
+    seen = []
+    embed_users(users, embedder, resumed, n_pairs=4, batch_users=2, show_progress=False, progress=seen.append)
+    assert sum(seen) == 1  # only the one remaining user was embedded
+    assert resumed.read_bytes() == full.read_bytes()
+    table, info = load_embedding_table(resumed)
+    assert sorted(table) == [f"user{u}" for u in range(5)] and info["skipped_users"] == ["short"]
+    assert len(table["user0"].meta["pair_sources"]) == 4
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        embed_users(users, embedder, tmp_path / "x.safetensors", n_pairs=4, batch_users=2, show_progress=False,
+                    progress=interrupt)
+    with pytest.raises(PPDError, match="other settings.*delete"):
+        embed_users(users, embedder, tmp_path / "x.safetensors", n_pairs=3, show_progress=False)
