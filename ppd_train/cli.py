@@ -61,6 +61,87 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     print(f"{len(table)} user embeddings -> {args.out}")
 
 
+def _load(cls, args: argparse.Namespace):
+    from .config import load_config, to_toml
+
+    cfg = load_config(cls, args.config, args.set)
+    if args.print_config:
+        print(to_toml(cfg), end="")
+        return None
+    return cfg
+
+
+def _cmd_fit(args: argparse.Namespace) -> None:
+    from .dpo_data import DPOData
+    from .embedding import load_embedding_table
+    from .stage_c import load_stage_c
+    from .train import TrainConfig, Trainer
+
+    cfg = _load(TrainConfig, args)
+    if cfg is None:
+        return
+    for key in ("stage_c", "data", "embeddings"):
+        if not getattr(cfg, key):
+            raise PPDError(f"Config key '{key}' is required for fit (set it in the config or with --set {key}=...).")
+    cfg.validate()
+    data = DPOData.load(cfg.data)
+    table, _ = load_embedding_table(cfg.embeddings)
+    tokens, embedder_id = data.user_tokens(table)
+    unet = load_stage_c(cfg.stage_c, config=cfg.stage_c_config or None)
+    out = Trainer(cfg, unet, data, tokens, embedder_id, show_progress=not args.quiet).run(
+        resume=not args.no_resume, force=args.force)
+    print(f"adapter -> {out}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .adapter import load_adapter
+    from .dpo_data import DPOData
+    from .embedding import load_embedding_table
+    from .evaluate import Conditions, EvalConfig, evaluate_users, load_reward
+    from .stage_c import PPDBinding, load_stage_c
+
+    cfg = _load(EvalConfig, args)
+    if cfg is None:
+        return
+    data = DPOData.load(cfg.data)
+    table, _ = load_embedding_table(cfg.embeddings)
+    unet = load_stage_c(cfg.stage_c)
+    binding = PPDBinding(unet, load_adapter(cfg.adapter))
+    users = {u: table[u] for u in (cfg.users or sorted(table))}
+    cond = Conditions(data.text, data.pooled, unet.config.clip_image_in_channels or data.text.shape[-1],
+                      tuple(data.latents_w.shape[1:]))  # type: ignore[arg-type]
+    metrics = evaluate_users(binding, cond, users, load_reward(cfg.reward), set(data.user_ids), cfg.samples,
+                             cfg.seed, cfg.steps)
+    text = json.dumps(metrics, indent=2)
+    if cfg.out:
+        from pathlib import Path
+
+        Path(cfg.out).write_text(text)
+    for group in ("seen", "unseen"):
+        if group in metrics:
+            m = metrics[group]
+            print(f"{group:6s}: win rate {m['win_rate']:.0%}, reward gain {m['reward_gain']:+.3f} ({m['users']} users)")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .synthetic import DemoConfig, run_demo
+
+    cfg = _load(DemoConfig, args)
+    if cfg is None:
+        return
+    if args.out:
+        cfg.out_dir = args.out
+    run_demo(cfg, show_progress=not args.quiet)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML or YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set lr=1e-4 or --set train.max_steps=500")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppd-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerate", action="store_true", help="split users over the processes of `accelerate launch`")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("fit", help="train a PPD adapter with the user-conditioned Diffusion-DPO loss")
+    _config_args(p)
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in out_dir")
+    p.add_argument("--force", action="store_true", help="resume even if the config or data changed")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("eval", help="win rate and reward gain of PPD vs the base model, per user")
+    _config_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="the synthetic-user world end to end (CPU, minutes)")
+    _config_args(p)
+    p.add_argument("--out", help="output folder (default: out_dir of the config, runs/demo)")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -1,0 +1,70 @@
+"""Training checkpoints as one safetensors file each (no pickles): adapter, optimizer state, run metadata.
+
+Written through a temporary file and an atomic rename, so a kill or a full disk while saving leaves the previous
+checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import FileFormatError
+from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_safetensors
+
+METADATA_KEY = "ppd_checkpoint"
+
+
+def save_checkpoint(path: str | os.PathLike, adapter: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    meta: dict) -> None:
+    tensors = {f"adapter.{k}": v for k, v in adapter.state_dict().items()}
+    state = optimizer.state_dict()
+    scalars: dict = {}
+    for i, per_param in state["state"].items():
+        for k, v in per_param.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{i}.{k}"] = v
+            else:
+                scalars[f"{i}.{k}"] = v
+    meta = {**meta, "optimizer": {"param_groups": state["param_groups"], "scalars": scalars}}
+    atomic_save_safetensors(tensors, path, {METADATA_KEY: json.dumps(meta)})
+
+
+def load_checkpoint(path: str | os.PathLike, adapter: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    tensors, metadata = read_safetensors(path, "training checkpoint")
+    meta = read_json_metadata(metadata, METADATA_KEY, path, "training checkpoint")
+    try:
+        adapter.load_state_dict({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
+    except RuntimeError as e:
+        raise FileFormatError(f"{path} holds another adapter (other Stage C or embedding shape): "
+                              f"{str(e).splitlines()[-1].strip()}. Use another out_dir for this model.") from None
+    per_param: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            per_param.setdefault(int(i), {})[name] = v
+    for k, v in meta["optimizer"]["scalars"].items():
+        i, name = k.split(".", 1)
+        per_param.setdefault(int(i), {})[name] = v
+    try:
+        optimizer.load_state_dict({"state": per_param, "param_groups": meta["optimizer"]["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise FileFormatError(f"{path}: optimizer state does not fit this adapter ({e}).") from None
+    return meta
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted(folder.glob("step-*.safetensors")) if folder.is_dir() else []
+
+
+def find_latest(folder: str | os.PathLike) -> Path | None:
+    found = _checkpoints(Path(folder))
+    return found[-1] if found else None
+
+
+def prune_checkpoints(folder: str | os.PathLike, keep: int) -> None:
+    for old in _checkpoints(Path(folder))[:-keep]:
+        old.unlink(missing_ok=True)

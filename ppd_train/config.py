@@ -1,0 +1,149 @@
+"""Configs: dataclasses read from TOML or YAML, with ``key=value`` overrides and errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import PPDError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_VERSION = 1
+T = TypeVar("T")
+
+
+class ConfigError(PPDError):
+    pass
+
+
+def _read_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}.")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(path.read_text(encoding="utf-8"))
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping of keys.")
+            return data
+    except (tomllib.TOMLDecodeError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot parse ({e}).") from None
+    raise ConfigError(f"{path}: config files are .toml or .yaml.")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"Config key '{key}': expected a list, got {value!r}.")
+        (inner, *_) = typing.get_args(typ) or (Any,)
+        return [_coerce(v, inner, key) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"Config key '{key}': expected true/false, got {value!r}.")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str)
+                                                                             and not value.lstrip("-").isdigit()):
+            raise ConfigError(f"Config key '{key}': expected an integer, got {value!r}.")
+        return int(value)
+    if typ is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"Config key '{key}': expected a number, got {value!r}.") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"Config key '{key}': expected text, got {value!r}.")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"Unknown config key(s) {', '.join(prefix + k for k in unknown)}; known keys: "
+                          f"{', '.join(prefix + k for k in fields)}.")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"Config key '{prefix}{name}' is a section; write it as [{prefix}{name}].")
+            kwargs[name] = from_dict(typ, value, f"{prefix}{name}.")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(value, typ, prefix + name)
+    obj = cls(**kwargs)
+    version = getattr(obj, "config_version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise ConfigError(f"config_version {version} is not supported (this PPD reads {CONFIG_VERSION}).")
+    return obj
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``["train.lr=1e-4", "seed=3"]`` -> nested dict updates; values are parsed as TOML scalars when possible."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override {item!r}: write key=value, e.g. train.lr=1e-4.")
+        key, raw = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {item!r}: '{p}' is not a section.")
+        node[leaf] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    data = _read_file(path) if path else {}
+    return from_dict(cls, apply_overrides(data, overrides or []))
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def to_toml(obj: Any) -> str:
+    """The resolved config as TOML (``ppd-train ... --print-config``)."""
+    def scalar(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
+
+    top, sections = [], []
+    for k, v in to_dict(obj).items():
+        if isinstance(v, dict):
+            sections.append(f"\n[{k}]\n" + "".join(f"{kk} = {scalar(vv)}\n" for kk, vv in v.items()))
+        else:
+            top.append(f"{k} = {scalar(v)}\n")
+    return "".join(top) + "".join(sections)

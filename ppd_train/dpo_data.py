@@ -1,0 +1,81 @@
+"""Cached training data: Stage C latents of preferred/dispreferred images, text conditioning, user index.
+
+The trainer never sees images: real datasets are encoded once (Stage C latents, CLIP-G text) into this file, and the
+synthetic world writes the same file. Captions are stored once and referenced by index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .embedding import UserEmbedding
+from .errors import PPDError
+from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_safetensors
+
+METADATA_KEY = "ppd_dpo_data"
+
+
+@dataclass
+class DPOData:
+    latents_w: torch.Tensor  # [P, 16, h, w] preferred
+    latents_l: torch.Tensor  # [P, 16, h, w] dispreferred
+    caption_idx: torch.Tensor  # [P] long
+    user_idx: torch.Tensor  # [P] long
+    text: torch.Tensor  # [C, L, c] CLIP text tokens
+    pooled: torch.Tensor  # [C, 1, c] pooled CLIP text
+    user_ids: list[str]
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        p = self.latents_w.shape[0]
+        if not p:
+            raise PPDError("The training data has no usable pairs (all ties or empty). Check the dataset.")
+        if self.latents_l.shape != self.latents_w.shape or len(self.caption_idx) != p or len(self.user_idx) != p:
+            raise PPDError("DPO data is inconsistent: latents, captions and users must have one entry per pair.")
+        for name in ("latents_w", "latents_l", "text", "pooled"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise PPDError(f"DPO data: '{name}' contains NaN or infinite values; re-encode the dataset.")
+
+    def __len__(self) -> int:
+        return int(self.latents_w.shape[0])
+
+    def subset(self, idx: torch.Tensor) -> DPOData:
+        return DPOData(self.latents_w[idx], self.latents_l[idx], self.caption_idx[idx], self.user_idx[idx], self.text,
+                       self.pooled, self.user_ids, self.info)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for t in (self.latents_w, self.latents_l, self.caption_idx, self.user_idx, self.text, self.pooled):
+            h.update(t.contiguous().numpy().tobytes())
+        h.update(json.dumps(self.user_ids).encode())
+        return h.hexdigest()[:16]
+
+    def user_tokens(self, table: dict[str, UserEmbedding]) -> tuple[torch.Tensor, str]:
+        """Stack the users' embeddings in this data's user order -> ([U, T, D], embedder id)."""
+        missing = [u for u in self.user_ids if u not in table]
+        if missing:
+            raise PPDError(f"The embedding table has no embedding for {len(missing)} of the {len(self.user_ids)} "
+                           f"training users (e.g. {', '.join(missing[:5])}). Run `ppd-train embed` on the same "
+                           "dataset, or drop those users.")
+        embs = [table[u] for u in self.user_ids]
+        return torch.stack([e.tokens for e in embs]), embs[0].embedder
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {k: getattr(self, k) for k in ("latents_w", "latents_l", "caption_idx", "user_idx", "text", "pooled")}
+        atomic_save_safetensors(tensors, path, {METADATA_KEY: json.dumps({"user_ids": self.user_ids,
+                                                                         "info": self.info})})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DPOData:
+        tensors, metadata = read_safetensors(path, "DPO training data")
+        meta = read_json_metadata(metadata, METADATA_KEY, path, "DPO training data")
+        try:
+            return cls(**{k: tensors[k] for k in ("latents_w", "latents_l", "caption_idx", "user_idx", "text",
+                                                  "pooled")}, user_ids=meta["user_ids"], info=meta.get("info", {}))
+        except KeyError as e:
+            raise PPDError(f"{path}: DPO data is missing {e}; re-create it.") from None

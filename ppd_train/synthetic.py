@@ -1,0 +1,283 @@
+"""The synthetic world: the paper's synthetic-user experiment, small enough for a CPU, through the real code path.
+
+* Latents have Stage C's 16 channels at a small spatial size. Each caption has its own mean pattern; on top of it,
+  K independent **style directions** (unit vectors over channels, the same at every position, like a colour grade)
+  vary with standard normal strength. A tiny real ``StableCascadeUNet`` is pre-trained (plain epsilon loss) on this
+  distribution, so its samples vary along the styles.
+* A user is a unit **preference vector** over the K styles; reward = the projection of a sample's style on it. Seen
+  users are trained on; unseen users are new vectors, some of them mixtures of two seen users.
+* Pairs are two samples of the base distribution for one caption, labelled by the user's reward. Each user's
+  embedding comes from N pairs that are never trained on, through the real pair-difference embedder with a fixed
+  random encoder phi.
+* PPD is trained with the real Trainer and loss; evaluation samples base and PPD from the same noise (fixed seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import to_dict
+from .dpo_data import DPOData
+from .embedders.pairdiff import PairDifferenceEmbedder
+from .embedding import UserEmbedding
+from .evaluate import Conditions, evaluate_users, interpolation_curve
+from .schedule import add_noise
+from .stage_c import PPDBinding, load_stage_c
+from .tiny import build_tiny_stage_c
+from .train import TrainConfig, Trainer
+
+
+@dataclass
+class WorldConfig:
+    k_styles: int = 4
+    n_captions: int = 8
+    latent_size: int = 4
+    style_scale: float = 1.0  # std of each style strength
+    noise_scale: float = 0.3  # per-element noise on top of the caption mean and the styles
+    seen_users: int = 24
+    unseen_users: int = 8  # of which `unseen_mixtures` are mixtures of two seen users
+    unseen_mixtures: int = 3
+    pairs_per_user: int = 48  # training pairs of each seen user
+    n_embed_pairs: int = 4  # N: pairs that describe a user (never trained on)
+    embedding_views: int = 8  # embeddings per seen user for training, each from its own N pairs
+    embed_dim: int = 32  # output width of the fixed encoder phi
+    width: int = 32  # tiny Stage C width
+    pretrain_steps: int = 800
+    pretrain_batch: int = 128
+    pretrain_lr: float = 3e-3
+    eval_samples: int = 24  # samples per user (fixed seeds), base vs PPD
+    sample_steps: int = 20
+
+
+def _demo_train() -> TrainConfig:
+    return TrainConfig(max_steps=300, batch_size=32, lr=3e-3, beta=200.0, user_dropout=0.1, val_fraction=0.05,
+                       val_every=100, checkpoint_every=100, keep_checkpoints=2, log_every=10, t_min=0.02)
+
+
+@dataclass
+class DemoConfig:
+    config_version: int = 1
+    seed: int = 0
+    out_dir: str = "runs/demo"
+    threads: int = 0  # torch threads (0: leave as is)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    train: TrainConfig = field(default_factory=_demo_train)
+
+
+class World:
+    def __init__(self, cfg: WorldConfig, seed: int) -> None:
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(seed)
+        s, k = cfg.latent_size, cfg.k_styles
+        if k > 16:
+            raise ValueError("k_styles must be <= 16 (one direction per latent channel at most).")
+        q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+        self.directions = q[:, :k].T.contiguous()  # [K, 16] orthonormal over channels
+        self.caption_means = 0.5 * torch.randn(cfg.n_captions, 16, s, s, generator=g)
+        self.text = torch.randn(cfg.n_captions, 77, cfg.width, generator=g)
+        self.pooled = torch.randn(cfg.n_captions, 1, cfg.width, generator=g)
+        self.phi = torch.randn(cfg.embed_dim, 16 * s * s, generator=g) / math.sqrt(16 * s * s)
+        self.prefs: dict[str, torch.Tensor] = {}
+        self.seen: list[str] = []
+        self.unseen: list[str] = []
+        for i in range(cfg.seen_users):
+            self.prefs[f"seen{i:02d}"] = self._unit(torch.randn(k, generator=g))
+            self.seen.append(f"seen{i:02d}")
+        for i in range(cfg.unseen_users):
+            if i < cfg.unseen_mixtures:
+                a, b = torch.randperm(len(self.seen), generator=g)[:2].tolist()
+                p = self._unit(self.prefs[self.seen[a]] + self.prefs[self.seen[b]])
+                uid = f"mix{i:02d}"
+            else:
+                p, uid = self._unit(torch.randn(k, generator=g)), f"new{i:02d}"
+            self.prefs[uid] = p
+            self.unseen.append(uid)
+
+    @staticmethod
+    def _unit(v: torch.Tensor) -> torch.Tensor:
+        return v / v.norm().clamp_min(1e-8)
+
+    def conditions(self) -> Conditions:
+        s = self.cfg.latent_size
+        return Conditions(self.text, self.pooled, self.cfg.width, (16, s, s))
+
+    def sample_data(self, caps: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        c = self.cfg
+        z = c.style_scale * torch.randn(len(caps), c.k_styles, generator=g)
+        style = (z @ self.directions)[:, :, None, None]
+        return self.caption_means[caps] + style + c.noise_scale * torch.randn(len(caps), 16, c.latent_size,
+                                                                               c.latent_size, generator=g)
+
+    def style_of(self, x: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+        """Style strengths [B, K] of latents: channel means minus the caption's, projected on the directions."""
+        return (x - self.caption_means[caps]).mean(dim=(2, 3)) @ self.directions.T
+
+    def reward(self, uid: str, x: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+        return self.style_of(x, caps) @ self.prefs[uid]
+
+    def pairs(self, uid: str, n: int, g: torch.Generator):
+        caps = torch.randint(self.cfg.n_captions, (n,), generator=g)
+        a, b = self.sample_data(caps, g), self.sample_data(caps, g)
+        a_wins = self.reward(uid, a, caps) >= self.reward(uid, b, caps)
+        m = a_wins[:, None, None, None]
+        return torch.where(m, a, b), torch.where(m, b, a), caps
+
+    def embedder(self) -> PairDifferenceEmbedder:
+        phi = self.phi
+        return PairDifferenceEmbedder(lambda xs: torch.stack(list(xs)).flatten(1) @ phi.T, "synthetic-phi")
+
+
+def pretrain_base(world: World, seed: int, log=print) -> torch.nn.Module:
+    """Plain epsilon-prediction training of a tiny real Stage C on the world's distribution."""
+    c = world.cfg
+    unet = build_tiny_stage_c(seed=seed, width=c.width, clip_dim=c.width).train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=c.pretrain_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, c.pretrain_steps)
+    g = torch.Generator().manual_seed(seed + 1)
+    img = torch.zeros(c.pretrain_batch, 1, c.width)
+    for step in range(c.pretrain_steps):
+        caps = torch.randint(c.n_captions, (c.pretrain_batch,), generator=g)
+        x0 = world.sample_data(caps, g)
+        t = torch.rand(c.pretrain_batch, generator=g) * 0.98 + 0.01
+        eps = torch.randn(x0.shape, generator=g)
+        pred = unet(add_noise(x0, eps, t), t, world.pooled[caps], world.text[caps], img).sample
+        loss = (pred - eps).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % max(1, c.pretrain_steps // 4) == 0:
+            log(f"  pre-train base Stage C: step {step + 1}/{c.pretrain_steps}, eps-loss {loss.item():.4f}")
+    return unet.eval()
+
+
+def build_dataset(world: World, seed: int) -> tuple[DPOData, dict[str, UserEmbedding], torch.Tensor]:
+    """Training pairs of the seen users; every user's embedding from N other pairs (evaluated with); and for training,
+    ``embedding_views`` embeddings per seen user, each from its own N pairs, ``[U, V, T, D]``."""
+    c = world.cfg
+    g = torch.Generator().manual_seed(seed + 2)
+    embedder = world.embedder()
+    embeddings, views, ws, ls, caps, users = {}, [], [], [], [], []
+    for uid in world.seen + world.unseen:
+        own = []
+        for _ in range(c.embedding_views if uid in world.seen else 1):
+            ew, el, _ = world.pairs(uid, c.n_embed_pairs, g)
+            own.append(embedder.embed_tokens(list(ew), list(el)))
+        embeddings[uid] = UserEmbedding(own[0], embedder.id, {"user_id": uid, "n_pairs": c.n_embed_pairs})
+        if uid in world.seen:
+            views.append(torch.stack(own))
+    for u, uid in enumerate(world.seen):
+        w, lose, cap = world.pairs(uid, c.pairs_per_user, g)
+        ws.append(w)
+        ls.append(lose)
+        caps.append(cap)
+        users.append(torch.full((c.pairs_per_user,), u, dtype=torch.long))
+    data = DPOData(torch.cat(ws), torch.cat(ls), torch.cat(caps), torch.cat(users), world.text, world.pooled,
+                   list(world.seen), {"source": "synthetic", "seed": seed})
+    return data, embeddings, torch.stack(views)
+
+
+def _table(metrics: dict) -> str:
+    lines = [f"{'user':8s} {'group':7s} {'win rate':>8s} {'reward gain':>11s}"]
+    for uid, m in metrics["users"].items():
+        lines.append(f"{uid:8s} {'seen' if m['seen'] else 'unseen':7s} {m['win_rate']:8.0%} {m['reward_gain']:11.3f}")
+    lines.append("-" * 37)
+    for group in ("seen", "unseen"):
+        if group in metrics:
+            m = metrics[group]
+            lines.append(f"{'ALL':8s} {group:7s} {m['win_rate']:8.0%} {m['reward_gain']:11.3f}   ({m['users']} users)")
+    return "\n".join(lines)
+
+
+def _plot(metrics: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    users = metrics["users"]
+    ids = list(users)
+    colors = ["tab:blue" if users[u]["seen"] else "tab:orange" for u in ids]
+    ax1.bar(range(len(ids)), [users[u]["win_rate"] for u in ids], color=colors)
+    ax1.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax1.set_xticks(range(len(ids)), ids, rotation=90, fontsize=7)
+    ax1.set_ylabel("win rate vs base Stage C")
+    ax1.set_title("Per-user win rate (blue: seen, orange: unseen)")
+    interp = metrics["interpolation"]
+    a, b = interp["users"]
+    w = [c["weight"] for c in interp["curve"]]
+    ax2.plot(w, [c[a] for c in interp["curve"]], "o-", label=f"reward of {a}")
+    ax2.plot(w, [c[b] for c in interp["curve"]], "s-", label=f"reward of {b}")
+    ax2.set_xlabel(f"interpolation weight ({a} -> {b})")
+    ax2.set_ylabel("mean reward")
+    ax2.set_title("Interpolating two users")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run_demo(cfg: DemoConfig, log=print, show_progress: bool = True) -> dict:
+    """The whole experiment; writes metrics.json, plot.png, the adapter and the base model under ``out_dir``."""
+    t0 = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = World(cfg.world, cfg.seed)
+    log(f"synthetic world: {cfg.world.k_styles} styles, {len(world.seen)} seen + {len(world.unseen)} unseen users, "
+        f"N={cfg.world.n_embed_pairs} pairs per embedding")
+    base_dir = out / "base_stage_c"
+    if (base_dir / "config.json").is_file():
+        log("  base Stage C: reusing the pre-trained one in " + str(base_dir))
+    else:
+        pretrain_base(world, cfg.seed, log).save_pretrained(base_dir)
+    unet = load_stage_c(base_dir)  # the same loader as for real weights
+    data, embeddings, user_tokens = build_dataset(world, cfg.seed)
+    train_cfg = TrainConfig(**{**to_dict(cfg.train), "out_dir": str(out / "ppd"), "seed": cfg.seed,
+                               "stage_c": str(base_dir)})
+    log(f"PPD training: {len(data)} pairs of {len(data.user_ids)} seen users, {train_cfg.max_steps} steps")
+    trainer = Trainer(train_cfg, unet, data, user_tokens, embeddings[world.seen[0]].embedder,
+                      show_progress=show_progress)
+    adapter_path = trainer.run()
+    trainer.detach()
+
+    from .adapter import load_adapter
+
+    adapter = load_adapter(adapter_path)  # evaluate exactly what the nodes will load
+    binding = PPDBinding(unet, adapter)
+    cond = world.conditions()
+    metrics = evaluate_users(binding, cond, embeddings, world.reward, set(world.seen), cfg.world.eval_samples,
+                             steps=cfg.world.sample_steps)
+    # interpolate between the two most opposed seen users: their rewards must move in opposite directions
+    prefs = torch.stack([world.prefs[u] for u in world.seen])
+    sim = prefs @ prefs.T
+    i, j = divmod(int(sim.argmin()), len(world.seen))
+    a, b = world.seen[i], world.seen[j]
+    metrics["interpolation"] = interpolation_curve(binding, cond, embeddings[a], embeddings[b], world.reward, (a, b),
+                                                   samples=cfg.world.eval_samples, steps=cfg.world.sample_steps)
+    binding.detach()
+    metrics["seconds"] = time.perf_counter() - t0
+    metrics["config"] = to_dict(cfg)
+    metrics["adapter"] = str(adapter_path)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log("\n" + _table(metrics))
+    curve = metrics["interpolation"]
+    log(f"\ninterpolation {a} -> {b}: " + ", ".join(
+        f"w={c['weight']:.2f}: {c[a]:+.2f}/{c[b]:+.2f}" for c in curve["curve"]) +
+        f"  ({'monotone' if curve['monotone'] else 'NOT monotone'})")
+    if _plot(metrics, out / "plot.png"):
+        log(f"plot: {out / 'plot.png'}")
+    log(f"metrics: {out / 'metrics.json'}   adapter: {adapter_path}   time: {metrics['seconds']:.0f} s")
+    return metrics

@@ -1,0 +1,71 @@
+"""`ppd-train fit / eval / demo` from files, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from ppd_train.adapter import load_adapter
+from ppd_train.cli import main
+from ppd_train.embedding import save_embedding_table
+from ppd_train.synthetic import World, WorldConfig, build_dataset
+from ppd_train.tiny import build_tiny_stage_c
+
+
+@pytest.fixture()
+def files(tmp_path):
+    world = World(WorldConfig(seen_users=3, unseen_users=1, unseen_mixtures=0, pairs_per_user=4), seed=0)
+    data, embeddings, _ = build_dataset(world, seed=0)
+    data.save(tmp_path / "data.safetensors")
+    save_embedding_table(tmp_path / "users.safetensors", embeddings)
+    build_tiny_stage_c(seed=0).save_pretrained(tmp_path / "stage_c")
+    (tmp_path / "rewards.py").write_text("def brightness(user_id, latents, caption_idx):\n"
+                                         "    return latents.mean(dim=(1, 2, 3))\n")
+    return tmp_path
+
+
+def test_fit_then_eval_from_config_files(files, capsys, monkeypatch):
+    cfg = files / "fit.toml"
+    cfg.write_text(f'stage_c = "{files / "stage_c"}"\ndata = "{files / "data.safetensors"}"\n'
+                   f'embeddings = "{files / "users.safetensors"}"\nout_dir = "{files / "run"}"\n'
+                   "max_steps = 3\nbatch_size = 4\nlr = 1e-2\nbeta = 100.0\ntensorboard = false\n")
+    assert main(["fit", "--config", str(cfg), "--set", "checkpoint_every=2", "--quiet"]) == 0
+    adapter = load_adapter(files / "run" / "adapter.safetensors")
+    assert adapter.config.training["steps"] == 3
+    assert main(["fit", "--config", str(cfg), "--print-config"]) == 0
+    assert "max_steps = 3" in capsys.readouterr().out
+    assert main(["fit", "--config", str(cfg), "--set", "max_steps=x"]) == 2
+    assert "'max_steps': expected an integer" in capsys.readouterr().err
+
+    monkeypatch.syspath_prepend(str(files))
+    ev = files / "eval.yaml"
+    ev.write_text(f"stage_c: {files / 'stage_c'}\nadapter: {files / 'run' / 'adapter.safetensors'}\n"
+                  f"embeddings: {files / 'users.safetensors'}\ndata: {files / 'data.safetensors'}\n"
+                  f"reward: rewards:brightness\nsamples: 4\nsteps: 4\nout: {files / 'metrics.json'}\n")
+    assert main(["eval", "--config", str(ev)]) == 0
+    metrics = json.loads((files / "metrics.json").read_text())
+    assert metrics["seen"]["users"] == 3 and metrics["unseen"]["users"] == 1
+    assert all(0.0 <= m["win_rate"] <= 1.0 for m in metrics["users"].values())
+    ev.write_text(ev.read_text().replace("rewards:brightness", "rewards:nope"))
+    assert main(["eval", "--config", str(ev)]) == 2
+    assert "cannot be imported" in capsys.readouterr().err
+    sys.modules.pop("rewards", None)
+
+
+def test_fit_refuses_missing_embeddings(files, capsys):
+    from ppd_train.embedding import UserEmbedding, load_embedding_table
+
+    table, _ = load_embedding_table(files / "users.safetensors")
+    save_embedding_table(files / "few.safetensors", {k: v for k, v in table.items() if k != "seen00"})
+    assert main(["fit", "--set", f"stage_c={files / 'stage_c'}", "--set", f"data={files / 'data.safetensors'}",
+                 "--set", f"embeddings={files / 'few.safetensors'}", "--set", f"out_dir={files / 'r'}"]) == 2
+    assert "no embedding for 1 of the 3 training users" in capsys.readouterr().err
+    assert UserEmbedding  # the table holds UserEmbeddings
+
+
+def test_demo_prints_its_config(capsys):
+    assert main(["demo", "--print-config", "--set", "world.k_styles=6"]) == 0
+    out = capsys.readouterr().out
+    assert "[world]" in out and "k_styles = 6" in out and "[train]" in out

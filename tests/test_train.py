@@ -1,0 +1,181 @@
+"""The trainer on a small synthetic world: exact resume, safe checkpoints, clear errors, a usable adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import stage_c_inputs
+
+from ppd_train import safetensors_io
+from ppd_train.adapter import load_adapter, read_adapter_config
+from ppd_train.checkpoint import find_latest
+from ppd_train.config import ConfigError, load_config
+from ppd_train.dpo_data import DPOData
+from ppd_train.errors import PPDError
+from ppd_train.stage_c import PPDBinding
+from ppd_train.synthetic import World, WorldConfig, build_dataset
+from ppd_train.tiny import build_tiny_stage_c
+from ppd_train.train import TrainConfig, Trainer, batch_indices
+
+WORLD = WorldConfig(seen_users=4, unseen_users=1, unseen_mixtures=0, pairs_per_user=6, embedding_views=2)
+
+
+@pytest.fixture(scope="module")
+def world_data():
+    world = World(WORLD, seed=0)
+    data, embeddings, views = build_dataset(world, seed=0)
+    return world, data, embeddings, views
+
+
+def _cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(out_dir=str(tmp_path / "run"), max_steps=6, batch_size=4, lr=1e-2, beta=100.0, checkpoint_every=2,
+                keep_checkpoints=2, val_fraction=0.2, val_every=3, log_every=1, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _trainer(cfg, world_data):
+    _, data, embeddings, views = world_data
+    return Trainer(cfg, build_tiny_stage_c(seed=0), data, views, embeddings["seen00"].embedder, show_progress=False)
+
+
+def _tensors(path):
+    return read_adapter_config(path)[1]
+
+
+def test_batch_order_is_a_pure_function_of_the_cursor():
+    full = batch_indices(0, 25, 10, seed=3)
+    assert sorted(full[:10].tolist()) == list(range(10))  # each epoch is a permutation
+    assert torch.equal(batch_indices(7, 11, 10, seed=3), full[7:18])
+
+
+def test_reference_pass_leaves_adapter_untouched(tmp_path, world_data):
+    trainer = _trainer(_cfg(tmp_path), world_data)
+    before = {k: v.clone() for k, v in trainer.adapter.state_dict().items()}
+    trainer.train_step()
+    trainer.train_step()
+    inputs = stage_c_inputs(batch=2, size=4)
+    with torch.no_grad(), trainer.binding.adapter_off():
+        ref = trainer.unet(**inputs).sample
+    trainer.detach()
+    with torch.no_grad():
+        assert torch.equal(ref, trainer.unet(**inputs).sample)  # adapter off == the base model
+    changed = [k for k, v in trainer.adapter.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed  # training moved the adapter ...
+    g = torch.Generator().manual_seed(0)
+    inp, users, eps = trainer._inputs(trainer.train, torch.arange(4), g, 0.0)
+    snapshot = {k: v.clone() for k, v in trainer.adapter.state_dict().items()}
+    with torch.no_grad(), trainer.binding.adapter_off():
+        trainer.unet(**inp)
+    assert all(torch.equal(v, snapshot[k]) for k, v in trainer.adapter.state_dict().items())  # ... the reference not
+
+
+def test_kill_and_resume_gives_the_same_adapter(tmp_path, world_data):
+    straight = _trainer(_cfg(tmp_path / "a"), world_data).run()
+
+    def kill(step):
+        if step == 5:
+            raise KeyboardInterrupt  # Ctrl+C after step 5; the last checkpoint is step 4
+
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(_cfg(tmp_path / "b"), world_data).run(on_step=kill)
+    assert find_latest(tmp_path / "b" / "run" / "checkpoints").name == "step-00000004.safetensors"
+    resumed = _trainer(_cfg(tmp_path / "b"), world_data)
+    path = resumed.run()
+    a, b = _tensors(straight), _tensors(path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "b" / "run" / "checkpoints").glob("step-*"))) == 2  # keep-last-K
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, world_data, monkeypatch):
+    trainer = _trainer(_cfg(tmp_path), world_data)
+    for _ in range(2):
+        trainer.train_step()
+    good = trainer.save_checkpoint()
+    for _ in range(2):
+        trainer.train_step()
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_io.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    folder = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in folder.iterdir()] == [good.name]  # no partial file, no temporary left behind
+    fresh = _trainer(_cfg(tmp_path), world_data)
+    assert fresh.resume() and fresh.step == 2
+
+
+def test_resume_with_another_config_is_refused(tmp_path, world_data):
+    _trainer(_cfg(tmp_path, max_steps=2), world_data).run()
+    with pytest.raises(PPDError, match="changed: lr"):
+        _trainer(_cfg(tmp_path, max_steps=4, lr=5e-3), world_data).run()
+    forced = _trainer(_cfg(tmp_path, max_steps=4, lr=5e-3), world_data)
+    forced.run(force=True)
+    assert forced.step == 4
+    longer = _trainer(_cfg(tmp_path, max_steps=6, lr=5e-3), world_data)  # max_steps may change: the run goes on
+    longer.run()
+    assert longer.step == 6
+
+
+def test_nan_loss_is_skipped_then_stops(tmp_path, world_data, capsys):
+    trainer = _trainer(_cfg(tmp_path, beta=float("nan"), max_nan_steps=3), world_data)
+    before = {k: v.clone() for k, v in trainer.adapter.state_dict().items()}
+    with pytest.raises(PPDError, match="NaN/inf for 3 steps in a row"):
+        trainer.run()
+    assert "step skipped" in capsys.readouterr().out
+    assert all(torch.equal(v, before[k]) for k, v in trainer.adapter.state_dict().items())
+
+
+def test_final_adapter_personalises_through_the_node_loader(tmp_path, world_data):
+    world, _, embeddings, _ = world_data
+    path = _trainer(_cfg(tmp_path, max_steps=4), world_data).run()
+    adapter = load_adapter(path)
+    summary = adapter.config.training
+    assert summary["steps"] == 4 and summary["beta"] == 100.0 and summary["embedder"] == "pairdiff:synthetic-phi"
+    assert "data_hash" in summary and "val_loss" in summary
+    unet = build_tiny_stage_c(seed=0)
+    binding = PPDBinding(unet, adapter)
+    inputs = stage_c_inputs(batch=1, size=4)
+    with torch.no_grad():
+        base = unet(**inputs).sample
+        with binding.user(adapter(embeddings["seen00"].tokens)):
+            personal = unet(**inputs).sample
+    assert (personal - base).abs().max() > 1e-4
+    assert (tmp_path / "run" / "train_log.jsonl").read_text().count('"val_loss"') >= 1
+
+
+def test_bad_configs_and_data(tmp_path, world_data):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = 1e-4\nlearning_rate = 3\n")
+    with pytest.raises(ConfigError, match="Unknown config key.*learning_rate"):
+        load_config(TrainConfig, bad)
+    bad.write_text('max_steps = "many"\n')
+    with pytest.raises(ConfigError, match="'max_steps': expected an integer"):
+        load_config(TrainConfig, bad)
+    yaml = tmp_path / "ok.yaml"
+    yaml.write_text("lr: 0.001\nbatch_size: 8\n")
+    cfg = load_config(TrainConfig, yaml, ["beta=500", "mixed_precision=bf16"])
+    assert cfg.lr == 1e-3 and cfg.batch_size == 8 and cfg.beta == 500.0 and cfg.mixed_precision == "bf16"
+    with pytest.raises(PPDError, match="user_dropout"):
+        dataclasses.replace(cfg, user_dropout=1.5).validate()
+    _, data, embeddings, _ = world_data
+    partial = {k: v for k, v in embeddings.items() if k != "seen01"}
+    with pytest.raises(PPDError, match="no embedding for 1 of the 4 training users.*seen01"):
+        data.user_tokens(partial)
+    with pytest.raises(PPDError, match="no usable pairs"):
+        DPOData(torch.zeros(0, 16, 4, 4), torch.zeros(0, 16, 4, 4), torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.long), data.text, data.pooled, [])
+
+
+def test_adapter_that_does_not_fit_the_checkpoint(tmp_path, world_data):
+    _trainer(_cfg(tmp_path, max_steps=2), world_data).run()
+    _, data, embeddings, views = world_data
+    other = Trainer(_cfg(tmp_path, max_steps=2), build_tiny_stage_c(seed=0, width=48, clip_dim=32), data, views,
+                    "pairdiff:synthetic-phi", show_progress=False)
+    with pytest.raises(PPDError, match="another adapter"):
+        other.run()
