@@ -95,7 +95,11 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
                 raise ConfigError(f"Config key '{prefix}{name}' is a section; write it as [{prefix}{name}].")
-            kwargs[name] = from_dict(typ, value, f"{prefix}{name}.")  # type: ignore[arg-type]
+            # a section given in part keeps the parent's defaults for that section, not the section class's own
+            f = fields[name]
+            base = f.default_factory() if f.default_factory is not dataclasses.MISSING else typ()  # type: ignore[misc]
+            merged = {**dataclasses.asdict(base), **value}
+            kwargs[name] = from_dict(typ, merged, f"{prefix}{name}.")  # type: ignore[arg-type]
         else:
             kwargs[name] = _coerce(value, typ, prefix + name)
     obj = cls(**kwargs)

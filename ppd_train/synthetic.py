@@ -8,7 +8,7 @@
   users are trained on; unseen users are new vectors, some of them mixtures of two seen users.
 * Pairs are two samples of the base distribution for one caption, labelled by the user's reward. Each user's
   embedding comes from N pairs that are never trained on, through the real pair-difference embedder with a fixed
-  random encoder phi.
+  encoder phi (a random linear map of globally pooled channels, as image encoders pool).
 * PPD is trained with the real Trainer and loss; evaluation samples base and PPD from the same noise (fixed seeds).
 """
 
@@ -40,10 +40,10 @@ class WorldConfig:
     latent_size: int = 4
     style_scale: float = 1.0  # std of each style strength
     noise_scale: float = 0.3  # per-element noise on top of the caption mean and the styles
-    seen_users: int = 24
-    unseen_users: int = 8  # of which `unseen_mixtures` are mixtures of two seen users
-    unseen_mixtures: int = 3
-    pairs_per_user: int = 48  # training pairs of each seen user
+    seen_users: int = 48
+    unseen_users: int = 16  # of which `unseen_mixtures` are mixtures of two seen users
+    unseen_mixtures: int = 5
+    pairs_per_user: int = 32  # training pairs of each seen user
     n_embed_pairs: int = 4  # N: pairs that describe a user (never trained on)
     embedding_views: int = 8  # embeddings per seen user for training, each from its own N pairs
     embed_dim: int = 32  # output width of the fixed encoder phi
@@ -56,7 +56,7 @@ class WorldConfig:
 
 
 def _demo_train() -> TrainConfig:
-    return TrainConfig(max_steps=300, batch_size=32, lr=3e-3, beta=200.0, user_dropout=0.1, val_fraction=0.05,
+    return TrainConfig(max_steps=400, batch_size=32, lr=3e-3, beta=1000.0, user_dropout=0.1, val_fraction=0.05,
                        val_every=100, checkpoint_every=100, keep_checkpoints=2, log_every=10, t_min=0.02)
 
 
@@ -82,7 +82,7 @@ class World:
         self.caption_means = 0.5 * torch.randn(cfg.n_captions, 16, s, s, generator=g)
         self.text = torch.randn(cfg.n_captions, 77, cfg.width, generator=g)
         self.pooled = torch.randn(cfg.n_captions, 1, cfg.width, generator=g)
-        self.phi = torch.randn(cfg.embed_dim, 16 * s * s, generator=g) / math.sqrt(16 * s * s)
+        self.phi = torch.randn(cfg.embed_dim, 16, generator=g) / math.sqrt(16)
         self.prefs: dict[str, torch.Tensor] = {}
         self.seen: list[str] = []
         self.unseen: list[str] = []
@@ -129,8 +129,9 @@ class World:
         return torch.where(m, a, b), torch.where(m, b, a), caps
 
     def embedder(self) -> PairDifferenceEmbedder:
+        """phi: a fixed random linear map of globally pooled channels, like an image encoder's pooled features."""
         phi = self.phi
-        return PairDifferenceEmbedder(lambda xs: torch.stack(list(xs)).flatten(1) @ phi.T, "synthetic-phi")
+        return PairDifferenceEmbedder(lambda xs: torch.stack(list(xs)).mean(dim=(2, 3)) @ phi.T, "synthetic-phi")
 
 
 def pretrain_base(world: World, seed: int, log=print) -> torch.nn.Module:

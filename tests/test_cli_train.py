@@ -66,6 +66,7 @@ def test_fit_refuses_missing_embeddings(files, capsys):
 
 
 def test_demo_prints_its_config(capsys):
-    assert main(["demo", "--print-config", "--set", "world.k_styles=6"]) == 0
+    assert main(["demo", "--print-config", "--set", "world.k_styles=6", "--set", "train.max_steps=7"]) == 0
     out = capsys.readouterr().out
-    assert "[world]" in out and "k_styles = 6" in out and "[train]" in out
+    assert "[world]" in out and "k_styles = 6" in out and "[train]" in out and "max_steps = 7" in out
+    assert "beta = 1000.0" in out  # overriding one train key keeps the demo's other train defaults
