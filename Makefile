@@ -17,6 +17,7 @@ venv: $(VENV)/.installed
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: venv lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

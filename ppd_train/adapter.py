@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -160,7 +161,8 @@ class PPDAdapter(nn.Module):
             )
         param = self.user_proj.weight
         u = self.user_proj(self.user_norm(tokens.to(device=param.device, dtype=param.dtype))) + self.token_pos
-        return UserKV([b.to_k(u) for b in self.blocks], [b.to_v(u) for b in self.blocks])
+        blocks = [typing.cast(_BlockKV, b) for b in self.blocks]
+        return UserKV([b.to_k(u) for b in blocks], [b.to_v(u) for b in blocks])
 
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -108,7 +108,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     unet = load_stage_c(cfg.stage_c)
     binding = PPDBinding(unet, load_adapter(cfg.adapter))
     users = {u: table[u] for u in (cfg.users or sorted(table))}
-    cond = Conditions(data.text, data.pooled, unet.config.clip_image_in_channels or data.text.shape[-1],
+    cond = Conditions(data.text, data.pooled, unet.config["clip_image_in_channels"] or data.text.shape[-1],
                       tuple(data.latents_w.shape[1:]))  # type: ignore[arg-type]
     metrics = evaluate_users(binding, cond, users, load_reward(cfg.reward), set(data.user_ids), cfg.samples,
                              cfg.seed, cfg.steps)

@@ -97,7 +97,8 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
                 raise ConfigError(f"Config key '{prefix}{name}' is a section; write it as [{prefix}{name}].")
             # a section given in part keeps the parent's defaults for that section, not the section class's own
             f = fields[name]
-            base = f.default_factory() if f.default_factory is not dataclasses.MISSING else typ()  # type: ignore[misc]
+            factory = f.default_factory if f.default_factory is not dataclasses.MISSING else typing.cast(Any, typ)
+            base = factory()
             merged = {**dataclasses.asdict(base), **value}
             kwargs[name] = from_dict(typ, merged, f"{prefix}{name}.")  # type: ignore[arg-type]
         else:

@@ -117,7 +117,7 @@ def mix(embeddings: Sequence[UserEmbedding], weights: Sequence[float]) -> UserEm
     if len(nonzero) == 1:
         tokens = embeddings[nonzero[0]].tokens.clone()
     else:
-        tokens = sum(w * e.tokens for w, e in zip(norm, embeddings))
+        tokens = torch.stack([w * e.tokens for w, e in zip(norm, embeddings)]).sum(0)
     meta = {"mix": [{"user": e.meta.get("user_id", str(i)), "weight": w} for i, (e, w) in
                     enumerate(zip(embeddings, norm))], "mix_method": "lerp"}
     return UserEmbedding(tokens, embeddings[0].embedder, meta)

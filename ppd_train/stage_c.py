@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +122,7 @@ class PPDBinding:
         self.unet = unet
         self.adapter = adapter
         self._state = _UserState()
-        self._originals: list[tuple[Attention, object]] = []
+        self._originals: list[tuple[Attention, Any]] = []
         for i, (_, block) in enumerate(attention_blocks(unet)):
             attn = block.attention
             if isinstance(attn.processor, PPDAttnProcessor):

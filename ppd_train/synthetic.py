@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
 
 from .config import to_dict
 from .dpo_data import DPOData
@@ -134,7 +135,7 @@ class World:
         return PairDifferenceEmbedder(lambda xs: torch.stack(list(xs)).mean(dim=(2, 3)) @ phi.T, "synthetic-phi")
 
 
-def pretrain_base(world: World, seed: int, log=print) -> torch.nn.Module:
+def pretrain_base(world: World, seed: int, log=print) -> StableCascadeUNet:
     """Plain epsilon-prediction training of a tiny real Stage C on the world's distribution."""
     c = world.cfg
     unet = build_tiny_stage_c(seed=seed, width=c.width, clip_dim=c.width).train()

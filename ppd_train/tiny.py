@@ -87,8 +87,8 @@ def build_tiny_llava(folder, seed: int = 0, hidden: int = 32, layers: int = 2, i
                                 num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer),
                                 max_position_embeddings=8192, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_index=int(tokenizer.convert_tokens_to_ids("<image>")),  # type: ignore[arg-type]
+        video_token_index=int(tokenizer.convert_tokens_to_ids("<video>")),  # type: ignore[arg-type]
         vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints)
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()

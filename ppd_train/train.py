@@ -81,7 +81,8 @@ def _order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def batch_indices(cursor: int, size: int, n: int, seed: int) -> torch.Tensor:
     """Items ``[cursor, cursor + size)`` of the endless sequence of per-epoch permutations of ``range(n)``."""
-    out, pos = [], cursor
+    out: list[int] = []
+    pos = cursor
     while len(out) < size:
         epoch, off = divmod(pos, n)
         take = min(size - len(out), n - off)
@@ -223,7 +224,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        totals["lr"] = self.scheduler.get_last_lr()[0]
+        totals["lr"] = float(self.scheduler.get_last_lr()[0])
         totals["skipped"] = float(not grads_ok)
         return totals
 
@@ -234,7 +235,8 @@ class Trainer:
         for start in range(0, n, self.cfg.batch_size):
             idx = torch.arange(start, min(n, start + self.cfg.batch_size))
             g = torch.Generator().manual_seed(self.cfg.seed + 12345 + start)
-            stats = self._loss(*self._inputs(self.val, idx, g, 0.0), backward_scale=None)
+            inputs, users, eps = self._inputs(self.val, idx, g, 0.0)
+            stats = self._loss(inputs, users, eps, backward_scale=None)
             out["val_loss"] += float(stats.loss) * len(idx) / n
             out["val_implicit_acc"] += stats.implicit_acc * len(idx) / n
         return out

@@ -37,7 +37,7 @@ class PairDifferenceEmbedder:
         if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
             raise PPDError(f"{folder} is not a CLIP vision checkpoint (needs config.json and .safetensors weights).")
         model = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype, local_files_only=True,
-                                                              use_safetensors=True).to(device).eval()
+                                                              use_safetensors=True).to(device).eval()  # type: ignore[arg-type]
         processor = CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)
 
         @torch.inference_mode()

@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,7 +102,7 @@ class VLMEmbedder:
         self.max_new_tokens = max_new_tokens
         self.batch_size = max(1, int(batch_size))
         self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            self.folder, dtype=dtype, local_files_only=True, use_safetensors=True).to(self.device).eval()
+            self.folder, dtype=dtype, local_files_only=True, use_safetensors=True).to(self.device).eval()  # type: ignore[arg-type]
         self.processor = ImageOnlyLlavaOnevisionProcessor.from_pretrained(self.folder, local_files_only=True)
         self.processor.tokenizer.padding_side = "left"  # the last position must be every row's real last token
         num_states = self.model.config.text_config.num_hidden_layers + 1
@@ -114,8 +115,8 @@ class VLMEmbedder:
         tok = self.processor.tokenizer
         texts, images = [], []
         for pairs in users:
-            message = [{"role": "user", "content": [{"type": "text",
-                                                     "text": build_prompt(pairs, self.processor.image_token)}]}]
+            content = [{"type": "text", "text": build_prompt(pairs, self.processor.image_token)}]
+            message: Any = [{"role": "user", "content": content}]
             texts.append(self.processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False))
             images.append([img for p in pairs for img in (p.chosen.load(), p.rejected.load())])
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
