@@ -61,6 +61,22 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     print(f"{len(table)} user embeddings -> {args.out}")
 
 
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    import torch
+
+    from .embedding import load_embedding_table
+    from .pairs import load_users
+    from .prepare import ClipTextEncoder, prepare_dpo_data
+
+    dtype = getattr(torch, args.dtype)
+    table = load_embedding_table(args.embeddings)[0] if args.embeddings else None
+    text = ClipTextEncoder(args.clip_text, device=args.device, dtype=dtype)
+    data = prepare_dpo_data(load_users(args.pairs), args.effnet, text, args.out, embeddings=table,
+                            image_size=args.image_size, batch_size=args.batch_size, device=args.device, dtype=dtype,
+                            show_progress=not args.quiet)
+    print(f"{len(data)} pairs of {len(data.user_ids)} users, latents {tuple(data.latents_w.shape[1:])} -> {args.out}")
+
+
 def _load(cls, args: argparse.Namespace):
     from .config import load_config, to_toml
 
@@ -170,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerate", action="store_true", help="split users over the processes of `accelerate launch`")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("prepare", help="encode pairs into cached Stage C latents + CLIP-G text for training")
+    p.add_argument("--pairs", nargs="+", required=True, help="pair folders and/or Pick-a-Pic parquet shards")
+    p.add_argument("--effnet", required=True, help="Stable Cascade's effnet_encoder.safetensors")
+    p.add_argument("--clip-text", required=True, help="local CLIP-G text encoder folder (transformers format)")
+    p.add_argument("--embeddings", help="embedding table from `ppd-train embed`: keeps its users, drops their "
+                   "embedding pairs")
+    p.add_argument("--out", required=True, help="DPO data file (.safetensors)")
+    p.add_argument("--image-size", type=int, default=768, help="effnet input size (768 -> 24x24 latents)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("fit", help="train a PPD adapter with the user-conditioned Diffusion-DPO loss")
     _config_args(p)
