@@ -1,0 +1,124 @@
+"""Sampler overhead: one Stage C forward with the PPD adapter vs without, same inputs, over user-token counts.
+
+Baseline and PPD are timed interleaved in the same run; printed ratios are medians over repeats. "cached" = K_u, V_u
+computed once per sampling run (what the sampler does); "per step" = recomputed every step, for comparison.
+Reduced widths on CPU; real Stage C lite/full widths (random weights, bf16) when CUDA is present.
+
+    python benchmarks/sampler_overhead.py [--kind tiny|small|lite|full] [--tokens 4,16,29,64] [--size 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
+
+from ppd_train.adapter import AdapterConfig, PPDAdapter
+from ppd_train.stage_c import PPDBinding, stage_c_config, stage_c_info
+from ppd_train.tiny import tiny_stage_c_config
+
+
+def build(kind: str, device: torch.device, dtype: torch.dtype) -> StableCascadeUNet:
+    if kind in ("lite", "full"):
+        cfg = stage_c_config(kind)
+    elif kind == "small":  # lite's depth at a CPU-friendly width
+        cfg = {**tiny_stage_c_config(width=256, heads=4, clip_dim=256), "down_num_layers_per_block": (4, 12),
+               "up_num_layers_per_block": (12, 4)}
+    else:
+        cfg = tiny_stage_c_config(width=64, heads=4, clip_dim=64)
+    torch.manual_seed(0)
+    return StableCascadeUNet(**cfg).to(device, dtype).eval()
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def measure(unet, binding: PPDBinding, adapter: PPDAdapter, user: torch.Tensor, inputs: dict, weight,
+            repeats: int, device: torch.device) -> dict[str, list[float]]:
+    kv = adapter(user)
+
+    def base():
+        unet(**inputs)
+
+    def ppd():
+        with binding.user(kv, weight):
+            unet(**inputs)
+
+    def ppd_per_step():
+        with binding.user(adapter(user), weight):
+            unet(**inputs)
+
+    for f in (base, ppd, ppd_per_step):  # warm-up
+        f()
+    times: dict[str, list[float]] = {"base": [], "ppd": [], "per_step": []}
+    for _ in range(repeats):  # interleaved, so drift hits all three alike
+        times["base"].append(timed(base, device))
+        times["ppd"].append(timed(ppd, device))
+        times["per_step"].append(timed(ppd_per_step, device))
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    ap.add_argument("--kind", default="lite" if cuda else "small", choices=["tiny", "small", "lite", "full"])
+    ap.add_argument("--tokens", default="4,16,29,64")
+    ap.add_argument("--size", type=int, default=24, help="latent side (24 = 1024x1024 images)")
+    ap.add_argument("--batch", type=int, default=2, help="2 = one image with CFG")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--embed-dim", type=int, default=896)
+    ap.add_argument("--out", default="sampler_overhead.json")
+    args = ap.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    unet = build(args.kind, device, dtype)
+    info = stage_c_info(unet)
+    c = unet.config
+    b, s = args.batch, args.size
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(sample=torch.randn(b, 16, s, s, generator=g), timestep_ratio=torch.rand(b, generator=g),
+                  clip_text_pooled=torch.randn(b, 1, c.clip_text_pooled_in_channels, generator=g),
+                  clip_text=torch.randn(b, 77, c.clip_text_in_channels, generator=g),
+                  clip_img=torch.zeros(b, 1, c.clip_image_in_channels))
+    inputs = {k: v.to(device, dtype) for k, v in inputs.items()}
+    weight = torch.tensor([1.0, 0.0]) if b == 2 else 1.0  # CFG: the unconditional half gets no user
+    rows = []
+    print(f"Stage C '{args.kind}': {len(info.block_widths)} attention blocks, width {info.block_widths[0]}, "
+          f"latent {s}x{s}, batch {b}, {device} {dtype}")
+    print(f"{'tokens':>6s} {'base ms':>8s} {'ppd ms':>8s} {'ratio':>6s} {'per-step ms':>11s} {'ratio':>6s}")
+    for t in map(int, args.tokens.split(",")):
+        torch.manual_seed(1)
+        adapter = PPDAdapter(AdapterConfig.for_stage_c(info, embed_dim=args.embed_dim, num_tokens=t)).to(device, dtype)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.normal_(0, 0.02)
+        binding = PPDBinding(unet, adapter)
+        user = torch.randn(1, t, args.embed_dim, device=device, dtype=dtype)
+        times = measure(unet, binding, adapter, user, inputs, weight, args.repeats, device)
+        binding.detach()
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"tokens": t, "base_ms": med["base"] * 1e3, "ppd_ms": med["ppd"] * 1e3,
+               "per_step_ms": med["per_step"] * 1e3, "ratio": med["ppd"] / med["base"],
+               "per_step_ratio": med["per_step"] / med["base"]}
+        rows.append(row)
+        print(f"{t:6d} {row['base_ms']:8.2f} {row['ppd_ms']:8.2f} {row['ratio']:6.3f} {row['per_step_ms']:11.2f} "
+              f"{row['per_step_ratio']:6.3f}")
+    with open(args.out, "w") as f:
+        json.dump({"kind": args.kind, "device": str(device), "dtype": str(dtype), "size": s, "batch": b,
+                   "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
