@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from sampler_overhead import build  # noqa: E402  (same folder)
+from sampler_overhead import build, stage_c_inputs  # noqa: E402  (same folder)
 
 from ppd_train.adapter import AdapterConfig, PPDAdapter
 from ppd_train.loss import dpo_loss
@@ -49,14 +49,9 @@ def run(recipe: str, kind: str, checkpointing: bool, batch: int, size: int, step
     adapter = PPDAdapter(AdapterConfig.for_stage_c(info, embed_dim=896, num_tokens=29)).to(device, dtype)
     binding = PPDBinding(unet, adapter)
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-5)
-    c = unet.config
-    g = torch.Generator().manual_seed(0)
     b2 = 2 * batch
-    inputs = dict(sample=torch.randn(b2, 16, size, size, generator=g), timestep_ratio=torch.rand(b2, generator=g),
-                  clip_text_pooled=torch.randn(b2, 1, c.clip_text_pooled_in_channels, generator=g),
-                  clip_text=torch.randn(b2, 77, c.clip_text_in_channels, generator=g),
-                  clip_img=torch.zeros(b2, 1, c.clip_image_in_channels))
-    inputs = {k: v.to(device, dtype) for k, v in inputs.items()}
+    inputs = stage_c_inputs(unet, b2, size, device, dtype)
+    g = torch.Generator().manual_seed(1)
     eps = torch.randn(batch, 16, size, size, generator=g).to(device, dtype)
     users = torch.randn(b2, 29, 896, generator=g).to(device, dtype)
     times = []

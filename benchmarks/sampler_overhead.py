@@ -34,6 +34,18 @@ def build(kind: str, device: torch.device, dtype: torch.dtype) -> StableCascadeU
     return StableCascadeUNet(**cfg).to(device, dtype).eval()
 
 
+def stage_c_inputs(unet: StableCascadeUNet, batch: int, size: int, device: torch.device,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random Stage C inputs laid out like real ones (77 text tokens, pooled text, zero CLIP image)."""
+    c = unet.config
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(sample=torch.randn(batch, 16, size, size, generator=g), timestep_ratio=torch.rand(batch, generator=g),
+                  clip_text_pooled=torch.randn(batch, 1, c.clip_text_pooled_in_channels, generator=g),
+                  clip_text=torch.randn(batch, 77, c.clip_text_in_channels, generator=g),
+                  clip_img=torch.zeros(batch, 1, c.clip_image_in_channels))
+    return {k: v.to(device, dtype) for k, v in inputs.items()}
+
+
 def timed(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -85,14 +97,8 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     unet = build(args.kind, device, dtype)
     info = stage_c_info(unet)
-    c = unet.config
     b, s = args.batch, args.size
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(sample=torch.randn(b, 16, s, s, generator=g), timestep_ratio=torch.rand(b, generator=g),
-                  clip_text_pooled=torch.randn(b, 1, c.clip_text_pooled_in_channels, generator=g),
-                  clip_text=torch.randn(b, 77, c.clip_text_in_channels, generator=g),
-                  clip_img=torch.zeros(b, 1, c.clip_image_in_channels))
-    inputs = {k: v.to(device, dtype) for k, v in inputs.items()}
+    inputs = stage_c_inputs(unet, b, s, device, dtype)
     weight = torch.tensor([1.0, 0.0]) if b == 2 else 1.0  # CFG: the unconditional half gets no user
     rows = []
     print(f"Stage C '{args.kind}': {len(info.block_widths)} attention blocks, width {info.block_widths[0]}, "
