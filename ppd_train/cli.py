@@ -66,12 +66,11 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
     from .embedding import load_embedding_table
     from .pairs import load_users
-    from .prepare import ClipTextEncoder, prepare_dpo_data
+    from .prepare import prepare_dpo_data
 
     dtype = getattr(torch, args.dtype)
     table = load_embedding_table(args.embeddings)[0] if args.embeddings else None
-    text = ClipTextEncoder(args.clip_text, device=args.device, dtype=dtype)
-    data = prepare_dpo_data(load_users(args.pairs), args.effnet, text, args.out, embeddings=table,
+    data = prepare_dpo_data(load_users(args.pairs), args.effnet, args.clip_text, args.out, embeddings=table,
                             image_size=args.image_size, batch_size=args.batch_size, device=args.device, dtype=dtype,
                             show_progress=not args.quiet)
     print(f"{len(data)} pairs of {len(data.user_ids)} users, latents {tuple(data.latents_w.shape[1:])} -> {args.out}")
@@ -114,7 +113,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from .dpo_data import DPOData
     from .embedding import load_embedding_table
     from .evaluate import Conditions, EvalConfig, evaluate_users, load_reward
-    from .stage_c import PPDBinding, load_stage_c
+    from .stage_c import PPDBinding, clip_image_dim, load_stage_c
 
     cfg = _load(EvalConfig, args)
     if cfg is None:
@@ -124,7 +123,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     unet = load_stage_c(cfg.stage_c)
     binding = PPDBinding(unet, load_adapter(cfg.adapter))
     users = {u: table[u] for u in (cfg.users or sorted(table))}
-    cond = Conditions(data.text, data.pooled, unet.config["clip_image_in_channels"] or data.text.shape[-1],
+    cond = Conditions(data.text, data.pooled, clip_image_dim(unet),
                       tuple(data.latents_w.shape[1:]))  # type: ignore[arg-type]
     metrics = evaluate_users(binding, cond, users, load_reward(cfg.reward), set(data.user_ids), cfg.samples,
                              cfg.seed, cfg.steps)

@@ -65,7 +65,6 @@ def embed_users(users: dict[str, list[PreferencePair]], embedder: Embedder, out:
         raise PPDError(f"No user has {n_pairs} usable pairs ({len(users)} users read). Lower --n-pairs or add data.")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     parts.mkdir(parents=True, exist_ok=True)
-    (parts / "settings.json").write_text(json.dumps(settings, sort_keys=True))
     done = _read_parts(parts, settings)
     todo = [u for i, u in enumerate(chosen) if i % world == rank and u not in done]
     bar = tqdm(total=len(chosen), initial=len(done), desc="embedding users", unit="user",

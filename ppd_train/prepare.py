@@ -68,7 +68,7 @@ def _pairs_key(users: dict[str, list[PreferencePair]]) -> str:
 
 
 def prepare_dpo_data(users: dict[str, list[PreferencePair]], effnet_path: str | os.PathLike,
-                     text_encoder: ClipTextEncoder, out: str | os.PathLike,
+                     text_encoder_folder: str | os.PathLike, out: str | os.PathLike,
                      embeddings: dict[str, UserEmbedding] | None = None, image_size: int = 768,
                      batch_size: int = 8, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                      show_progress: bool = True) -> DPOData:
@@ -81,7 +81,7 @@ def prepare_dpo_data(users: dict[str, list[PreferencePair]], effnet_path: str | 
         raise PPDError("No pairs left to train on (no user has both an embedding and pairs beyond its embedding "
                        "pairs). Check that --embeddings was made from the same dataset.")
     key = {"preprocess": PREPROCESS_VERSION, "image_size": image_size, "effnet": _file_key(Path(effnet_path)),
-           "text_encoder": text_encoder.folder.name, "pairs": _pairs_key(users)}
+           "text_encoder": Path(text_encoder_folder).name, "pairs": _pairs_key(users)}
     if out.is_file():
         try:
             cached = DPOData.load(out)
@@ -90,7 +90,9 @@ def prepare_dpo_data(users: dict[str, list[PreferencePair]], effnet_path: str | 
                 return cached
         except PPDError:
             pass
+    # the encoders load only now: an up-to-date file costs no model load
     effnet = load_effnet(effnet_path, device=device, dtype=dtype)
+    text_encoder = ClipTextEncoder(text_encoder_folder, device=device, dtype=dtype)
     flat = [(u, p) for u, pairs in users.items() for p in pairs]
     captions: dict[str, int] = {}
     ws, ls, cap_idx, user_idx = [], [], [], []

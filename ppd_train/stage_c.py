@@ -29,7 +29,19 @@ from .adapter import KNOWN_STAGE_C, PPDAdapter, StageCInfo, UserKV, apply_user_a
 from .errors import FileFormatError, IncompatibleError
 from .safetensors_io import read_safetensors
 
-_BLOCKS = (("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),) * 2
+
+def stage_c_shape(width: int, heads: int, layers: tuple[int, int], clip_text: int, clip_image: int,
+                  dropout: float) -> dict:
+    """diffusers config with Stage C's structure: two levels without spatial down-sampling, each layer
+    (ResBlock, TimestepBlock, AttnBlock); ``layers`` = (level 0, level 1) going down, mirrored going up."""
+    blocks = (("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),) * 2
+    return dict(in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1,
+                conditioning_dim=width, block_out_channels=(width, width), num_attention_heads=(heads, heads),
+                down_num_layers_per_block=layers, up_num_layers_per_block=layers[::-1],
+                down_blocks_repeat_mappers=(1, 1), up_blocks_repeat_mappers=(1, 1), block_types_per_layer=blocks,
+                clip_text_in_channels=clip_text, clip_text_pooled_in_channels=clip_text,
+                clip_image_in_channels=clip_image, clip_seq=4, kernel_size=3, dropout=(dropout, dropout),
+                self_attn=True, timestep_conditioning_type=("sca", "crp"), switch_level=(False,))
 
 
 def stage_c_config(kind: str) -> dict:
@@ -37,14 +49,12 @@ def stage_c_config(kind: str) -> dict:
     if kind not in KNOWN_STAGE_C:
         raise IncompatibleError(f"Unknown Stage C kind {kind!r}; expected one of {sorted(KNOWN_STAGE_C)}.")
     width, heads, _ = KNOWN_STAGE_C[kind]
-    layers = (4, 12) if kind == "lite" else (8, 24)
-    return dict(in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1,
-                conditioning_dim=width, block_out_channels=(width, width), num_attention_heads=(heads, heads),
-                down_num_layers_per_block=layers, up_num_layers_per_block=layers[::-1],
-                down_blocks_repeat_mappers=(1, 1), up_blocks_repeat_mappers=(1, 1), block_types_per_layer=_BLOCKS,
-                clip_text_in_channels=1280, clip_text_pooled_in_channels=1280, clip_image_in_channels=768, clip_seq=4,
-                kernel_size=3, dropout=(0.1, 0.1), self_attn=True, timestep_conditioning_type=("sca", "crp"),
-                switch_level=(False,))
+    return stage_c_shape(width, heads, (4, 12) if kind == "lite" else (8, 24), 1280, 768, 0.1)
+
+
+def clip_image_dim(unet: StableCascadeUNet) -> int:
+    """Width of the CLIP image input (fed zeros when no image prompt is used)."""
+    return int(unet.config["clip_image_in_channels"] or unet.config["clip_text_in_channels"])
 
 
 def attention_blocks(unet: StableCascadeUNet) -> list[tuple[str, SDCascadeAttnBlock]]:

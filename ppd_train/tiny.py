@@ -5,18 +5,12 @@ from __future__ import annotations
 import torch
 from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
 
-_BLOCKS = (("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),) * 2
+from .stage_c import stage_c_shape
 
 
 def tiny_stage_c_config(width: int = 32, heads: int = 2, clip_dim: int = 32, layers: int = 1) -> dict:
     """Stage C's shape scaled down: two levels without spatial down-sampling, an attention block in every layer."""
-    return dict(in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1,
-                conditioning_dim=width, block_out_channels=(width, width), num_attention_heads=(heads, heads),
-                down_num_layers_per_block=(layers, layers), up_num_layers_per_block=(layers, layers),
-                down_blocks_repeat_mappers=(1, 1), up_blocks_repeat_mappers=(1, 1), block_types_per_layer=_BLOCKS,
-                clip_text_in_channels=clip_dim, clip_text_pooled_in_channels=clip_dim, clip_image_in_channels=clip_dim,
-                clip_seq=4, kernel_size=3, dropout=(0.0, 0.0), self_attn=True,
-                timestep_conditioning_type=("sca", "crp"), switch_level=(False,))
+    return stage_c_shape(width, heads, (layers, layers), clip_dim, clip_dim, 0.0)
 
 
 def build_tiny_stage_c(seed: int = 0, **kw) -> StableCascadeUNet:

@@ -21,7 +21,7 @@ from .dpo_data import DPOData
 from .errors import PPDError
 from .loss import dpo_loss
 from .schedule import add_noise
-from .stage_c import PPDBinding, stage_c_info
+from .stage_c import PPDBinding, clip_image_dim, stage_c_info
 
 # Keys that may change between a run and its resume without changing the result.
 RESUME_FREE_KEYS = {"out_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every",
@@ -133,6 +133,7 @@ class Trainer:
         if user_tokens.shape[0] != len(data.user_ids):
             raise PPDError(f"{user_tokens.shape[0]} user embeddings for {len(data.user_ids)} users in the data.")
         self.data = data
+        self.data_hash = data.digest()  # hashes every latent: once per run, not per checkpoint
         # [U, T, D], or [U, V, T, D]: V embeddings ("views") per user from disjoint pair sets; one is drawn per pair
         self.user_tokens = (user_tokens if user_tokens.dim() == 4 else user_tokens[:, None]).float()
         self.out_dir = Path(cfg.out_dir)
@@ -155,8 +156,7 @@ class Trainer:
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 7))
         self.val = data.subset(perm[:n_val]) if n_val else None
         self.train = data.subset(perm[n_val:])
-        img_dim = unet.config.clip_image_in_channels or unet.config.clip_text_in_channels
-        self.clip_img = torch.zeros(1, 1, img_dim)
+        self.clip_img = torch.zeros(1, 1, clip_image_dim(unet))
         self.step, self.cursor, self.nan_run = 0, 0, 0
 
     # --------------------------------------------------------------------------------------------------- one step
@@ -244,7 +244,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _state_meta(self) -> dict:
         return {"step": self.step, "cursor": self.cursor, "nan_run": self.nan_run, "config": self.cfg.resume_key(),
-                "data": self.data.digest(), "scheduler": {"last_epoch": self.scheduler.last_epoch}}
+                "data": self.data_hash, "scheduler": {"last_epoch": self.scheduler.last_epoch}}
 
     def save_checkpoint(self) -> Path:
         path = self.out_dir / "checkpoints" / f"step-{self.step:08d}.safetensors"
@@ -259,8 +259,8 @@ class Trainer:
         if path is None:
             return False
         meta = load_checkpoint(path, self.acc.unwrap_model(self.adapter), self.optimizer)
-        if meta["data"] != self.data.digest() and not force:
-            raise PPDError(f"{path} was trained on other data ({meta['data']} vs {self.data.digest()}). Resume with "
+        if meta["data"] != self.data_hash and not force:
+            raise PPDError(f"{path} was trained on other data ({meta['data']} vs {self.data_hash}). Resume with "
                            "the same data, use another out_dir, or pass --force.")
         old, new = meta["config"], self.cfg.resume_key()
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -306,7 +306,7 @@ class Trainer:
             bar.close()
             logger.close()
         summary = {"base_model": cfg.stage_c, "embedder": self.adapter_config.embedder, "beta": cfg.beta,
-                   "steps": self.step, "data_hash": self.data.digest(), "pairs": len(self.train),
+                   "steps": self.step, "data_hash": self.data_hash, "pairs": len(self.train),
                    "users": len(self.data.user_ids), "lr": cfg.lr, "batch_pairs": pairs_per_step,
                    "user_dropout": cfg.user_dropout, "final_loss": last.get("loss", math.nan)}
         if self.val is not None:
