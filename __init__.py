@@ -11,5 +11,8 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 if importlib.util.find_spec("comfy") is not None and importlib.util.find_spec("folder_paths") is not None:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401,F811
+    from .nodes.folders import register as _register_folders
+
+    _register_folders()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

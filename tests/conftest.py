@@ -36,3 +36,20 @@ def tiny_llava_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llava")
     build_tiny_llava(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def pack():
+    """The repository loaded as a ComfyUI custom-node package, the way ComfyUI loads it (by path, relative imports)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "ppd_pack" not in sys.modules:
+        root = Path(__file__).resolve().parents[1]
+        spec = importlib.util.spec_from_file_location("ppd_pack", root / "__init__.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["ppd_pack"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["ppd_pack"]

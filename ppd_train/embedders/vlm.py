@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,16 +125,25 @@ class VLMEmbedder:
         return inputs.to(self.device)
 
     @torch.inference_mode()
-    def _embed_batch(self, users: Sequence[Sequence[PreferencePair]]) -> list[tuple[torch.Tensor, str]]:
+    def _embed_batch(self, users: Sequence[Sequence[PreferencePair]],
+                     on_token: Callable[[], None] | None = None) -> list[tuple[torch.Tensor, str]]:
         inputs = self._inputs(users)
         if self.mode == "direct":
             out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1)
             states = torch.stack([out.hidden_states[i][:, -1] for i in self.layers], dim=1)
             return [(states[b].float().cpu(), "") for b in range(len(users))]
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _EachToken(StoppingCriteria):  # a hook, never a stop: lets callers show progress or interrupt
+            def __call__(self, input_ids, scores, **kwargs):
+                if on_token is not None:
+                    on_token()
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
         tok = self.processor.tokenizer
         gen = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
                                   output_hidden_states=True, return_dict_in_generate=True,
-                                  pad_token_id=tok.pad_token_id)
+                                  pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([_EachToken()]))
         new = gen.sequences[:, inputs["input_ids"].shape[1]:]
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
@@ -150,12 +159,13 @@ class VLMEmbedder:
         return results
 
     def embed(self, users: Sequence[Sequence[PreferencePair]], user_ids: Sequence[str] | None = None,
-              progress=None) -> list[UserEmbedding]:
-        """One embedding per user, ``batch_size`` users per forward; ``progress(n_done)`` is called per batch."""
+              progress=None, on_token: Callable[[], None] | None = None) -> list[UserEmbedding]:
+        """One embedding per user, ``batch_size`` users per forward; ``progress(n_done)`` is called per batch and
+        ``on_token()`` per generated token in ``cot`` mode (either may raise to abort)."""
         out: list[UserEmbedding] = []
         for start in range(0, len(users), self.batch_size):
             chunk = users[start:start + self.batch_size]
-            for j, (tokens, text) in enumerate(self._embed_batch(chunk)):
+            for j, (tokens, text) in enumerate(self._embed_batch(chunk, on_token)):
                 pairs = chunk[j]
                 uid = user_ids[start + j] if user_ids is not None else (pairs[0].user_id if pairs else "")
                 meta = {"model": self.folder.name, "mode": self.mode, "layers": self.layers, "n_pairs": len(pairs),

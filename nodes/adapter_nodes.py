@@ -1,0 +1,117 @@
+"""PPD Adapter Loader, Apply PPD Adapter (MODEL -> MODEL) and the PPD Stage C Sampler.
+
+The Stage C patching itself lives in ``stage_c_patch.py`` (imported only inside ComfyUI).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..ppd_train.adapter import load_adapter
+from . import folders
+from .sockets import ADAPTER, CATEGORY, EMBEDDING, NamedAdapter, tip
+
+
+def load_named_adapter(path: Path, name: str) -> NamedAdapter:
+    return NamedAdapter(name, load_adapter(path))
+
+
+def _strength_inputs() -> dict:
+    return {
+        "weight": ("FLOAT", tip("How strongly the user's taste steers Stage C. 0 = Stable Cascade exactly.",
+                                default=1.0, min=0.0, max=3.0, step=0.05)),
+        "start_percent": ("FLOAT", tip("Sampling progress where the user starts to count (0 = first step).",
+                                       default=0.0, min=0.0, max=1.0, step=0.01)),
+        "end_percent": ("FLOAT", tip("Sampling progress where the user stops counting (1 = last step).",
+                                     default=1.0, min=0.0, max=1.0, step=0.01)),
+    }
+
+
+def _user_inputs() -> dict:
+    return {
+        "ppd_adapter": (ADAPTER, tip("From PPD Adapter Loader; it must match the Stage C (lite/full) and the "
+                                     "embedder that made the user embedding.")),
+        "user_embedding": (EMBEDDING, tip("From VLM User Embedder, Load User Embedding or Embedding Interpolate.")),
+    }
+
+
+class PPDAdapterLoader:
+    DESCRIPTION = "Loads a PPD adapter (.safetensors written by ppd-train) from models/ppd_adapters."
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (ADAPTER,)
+    RETURN_NAMES = ("ppd_adapter",)
+    OUTPUT_TOOLTIPS = ("The adapter, for Apply PPD Adapter or the PPD Stage C Sampler.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        return {"required": {
+            "adapter_name": (folder_paths.get_filename_list(folders.ADAPTERS),
+                             tip("An adapter file in models/ppd_adapters (or a 'ppd_adapters' folder from "
+                                 "extra_model_paths.yaml). Press Refresh after adding one.")),
+        }}
+
+    def load(self, adapter_name):
+        return (load_named_adapter(folders.find(folders.ADAPTERS, adapter_name, "PPD adapter"), adapter_name),)
+
+
+class PPDApplyAdapter:
+    DESCRIPTION = ("Adds a user's taste to a Stable Cascade Stage C MODEL, for the stock KSampler or any other "
+                   "sampler. The negative/unconditional pass gets no user.")
+    CATEGORY = f"{CATEGORY}/sampling"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("Stage C with the user's attention added (the input model is left unchanged).",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", tip("The Stage C MODEL (stable_cascade_stage_c or lite)."))}
+                | _user_inputs() | _strength_inputs()}
+
+    def apply(self, model, ppd_adapter, user_embedding, weight, start_percent, end_percent):
+        from .stage_c_patch import apply_adapter
+
+        return (apply_adapter(model, ppd_adapter, user_embedding, weight, start_percent, end_percent),)
+
+
+class PPDStageCSampler:
+    DESCRIPTION = ("Samples Stable Cascade Stage C for one user: a KSampler with the PPD adapter built in. Its "
+                   "LATENT goes to StableCascade_StageB_Conditioning.")
+    CATEGORY = f"{CATEGORY}/sampling"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("stage_c",)
+    OUTPUT_TOOLTIPS = ("The Stage C latent, for StableCascade_StageB_Conditioning.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import comfy.samplers
+
+        return {"required": {
+            "model": ("MODEL", tip("The Stage C MODEL (stable_cascade_stage_c or lite).")),
+            **_user_inputs(),
+            "positive": ("CONDITIONING", tip("The prompt.")),
+            "negative": ("CONDITIONING", tip("The negative prompt (sampled without the user).")),
+            "latent_image": ("LATENT", tip("From StableCascade_EmptyLatentImage (its 'stage_c' output).")),
+            "seed": ("INT", tip("Noise seed.", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True)),
+            "steps": ("INT", tip("Stage C steps (Stable Cascade default 20).", default=20, min=1, max=10000)),
+            "cfg": ("FLOAT", tip("Classifier-free guidance (Stable Cascade default 4).", default=4.0, min=0.0,
+                                 max=100.0, step=0.1, round=0.01)),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, tip("Sampler.", default="euler_ancestral")),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, tip("Scheduler.", default="simple")),
+            "denoise": ("FLOAT", tip("1 = from pure noise.", default=1.0, min=0.0, max=1.0, step=0.01)),
+            **_strength_inputs(),
+        }}
+
+    def sample(self, model, ppd_adapter, user_embedding, positive, negative, latent_image, seed, steps, cfg,
+               sampler_name, scheduler, denoise, weight, start_percent, end_percent):
+        from nodes import common_ksampler  # ComfyUI's own KSampler path (top-level 'nodes' is ComfyUI's module)
+
+        from .stage_c_patch import apply_adapter
+
+        patched = apply_adapter(model, ppd_adapter, user_embedding, weight, start_percent, end_percent)
+        return common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                               denoise=denoise)

@@ -1,0 +1,120 @@
+"""Test-only ComfyUI pack: tiny Stable Cascade Stage C / B / A built with ComfyUI's own classes, and a text-free
+conditioning node. Loaded next to the PPD pack by the real-ComfyUI integration tests; never shipped.
+
+ComfyUI detects Stage C lite/full by width, so tiny checkpoints cannot go through CheckpointLoaderSimple; this pack
+loads them the way ``comfy.sd.load_diffusion_model_state_dict`` does, with a tiny config.
+"""
+
+import hashlib
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sd
+import comfy.supported_models
+import comfy.utils
+import folder_paths
+import torch
+from comfy.ldm.cascade.stage_a import StageA
+
+TEXT_WIDTH = 32
+# Stage C's structure (two levels, each layer ResBlock, TimestepBlock, AttnBlock), 4 attention blocks of width 32.
+TINY_C = dict(stable_cascade_stage="c", c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=32, c_hidden=[32, 32],
+              nhead=[2, 2], blocks=[[1, 1], [1, 1]], block_repeat=[[1, 1], [1, 1]], level_config=["CTA", "CTA"],
+              c_clip_text=TEXT_WIDTH, c_clip_text_pooled=TEXT_WIDTH, c_clip_img=768, c_clip_seq=4, kernel_size=3,
+              dropout=[0.0, 0.0], self_attn=True, t_conds=["sca", "crp"], switch_level=[False])
+TINY_B = dict(stable_cascade_stage="b", c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=32, c_hidden=[16, 32],
+              nhead=[-1, 2], blocks=[[1, 1], [1, 1]], block_repeat=[[1, 1], [1, 1]], level_config=["CT", "CTA"],
+              c_clip=TEXT_WIDTH, c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=[0.0, 0.0],
+              self_attn=True, t_conds=["sca"])
+FILES = {"c": "tiny_stage_c.safetensors", "b": "tiny_stage_b.safetensors", "a": "tiny_stage_a.safetensors"}
+
+
+def _seeded_(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(module.named_parameters()):
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 / fan_in ** 0.5 if p.dim() > 1 else 0.02))
+
+
+def _model_config(stage: str, dtype: torch.dtype = torch.float32):
+    cls = comfy.supported_models.Stable_Cascade_C if stage == "c" else comfy.supported_models.Stable_Cascade_B
+    cfg = cls(TINY_C if stage == "c" else TINY_B)
+    cfg.set_inference_dtype(dtype, None)
+    return cfg
+
+
+def to_stability_format(sd: dict) -> dict:
+    """ComfyUI's Stage C keys -> Stability's released layout (q/k/v merged into ``in_proj``), as the files ship."""
+    out = {}
+    for k, v in sd.items():
+        if ".attn.to_q." in k:
+            stem, kind = k.split(".attn.to_q.")
+            parts = [sd[f"{stem}.attn.to_{x}.{kind}"] for x in "qkv"]
+            out[f"{stem}.attn.in_proj_{kind}"] = torch.cat(parts)
+        elif ".attn.to_k." not in k and ".attn.to_v." not in k:
+            out[k] = v
+    return out
+
+
+def write_tiny_cascade(folder: str, seed: int = 0) -> None:
+    """Write tiny Stage C (Stability layout), Stage B and Stage A files with seeded random weights."""
+    for i, stage in enumerate("cb"):
+        model = _model_config(stage).get_model({})
+        _seeded_(model.diffusion_model, seed + i)
+        sd = {k: v.contiguous() for k, v in model.diffusion_model.state_dict().items()}
+        comfy.utils.save_torch_file(to_stability_format(sd) if stage == "c" else sd, f"{folder}/{FILES[stage]}")
+    stage_a = StageA()
+    _seeded_(stage_a, seed + 2)
+    comfy.utils.save_torch_file({k: v.contiguous() for k, v in stage_a.state_dict().items()}, f"{folder}/{FILES['a']}")
+
+
+def load_stage(path: str, stage: str, dtype: torch.dtype = torch.float32):
+    """A MODEL (ModelPatcher) from a tiny Stage C/B file, loaded like comfy.sd.load_diffusion_model_state_dict."""
+    sd = comfy.utils.load_torch_file(path)
+    cfg = _model_config(stage, dtype)
+    model = cfg.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+class PPDTestTinyCascade:
+    CATEGORY = "PPD test fixtures"
+    RETURN_TYPES = ("MODEL", "MODEL", "VAE")
+    RETURN_NAMES = ("stage_c", "stage_b", "stage_a")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"stage_c": (folder_paths.get_filename_list("diffusion_models"),)}}
+
+    def load(self, stage_c):
+        folder = folder_paths.get_full_path_or_raise("diffusion_models", stage_c).rsplit("/", 1)[0]
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(f"{folder}/{FILES['a']}"))
+        return (load_stage(f"{folder}/{stage_c}", "c"), load_stage(f"{folder}/{FILES['b']}", "b"), vae)
+
+
+def text_conditioning(text: str):
+    """Deterministic CLIP-G-shaped conditioning from a text hash (tiny width): tokens [1, 77, W], pooled [1, 1, W]."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(1, 77, TEXT_WIDTH, generator=g)
+    pooled = torch.randn(1, 1, TEXT_WIDTH, generator=g)
+    return [[tokens, {"pooled_output": pooled}]]
+
+
+class PPDTestTextConditioning:
+    CATEGORY = "PPD test fixtures"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"default": "", "multiline": True})}}
+
+    def encode(self, text):
+        return (text_conditioning(text),)
+
+
+NODE_CLASS_MAPPINGS = {"PPDTestTinyCascade": PPDTestTinyCascade, "PPDTestTextConditioning": PPDTestTextConditioning}
