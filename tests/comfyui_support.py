@@ -68,14 +68,14 @@ class ComfyServer:
         """Queue an API-format prompt and wait for its history entry (success or error)."""
         status, answer = self.post("/prompt", {"prompt": prompt})
         assert status == 200, f"prompt refused: {json.dumps(answer)[:2000]}"
-        pid = answer["prompt_id"]
+        return self.wait(answer["prompt_id"], timeout)
+
+    def wait(self, pid: str, timeout: float = 300) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            history = self.get(f"/history/{pid}")
-            if pid in history and history[pid].get("status", {}).get("completed") is not None:
-                entry = history[pid]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
+            entry = self.get(f"/history/{pid}").get(pid)
+            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+                return entry
             time.sleep(0.3)
         raise TimeoutError(f"prompt {pid} did not finish in {timeout} s:\n{self.log()[-3000:]}")
 
