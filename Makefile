@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch pinned for development and CI only; the pack itself never pins torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test lint demo bench
+.PHONY: venv test lint demo bench test-comfyui
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,3 +24,9 @@ test: venv lint
 
 demo: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ppd-train demo --out runs/demo
+
+# Tests against a real ComfyUI (docs/testing-comfyui.md): COMFYUI_DIR=<checkout> make test-comfyui COMFYUI_PYTHON=<its python>
+COMFYUI_PYTHON ?= python3
+test-comfyui:
+	@test -n "$(COMFYUI_DIR)" || (echo "Set COMFYUI_DIR to a ComfyUI checkout (docs/testing-comfyui.md)"; exit 2)
+	COMFYUI_DIR=$(COMFYUI_DIR) HF_HUB_OFFLINE=1 $(COMFYUI_PYTHON) -m pytest -q tests/comfyui tests/test_nodes.py
