@@ -148,3 +148,37 @@ def test_refusals_say_what_to_do(comfy, stage_c_file):
         patch.apply_adapter(model, good, _user(comfy, embedder="vlm:other:cot:all"), 1.0, 0.0, 1.0)
     with pytest.raises(IncompatibleError, match="start_percent"):
         patch.apply_adapter(model, good, user, 1.0, 0.8, 0.2)
+
+
+@pytest.mark.parametrize("kind", ["lite", "full"])
+def test_released_stage_c_sizes_are_recognised(comfy, kind):
+    """ComfyUI's own lite/full Stage C configs (built on the meta device, no weights): every attention block is
+    found, in forward order, and a matching adapter is accepted while the other size is refused."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    adapter_mod = importlib.import_module("ppd_pack.ppd_train.adapter")
+    patch = importlib.import_module("ppd_pack.nodes.stage_c_patch")
+    IncompatibleError = importlib.import_module("ppd_pack.ppd_train.errors").IncompatibleError
+    config = {"stable_cascade_stage": "c"}  # ComfyUI's defaults are Stage C full
+    if kind == "lite":  # what comfy.model_detection sets for a 1536-wide clip_txt_mapper
+        config.update(c_cond=1536, c_hidden=[1536, 1536], nhead=[24, 24], blocks=[[4, 12], [12, 4]])
+    model_config = comfy.supported_models.Stable_Cascade_C(config)
+    model_config.set_inference_dtype(torch.bfloat16, None)
+    model = model_config.get_model({}, device=torch.device("meta"))
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device="cpu")
+    paths, info = patch.stage_c_of(patcher)
+    width, heads, count = adapter_mod.KNOWN_STAGE_C[kind]
+    assert info.kind == kind and len(paths) == count and paths[0].startswith("diffusion_model.down_blocks.0.")
+    user = _user(comfy, embedder="vlm:llava:direct:all")
+    for other, (w, h, n) in adapter_mod.KNOWN_STAGE_C.items():
+        with torch.device("meta"):
+            adapter = adapter_mod.PPDAdapter(adapter_mod.AdapterConfig.for_stage_c(
+                adapter_mod.StageCInfo((w,) * n, (h,) * n), 24, 5, embedder="vlm:llava:direct:all"))
+        if other == kind:
+            patched = patch.apply_adapter(patcher, _named(comfy, adapter), user, 1.0, 0.0, 1.0)
+            assert all(isinstance(patched.get_model_object(p), patch.PPDStageCAttention) for p in paths)
+            assert not isinstance(patcher.get_model_object(paths[0]), patch.PPDStageCAttention)
+        else:
+            with pytest.raises(IncompatibleError, match=f"made for Stage C {other}"):
+                patch.apply_adapter(patcher, _named(comfy, adapter), user, 1.0, 0.0, 1.0)
