@@ -80,6 +80,10 @@ def test_pairs_to_png_through_the_whole_cascade(comfy_server):
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size == (256, 256) and im.mode == "RGB"
         assert len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 100  # a real decoded image, not a flat fill
+    # re-queued with unchanged pair files: pairs are not reloaded and the VLM does not run again
+    again = comfy_server.run(_graph(prefix="ppd_e2e_again"))
+    cached = next(data["nodes"] for kind, data in again["status"]["messages"] if kind == "execution_cached")
+    assert {"pairs", "vlm", "embed", "stage_c"} <= set(cached) and "save" not in cached
 
 
 def _latent(comfy_server, entry, node):
