@@ -57,7 +57,7 @@ class WorldConfig:
 
 
 def _demo_train() -> TrainConfig:
-    return TrainConfig(max_steps=400, batch_size=32, lr=3e-3, beta=1000.0, user_dropout=0.1, val_fraction=0.05,
+    return TrainConfig(max_steps=600, batch_size=32, lr=3e-3, beta=1000.0, user_dropout=0.1, val_fraction=0.05,
                        val_every=100, checkpoint_every=100, keep_checkpoints=2, log_every=10, t_min=0.02)
 
 
