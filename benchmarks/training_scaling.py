@@ -19,7 +19,7 @@ import torch
 from sampler_overhead import build  # noqa: E402  (same folder)
 
 from ppd_train.dpo_data import DPOData
-from ppd_train.train import Trainer, TrainConfig
+from ppd_train.train import TrainConfig, Trainer
 
 
 def dataset(unet, pairs: int, size: int, users: int = 32, captions: int = 16) -> DPOData:

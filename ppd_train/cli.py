@@ -103,9 +103,10 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     table, _ = load_embedding_table(cfg.embeddings)
     tokens, embedder_id = data.user_tokens(table)
     unet = load_stage_c(cfg.stage_c, config=cfg.stage_c_config or None)
-    out = Trainer(cfg, unet, data, tokens, embedder_id, show_progress=not args.quiet).run(
-        resume=not args.no_resume, force=args.force)
-    print(f"adapter -> {out}")
+    trainer = Trainer(cfg, unet, data, tokens, embedder_id, show_progress=not args.quiet)
+    out = trainer.run(resume=not args.no_resume, force=args.force)
+    if trainer.acc.is_main_process:  # under accelerate launch / torchrun, say it once
+        print(f"adapter -> {out}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

@@ -70,3 +70,25 @@ def test_demo_prints_its_config(capsys):
     out = capsys.readouterr().out
     assert "[world]" in out and "k_styles = 6" in out and "[train]" in out and "max_steps = 7" in out
     assert "beta = 1000.0" in out  # overriding one train key keeps the demo's other train defaults
+
+
+def test_fit_distributed_with_two_processes(files):
+    """The multi-GPU path with no code change, run for real as two CPU processes (torchrun + gloo, which is what
+    ``accelerate launch --multi_gpu`` starts on GPUs): the global batch counts both processes, the main process alone
+    writes the adapter and reports it."""
+    import os
+    import subprocess
+
+    cfg = files / "fit.toml"
+    cfg.write_text(f'stage_c = "{files / "stage_c"}"\ndata = "{files / "data.safetensors"}"\n'
+                   f'embeddings = "{files / "users.safetensors"}"\nout_dir = "{files / "ddp"}"\n'
+                   "max_steps = 3\nbatch_size = 2\nlr = 1e-2\nbeta = 100.0\ntensorboard = false\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "ppd_train", "fit", "--config", str(cfg), "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=files)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("adapter ->") == 1
+    adapter = load_adapter(files / "ddp" / "adapter.safetensors")
+    assert adapter.config.training["steps"] == 3 and adapter.config.training["batch_pairs"] == 4
+    assert adapter.blocks[0].to_v.weight.abs().sum() > 0  # trained: a fresh adapter's to_v is exactly zero
