@@ -89,6 +89,29 @@ def test_kill_and_resume_gives_the_same_adapter(tmp_path, world_data):
     assert len(list((tmp_path / "b" / "run" / "checkpoints").glob("step-*"))) == 2  # keep-last-K
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_checkpointing_accumulation_and_bf16_resume_exactly(tmp_path, world_data, precision, request):
+    """Gradient checkpointing + gradient accumulation (+ bf16 autocast): training moves the adapter, and a run
+    killed mid-way resumes to the same adapter as an uninterrupted one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one precision per process: a fresh state per case
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    kw = dict(gradient_checkpointing=True, grad_accum=2, mixed_precision=precision, max_steps=4)
+    straight = _trainer(_cfg(tmp_path / "a", **kw), world_data).run()
+
+    def kill(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(_cfg(tmp_path / "b", **kw), world_data).run(on_step=kill)
+    a, b = _tensors(straight), _tensors(_trainer(_cfg(tmp_path / "b", **kw), world_data).run())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["blocks.0.to_v.weight"].abs().sum() > 0 and torch.isfinite(a["blocks.0.to_v.weight"]).all()
+    assert read_adapter_config(straight)[0].training["batch_pairs"] == 8
+
+
 def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, world_data, monkeypatch):
     trainer = _trainer(_cfg(tmp_path), world_data)
     for _ in range(2):
