@@ -14,10 +14,10 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import timed  # noqa: E402  (same folder)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,16 +56,6 @@ def stage_c(kind: str, device: torch.device, dtype: torch.dtype):
         for p in model.diffusion_model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).to(dtype) * 0.02)
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device), config
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def main() -> None:

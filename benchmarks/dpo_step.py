@@ -15,10 +15,10 @@ import copy
 import gc
 import json
 import statistics
-import time
 
 import torch
 from sampler_overhead import build, stage_c_inputs  # noqa: E402  (same folder)
+from timing import timed  # noqa: E402
 
 from ppd_train.adapter import AdapterConfig, PPDAdapter
 from ppd_train.loss import dpo_loss
@@ -54,11 +54,7 @@ def run(recipe: str, kind: str, checkpointing: bool, batch: int, size: int, step
     g = torch.Generator().manual_seed(1)
     eps = torch.randn(batch, 16, size, size, generator=g).to(device, dtype)
     users = torch.randn(b2, 29, 896, generator=g).to(device, dtype)
-    times = []
-    for step in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+    def one_step() -> None:
         with torch.no_grad():
             if reference is None:
                 with binding.adapter_off():
@@ -71,10 +67,9 @@ def run(recipe: str, kind: str, checkpointing: bool, batch: int, size: int, step
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step:  # the first step includes allocation and optimizer-state creation
-            times.append(time.perf_counter() - t)
+
+    one_step()  # the first step includes allocation and optimizer-state creation
+    times = [timed(one_step, device) for _ in range(steps)]
     binding.detach()
     return {"recipe": recipe, "checkpointing": checkpointing, "step_s": statistics.median(times),
             "peak_mb": peak_mb(device) - before, "weights_mb": weights_mb(unet, reference, adapter)}

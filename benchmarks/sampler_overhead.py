@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
+from timing import timed  # noqa: E402  (same folder)
 
 from ppd_train.adapter import AdapterConfig, PPDAdapter
 from ppd_train.stage_c import PPDBinding, stage_c_config, stage_c_info
@@ -44,16 +44,6 @@ def stage_c_inputs(unet: StableCascadeUNet, batch: int, size: int, device: torch
                   clip_text=torch.randn(batch, 77, c.clip_text_in_channels, generator=g),
                   clip_img=torch.zeros(batch, 1, c.clip_image_in_channels))
     return {k: v.to(device, dtype) for k, v in inputs.items()}
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 @torch.no_grad()

@@ -13,10 +13,10 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 
 import torch
 from sampler_overhead import build  # noqa: E402  (same folder)
+from timing import timed  # noqa: E402
 
 from ppd_train.dpo_data import DPOData
 from ppd_train.train import TrainConfig, Trainer
@@ -40,13 +40,7 @@ def one_epoch(kind: str, pairs: int, batch: int, size: int, mixed_precision: str
         cfg = TrainConfig(out_dir=out, max_steps=pairs // batch, batch_size=batch, tensorboard=False,
                           checkpoint_every=50, val_every=50, log_every=10**9, mixed_precision=mixed_precision)
         trainer = Trainer(cfg, unet, data, tokens, "bench", show_progress=False)
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        trainer.run()
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t
+        seconds = timed(trainer.run, trainer.device)
         trainer.detach()
     return seconds
 

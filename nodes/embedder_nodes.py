@@ -7,7 +7,6 @@ loader that re-ran on unchanged files, does not run the VLM again.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..ppd_train.embedders.vlm import VLMEmbedder
+from ..ppd_train.embedders.vlm import VLMEmbedder, check_vlm_folder
 from ..ppd_train.embedding import UserEmbedding
 from ..ppd_train.errors import PPDError
 from ..ppd_train.pairs import PreferencePair, content_hash
@@ -36,23 +35,15 @@ class VLMHandle:
     dtype: str = "auto"
 
     def check(self) -> None:
-        config = self.folder / "config.json"
-        try:
-            model_type = json.loads(config.read_text()).get("model_type")
-        except (OSError, json.JSONDecodeError) as e:
-            raise PPDError(f"{config} is missing or not JSON ({e}). Put a LLaVA-OneVision checkpoint in transformers "
-                           "format (config.json, *.safetensors, tokenizer files) in that folder.") from None
-        if model_type != "llava_onevision":
-            raise PPDError(f"{self.folder.name} is a '{model_type}' model; the VLM User Embedder needs "
-                           "LLaVA-OneVision (e.g. llava-hf/llava-onevision-qwen2-7b-ov-chat-hf).")
+        check_vlm_folder(self.folder)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    dtype = DTYPES.get(name, "bad")
-    if dtype == "bad":
+    if name not in DTYPES:
         raise PPDError(f"Unknown dtype {name!r}; use one of {list(DTYPES)}.")
+    dtype = DTYPES[name]
     if dtype is not None:
-        return dtype  # type: ignore[return-value]
+        return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float16 if device.type == "mps" else torch.float32

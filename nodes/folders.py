@@ -31,8 +31,8 @@ def register() -> None:
         paths, exts = folder_paths.folder_names_and_paths.get(name, ([], set()))
         if default is not None and default not in paths:
             paths.append(default)  # after folders from extra_model_paths.yaml: saving goes where the user pointed
-        # LLM is shared with other packs: never narrow what they list there.
-        folder_paths.folder_names_and_paths[name] = (paths, set(exts) | extensions if exts else set(extensions))
+        # a union: LLM is shared with other packs (an empty set lists every file), never narrow what they list there
+        folder_paths.folder_names_and_paths[name] = (paths, set(exts) | extensions)
 
 
 def roots(kind: str) -> list[Path]:

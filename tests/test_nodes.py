@@ -150,10 +150,10 @@ def test_vlm_embedder_runs_once_per_content(pack, tiny_llava_dir, tmp_path):
 def test_vlm_handle_refuses_wrong_folders(pack, tmp_path):
     embedder_nodes = mod(pack, "nodes.embedder_nodes")
     PPDError = mod(pack, "ppd_train.errors").PPDError
-    with pytest.raises(PPDError, match="config.json is missing"):
+    with pytest.raises(PPDError, match=r"is not a model folder \(no config.json\)"):
         embedder_nodes.VLMHandle(tmp_path).check()
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(PPDError, match="'llama' model.*LLaVA-OneVision"):
+    with pytest.raises(PPDError, match="holds a 'llama' model, not a LLaVA-OneVision VLM"):
         embedder_nodes.VLMHandle(tmp_path).check()
 
 

@@ -67,6 +67,23 @@ def build_prompt(pairs: Sequence[PreferencePair], image_token: str) -> str:
     return PROMPT_INTRO.format(n=len(pairs)) + body + PROMPT_TASK
 
 
+def check_vlm_folder(folder: Path) -> None:
+    """Refuse, before any weights load, a folder that is not a local LLaVA-OneVision checkpoint in safetensors."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise PPDError(f"{folder} is not a model folder (no config.json). Put a LLaVA-OneVision checkpoint in "
+                       "transformers format there (e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf).")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except (json.JSONDecodeError, OSError) as e:
+        raise PPDError(f"{config_path} is not readable JSON ({e}).") from None
+    if model_type != "llava_onevision":
+        raise PPDError(f"{folder} holds a '{model_type}' model, not a LLaVA-OneVision VLM. Use a "
+                       "llava-onevision-qwen2-*-hf checkpoint.")
+    if not any(folder.glob("*.safetensors")):
+        raise PPDError(f"{folder} has no .safetensors weights; PPD loads VLM weights from safetensors only.")
+
+
 class VLMEmbedder:
     """Embeds users with a local LLaVA-OneVision folder. ``embed([...pairs per user...])`` -> UserEmbeddings."""
 
@@ -83,19 +100,7 @@ class VLMEmbedder:
             raise PPDError(f"Unknown embedding mode {mode!r}; use 'direct' (fast) or 'cot' (the paper's "
                            "chain-of-thought).")
         self.folder = Path(folder)
-        config_path = self.folder / "config.json"
-        if not config_path.is_file():
-            raise PPDError(f"{self.folder} is not a model folder (no config.json). Put a LLaVA-OneVision checkpoint "
-                           "in transformers format there (e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf).")
-        try:
-            model_type = json.loads(config_path.read_text()).get("model_type")
-        except (json.JSONDecodeError, OSError) as e:
-            raise PPDError(f"{config_path} is not readable JSON ({e}).") from None
-        if model_type != "llava_onevision":
-            raise PPDError(f"{self.folder} holds a '{model_type}' model, not a LLaVA-OneVision VLM. Use a "
-                           "llava-onevision-qwen2-*-hf checkpoint.")
-        if not any(self.folder.glob("*.safetensors")):
-            raise PPDError(f"{self.folder} has no .safetensors weights; PPD loads VLM weights from safetensors only.")
+        check_vlm_folder(self.folder)
         self.mode = mode
         self.device = torch.device(device)
         self.dtype = dtype
