@@ -60,6 +60,7 @@ class PPDUser:
         self.weight = float(weight)
         self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
         self._kv: dict[tuple[torch.device, torch.dtype], UserKV] = {}
+        self._rows: tuple[object, tuple, torch.Tensor] | None = None  # last call: (sigmas, (batch, chunks), weights)
 
     def kv(self, device: torch.device, dtype: torch.dtype) -> UserKV:
         key = (device, dtype)
@@ -71,17 +72,25 @@ class PPDUser:
         return self._kv[key]
 
     def row_weights(self, batch: int, transformer_options: dict) -> torch.Tensor:
-        """The weight of each batch row: 0 for the unconditional chunks and outside the start/end window."""
+        """The weight of each batch row: 0 for the unconditional chunks and outside the start/end window.
+
+        Every attention block of one model call asks with the same ``sigmas`` tensor; the answer is kept for that
+        tensor, so reading the sigma (a device sync on a GPU) happens once per call rather than once per block.
+        """
         sigmas = transformer_options.get("sigmas")
+        chunks = tuple(transformer_options.get("cond_or_uncond") or [0])
+        last = self._rows
+        if last is not None and last[0] is sigmas and last[1] == (batch, chunks):
+            return last[2]
+        if batch % len(chunks):
+            raise IncompatibleError(f"Batch of {batch} does not split into {len(chunks)} cond/uncond chunks.")
+        weights = torch.tensor([self.weight if c == 0 else 0.0 for c in chunks for _ in range(batch // len(chunks))])
         if sigmas is not None and torch.is_tensor(sigmas) and sigmas.numel():
             s = float(sigmas.max())
             if s > self.sigma_start or s < self.sigma_end:
-                return torch.zeros(batch)
-        chunks = transformer_options.get("cond_or_uncond") or [0]
-        if batch % len(chunks):
-            raise IncompatibleError(f"Batch of {batch} does not split into {len(chunks)} cond/uncond chunks.")
-        per = batch // len(chunks)
-        return torch.tensor([self.weight if c == 0 else 0.0 for c in chunks for _ in range(per)])
+                weights = torch.zeros(batch)
+        self._rows = (sigmas, (batch, chunks), weights)
+        return weights
 
 
 class PPDStageCAttention(torch.nn.Module):

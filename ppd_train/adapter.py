@@ -173,27 +173,44 @@ def apply_user_attention(out: torch.Tensor, q: torch.Tensor, k_u: torch.Tensor, 
     """``out + weight * attend(q, k_u, v_u)``, the one place where user attention joins a block.
 
     ``out`` and ``q`` have the batch first; ``k_u, v_u`` have batch B or 1 (one user for the whole batch). ``weight``
-    is a number or a ``[B]`` tensor; rows whose weight is 0 (e.g. the unconditional half of CFG) are not touched at
+    is a number or a ``[B]`` CPU tensor; rows whose weight is 0 (e.g. the unconditional half of CFG) are not touched at
     all, so they stay bit-identical to the base model. ``attend`` is the binding's native attention in its own layout.
+
+    This runs in every attention block at every step, so the usual case (one run of rows sharing one weight: all rows,
+    or the conditional chunk of CFG) adds only the attention and one in-place add: slices are views, the weight is a
+    Python number, nothing is gathered or copied to the device. Other patterns gather the rows they need.
     """
     batch = out.shape[0]
-    w = torch.as_tensor(weight, dtype=torch.float32).flatten().cpu()
-    if w.numel() == 1:
-        w = w.expand(batch)
-    if w.numel() != batch:
-        raise IncompatibleError(f"Adapter weight has {w.numel()} entries for a batch of {batch}.")
-    rows = torch.nonzero(w).flatten()
-    if rows.numel() == 0:
-        return out
     if k_u.shape[0] == 1:
         k_u, v_u = k_u.expand(batch, -1, -1), v_u.expand(batch, -1, -1)
     k_u, v_u = k_u.to(q.dtype), v_u.to(q.dtype)
-    shape = (-1,) + (1,) * (out.dim() - 1)
-    if rows.numel() == batch:
-        return out + w.to(out.device, out.dtype).view(shape) * attend(q, k_u, v_u)
-    idx = rows.to(out.device)
-    extra = w[rows].to(out.device, out.dtype).view(shape) * attend(q[idx], k_u[idx], v_u[idx])
-    return out.index_add(0, idx, extra)
+    if isinstance(weight, (int, float)):
+        if weight == 0:
+            return out
+        first, last, alpha = 0, batch, float(weight)
+    else:
+        w = torch.as_tensor(weight, dtype=torch.float32).flatten().cpu()
+        if w.numel() == 1:
+            w = w.expand(batch)
+        if w.numel() != batch:
+            raise IncompatibleError(f"Adapter weight has {w.numel()} entries for a batch of {batch}.")
+        rows = torch.nonzero(w).flatten()
+        if rows.numel() == 0:
+            return out
+        first, last, alpha = int(rows[0]), int(rows[-1]) + 1, float(w[rows[0]])
+        if last - first != rows.numel() or not bool((w[first:last] == alpha).all()):
+            shape = (-1,) + (1,) * (out.dim() - 1)
+            idx = rows.to(out.device)
+            extra = w[rows].to(out.device, out.dtype).view(shape) * attend(q[idx], k_u[idx], v_u[idx])
+            return out.index_add(0, idx, extra)
+    span = slice(first, last)
+    extra = attend(q[span], k_u[span], v_u[span])
+    if out.requires_grad:  # autograd may keep ``out`` for the backward pass: build a new tensor
+        if first == 0 and last == batch:
+            return torch.add(out, extra, alpha=alpha)
+        return torch.cat([out[:first], torch.add(out[span], extra, alpha=alpha), out[last:]])
+    out[span].add_(extra, alpha=alpha)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------- file format

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import stage_c_inputs, trained_looking_adapter
 
-from ppd_train.adapter import AdapterConfig, PPDAdapter
+from ppd_train.adapter import AdapterConfig, PPDAdapter, apply_user_attention
 from ppd_train.errors import IncompatibleError
 from ppd_train.stage_c import PPDBinding, adapter_parameter_count, attention_blocks, stage_c_info
 
@@ -63,6 +63,38 @@ def test_trained_adapter_personalises_per_user(tiny_unet):
     with binding.user(adapter(user_a), 0.5):
         half = _out(tiny_unet, inputs)
     assert 0 < (half - base).abs().max() < (out_a - base).abs().max()
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5, [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.7, 0.7], [1.0, 0.0, 1.0, 0.0],
+                                    [1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+@pytest.mark.parametrize("grad", [False, True])
+def test_user_attention_rows_and_weights(weight, grad):
+    """Every row pattern (one span with one weight: views and an in-place add; others: gathers) gives
+    ``out + w * attend`` on the rows with a weight and leaves the others bit-identical; under autograd ``out`` is
+    never changed in place and gradients reach K_u, V_u."""
+    g = torch.Generator().manual_seed(0)
+    out, q = torch.randn(4, 6, 8, generator=g), torch.randn(4, 6, 8, generator=g)
+    k_u = torch.randn(1, 3, 8, generator=g).requires_grad_(grad)
+    v_u = torch.randn(1, 3, 8, generator=g).requires_grad_(grad)
+    attend = torch.nn.functional.scaled_dot_product_attention
+    w = torch.as_tensor(weight).expand(4)
+    expected = out + w.view(-1, 1, 1) * attend(q, k_u.expand(4, -1, -1), v_u.expand(4, -1, -1)).detach()
+    base = out.clone()
+    if grad:
+        out.requires_grad_(True)
+    with torch.set_grad_enabled(grad):
+        got = apply_user_attention(out, q, k_u, v_u, torch.as_tensor(weight) if isinstance(weight, list) else weight,
+                                   attend)
+    for i in range(4):
+        if w[i] == 0:
+            assert torch.equal(got[i], base[i])
+        else:
+            torch.testing.assert_close(got[i], expected[i])
+    if grad:
+        assert torch.equal(out.detach(), base)
+        if bool(w.any()):
+            got.sum().backward()
+            assert k_u.grad is not None and v_u.grad.abs().sum() > 0
 
 
 def test_per_user_batch_equals_one_by_one(tiny_unet):

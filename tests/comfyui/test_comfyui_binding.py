@@ -89,6 +89,34 @@ def test_uncond_rows_window_and_weight_zero_are_vanilla(comfy, stage_c_file):
     assert torch.equal(_forward(model, inputs, cfg_batch), base)
 
 
+def test_sigma_is_read_once_per_model_call(comfy, stage_c_file):
+    """Reading the sigma syncs a GPU: every attention block of one call must share one reading, and the next call
+    (a new sigmas tensor) must read again."""
+    from torch.overrides import TorchFunctionMode
+
+    apply_adapter = importlib.import_module("ppd_pack.nodes.stage_c_patch").apply_adapter
+    model = comfy["fixtures"].load_stage(str(stage_c_file / "tiny_stage_c.safetensors"), "c")
+    patched = apply_adapter(model, _named(comfy, tiny_adapter(comfy, 24, 5, "test")), _user(comfy), 1.0, 0.5, 1.0)
+    reads = []
+
+    class CountSigmaReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.max and args and args[0] is options["sigmas"]:
+                reads.append(1)
+            return func(*args, **(kwargs or {}))
+
+    inputs = _inputs()
+    outputs = []
+    for sigma in (500.0, 0.01):  # outside, then inside the window
+        options = {"cond_or_uncond": [0, 1], "sigmas": torch.tensor([sigma])}
+        with CountSigmaReads():
+            outputs.append(_forward(patched, inputs, options))
+        assert torch.equal(outputs[-1][1], _forward(model, inputs, options)[1])  # uncond chunk vanilla
+    assert len(reads) == 2  # one per call, not one per attention block (the tiny Stage C has 4)
+    assert torch.equal(outputs[0], _forward(model, inputs, {"cond_or_uncond": [0, 1], "sigmas": torch.tensor([500.0])}))
+    assert not torch.equal(outputs[1][0], _forward(model, inputs, options)[0])
+
+
 def test_sampling_weight_zero_equals_stock_ksampler_and_vanilla_returns(comfy, stage_c_file):
     """Through ComfyUI's real sampling path: PPD Stage C Sampler at weight 0 == stock KSampler, bit for bit, and a
     stock run after a PPD run is vanilla again (object patches are restored)."""
