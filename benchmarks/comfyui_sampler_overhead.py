@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-from timing import timed  # noqa: E402  (same folder)
+from measure import count_ops, timed  # noqa: E402  (same folder)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,6 @@ def main() -> None:
     inputs = [t.to(device, dtype) for t in (torch.randn(2, 16, args.size, args.size, generator=g),
                                             torch.rand(2, generator=g), torch.randn(2, 77, text_width, generator=g),
                                             torch.randn(2, 1, text_width, generator=g), torch.zeros(2, 1, 768))]
-    options = {"cond_or_uncond": [0, 1], "sigmas": torch.tensor([1.0])}
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         cfg = adapter_mod.AdapterConfig.for_stage_c(info, embed_dim=896, num_tokens=tokens, embedder="bench")
@@ -90,11 +89,13 @@ def main() -> None:
         user = embedding_mod.UserEmbedding(torch.randn(tokens, 896, generator=g), "bench")
         patched = patch.apply_adapter(model, sockets.NamedAdapter("bench", adapter), user, 1.0, 0.0, 1.0)
 
-        def run(patcher):
+        def run(patcher, measure=lambda f: timed(f, device)):
+            # as in ComfyUI's sampling: every model call brings a new sigmas tensor on the sampling device
+            options = {"cond_or_uncond": [0, 1], "sigmas": torch.full((2,), 1.0, device=device)}
             patcher.patch_model()
             try:
                 with torch.no_grad():
-                    return timed(lambda: patcher.model.diffusion_model(*inputs, transformer_options=options), device)
+                    return measure(lambda: patcher.model.diffusion_model(*inputs, transformer_options=options))
             finally:
                 patcher.unpatch_model()
 
@@ -103,15 +104,19 @@ def main() -> None:
         for _ in range(args.repeats):
             base.append(run(model))
             ppd.append(run(patched))
+        (ops_base, syncs_base), (ops_ppd, syncs_ppd) = run(model, count_ops), run(patched, count_ops)
         rows.append({"tokens": tokens, "base_ms": 1000 * statistics.median(base),
-                     "ppd_ms": 1000 * statistics.median(ppd)})
+                     "ppd_ms": 1000 * statistics.median(ppd), "ops_base": ops_base, "ops_ppd": ops_ppd,
+                     "syncs_base": syncs_base, "syncs_ppd": syncs_ppd})
     print(f"ComfyUI Stage C '{args.kind}' ({len(info.block_widths)} attention blocks), latent {args.size}x{args.size}, "
           f"batch 2 (cond + uncond), {device} {dtype}, median of {args.repeats}")
-    print(f"{'tokens':>6s} {'base ms':>8s} {'PPD ms':>8s} {'ratio':>6s}")
+    print(f"{'tokens':>6s} {'base ms':>8s} {'PPD ms':>8s} {'ratio':>6s} {'ops base/PPD':>13s} {'syncs':>6s}")
     for r in rows:
-        print(f"{r['tokens']:6d} {r['base_ms']:8.1f} {r['ppd_ms']:8.1f} {r['ppd_ms'] / r['base_ms']:6.3f}")
+        print(f"{r['tokens']:6d} {r['base_ms']:8.1f} {r['ppd_ms']:8.1f} {r['ppd_ms'] / r['base_ms']:6.3f} "
+              f"{r['ops_base']:6d}/{r['ops_ppd']:<6d} {r['syncs_base']}/{r['syncs_ppd']}")
     with open(args.out, "w") as f:
-        json.dump({"kind": args.kind, "device": str(device), "rows": rows}, f, indent=2)
+        json.dump({"benchmark": "comfyui_sampler_overhead",
+                   "kind": args.kind, "device": str(device), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

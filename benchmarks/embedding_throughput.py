@@ -1,6 +1,8 @@
 """Embedding throughput: users/second and peak memory, direct vs chain-of-thought, over batch sizes.
 
-Prints a table with medians over repeats and the cost ratio cot/direct measured in the same run; writes JSON.
+Prints a table with medians over repeats and the cost ratio cot/direct measured in the same run; writes JSON. Each
+row runs in a fresh process, so its peak memory (CUDA allocator, or peak resident set size on a CPU, above what the
+process held before loading the VLM) is its own.
 Without --vlm it builds a tiny LLaVA-OneVision (CPU-sized); on a GPU pass a real folder, e.g. llava-onevision 0.5B.
 
     python benchmarks/embedding_throughput.py [--vlm FOLDER] [--device cuda] [--dtype bfloat16]
@@ -12,9 +14,9 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 
 import torch
+from measure import in_fresh_process, peak_memory_mib, timed  # noqa: E402  (same folder)
 
 from ppd_train.embedders.vlm import VLMEmbedder
 from ppd_train.pairs import pairs_from_images
@@ -31,9 +33,15 @@ def make_users(n: int, size: int = 384):
     return users
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def one_row(folder: str, mode: str, batch: int, n_users: int, image_size: int, cot_tokens: int, repeats: int,
+            device: torch.device, dtype: torch.dtype) -> dict:
+    users = make_users(n_users, size=image_size)
+    before = peak_memory_mib(device)
+    emb = VLMEmbedder(folder, mode=mode, device=device, dtype=dtype, max_new_tokens=cot_tokens, batch_size=batch)
+    emb.embed(users[:batch])  # warm-up
+    med = statistics.median(timed(lambda: emb.embed(users), device) for _ in range(repeats))
+    return {"mode": mode, "batch": batch, "users_per_s": n_users / med, "s_per_user": med / n_users,
+            "peak_mib": peak_memory_mib(device) - before}
 
 
 def main() -> None:
@@ -46,45 +54,40 @@ def main() -> None:
     ap.add_argument("--cot-tokens", type=int, default=64, help="generated tokens in chain-of-thought mode")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="embedding_throughput.json")
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # MODE:BATCH, run by the parent in a fresh process
+    ap.add_argument("--image-size", type=int, default=384, help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(1)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.row:
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        mode, batch = args.row.split(":")
+        row = one_row(args.vlm, mode, int(batch), args.users, args.image_size, args.cot_tokens, args.repeats, device,
+                      dtype)
+        with open(args.result, "w") as f:
+            json.dump(row, f)
+        return
     folder = args.vlm
     if folder is None:
         from ppd_train.tiny import build_tiny_llava
 
         folder = tempfile.mkdtemp()
         build_tiny_llava(folder)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    users = make_users(args.users, size=64 if args.vlm is None else 384)
-    rows = []
-    for mode in ("direct", "cot"):
-        for bs in map(int, args.batch_sizes.split(",")):
-            emb = VLMEmbedder(folder, mode=mode, device=device, dtype=dtype, max_new_tokens=args.cot_tokens,
-                              batch_size=bs)
-            emb.embed(users[:bs])  # warm-up
-            times = []
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            for _ in range(args.repeats):
-                _sync(device)
-                t = time.perf_counter()
-                emb.embed(users)
-                _sync(device)
-                times.append(time.perf_counter() - t)
-            med = statistics.median(times)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            rows.append({"mode": mode, "batch": bs, "users_per_s": len(users) / med, "s_per_user": med / len(users),
-                         "peak_gib": peak})
-            emb.unload()
+    common = ["--vlm", folder, "--device", args.device, "--dtype", args.dtype, "--users", str(args.users),
+              "--cot-tokens", str(args.cot_tokens), "--repeats", str(args.repeats),
+              "--image-size", "64" if args.vlm is None else "384"]
+    rows = [in_fresh_process(__file__, [*common, "--row", f"{mode}:{bs}"])
+            for mode in ("direct", "cot") for bs in map(int, args.batch_sizes.split(","))]
     direct = {r["batch"]: r["users_per_s"] for r in rows if r["mode"] == "direct"}
-    print(f"{'mode':7s} {'batch':>5s} {'users/s':>9s} {'s/user':>8s} {'peak GiB':>8s} {'direct/this':>11s}")
+    print(f"{'mode':7s} {'batch':>5s} {'users/s':>9s} {'s/user':>8s} {'peak MiB':>8s} {'direct/this':>11s}")
     for r in rows:
         r["direct_speedup"] = direct[r["batch"]] / r["users_per_s"]
-        print(f"{r['mode']:7s} {r['batch']:5d} {r['users_per_s']:9.2f} {r['s_per_user']:8.4f} {r['peak_gib']:8.2f} "
+        print(f"{r['mode']:7s} {r['batch']:5d} {r['users_per_s']:9.2f} {r['s_per_user']:8.4f} {r['peak_mib']:8.0f} "
               f"{r['direct_speedup']:10.1f}x")
     with open(args.out, "w") as f:
-        json.dump({"device": str(device), "dtype": args.dtype, "vlm": args.vlm or "tiny", "cot_tokens": args.cot_tokens,
+        json.dump({"benchmark": "embedding_throughput",
+                   "device": str(device), "dtype": args.dtype, "vlm": args.vlm or "tiny", "cot_tokens": args.cot_tokens,
                    "rows": rows}, f, indent=2)
 
 

@@ -1,11 +1,22 @@
-"""Wall time of one call, synchronising CUDA on both sides so device work is counted (shared by the benchmarks)."""
+"""Time, peak memory and operation counts, measured the same way by every benchmark.
+
+Time: wall time of one call, synchronising CUDA on both sides so device work is counted. Peak memory: the CUDA
+allocator's peak, or on a CPU the process's peak resident set size. A CPU peak cannot be reset, so a benchmark that
+compares peaks runs each variant in a fresh process (``in_fresh_process``) and subtracts the peak it had before.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -16,3 +27,47 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process so far, in MiB (NaN where the platform cannot say)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def in_fresh_process(script: str, args: list[str]) -> dict:
+    """Run ``script args --result FILE`` in a new Python and return the JSON object it wrote to FILE."""
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        subprocess.run([sys.executable, script, *args, "--result", path], check=True)
+        with open(path) as f:
+            return json.load(f)
+    finally:
+        os.unlink(path)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        elif not func.is_view:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> tuple[int, int]:
+    """(non-view aten ops, host-device syncs) that one call of ``fn`` dispatches."""
+    with _CountOps() as counter:
+        fn()
+    return counter.ops, counter.syncs

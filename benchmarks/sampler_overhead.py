@@ -15,7 +15,7 @@ import statistics
 
 import torch
 from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
-from timing import timed  # noqa: E402  (same folder)
+from measure import count_ops, timed  # noqa: E402  (same folder)
 
 from ppd_train.adapter import AdapterConfig, PPDAdapter
 from ppd_train.stage_c import PPDBinding, stage_c_config, stage_c_info
@@ -48,7 +48,7 @@ def stage_c_inputs(unet: StableCascadeUNet, batch: int, size: int, device: torch
 
 @torch.no_grad()
 def measure(unet, binding: PPDBinding, adapter: PPDAdapter, user: torch.Tensor, inputs: dict, weight,
-            repeats: int, device: torch.device) -> dict[str, list[float]]:
+            repeats: int, device: torch.device) -> tuple[dict[str, list[float]], dict[str, tuple[int, int]]]:
     kv = adapter(user)
 
     def base():
@@ -64,12 +64,13 @@ def measure(unet, binding: PPDBinding, adapter: PPDAdapter, user: torch.Tensor, 
 
     for f in (base, ppd, ppd_per_step):  # warm-up
         f()
+    ops = {"base": count_ops(base), "ppd": count_ops(ppd)}
     times: dict[str, list[float]] = {"base": [], "ppd": [], "per_step": []}
     for _ in range(repeats):  # interleaved, so drift hits all three alike
         times["base"].append(timed(base, device))
         times["ppd"].append(timed(ppd, device))
         times["per_step"].append(timed(ppd_per_step, device))
-    return times
+    return times, ops
 
 
 def main() -> None:
@@ -77,7 +78,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     ap.add_argument("--kind", default="lite" if cuda else "small", choices=["tiny", "small", "lite", "full"])
     ap.add_argument("--tokens", default="4,16,29,64")
-    ap.add_argument("--size", type=int, default=24, help="latent side (24 = 1024x1024 images)")
+    ap.add_argument("--size", type=int, default=24 if cuda else 16, help="latent side (24 = 1024x1024 images)")
     ap.add_argument("--batch", type=int, default=2, help="2 = one image with CFG")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--embed-dim", type=int, default=896)
@@ -93,7 +94,8 @@ def main() -> None:
     rows = []
     print(f"Stage C '{args.kind}': {len(info.block_widths)} attention blocks, width {info.block_widths[0]}, "
           f"latent {s}x{s}, batch {b}, {device} {dtype}")
-    print(f"{'tokens':>6s} {'base ms':>8s} {'ppd ms':>8s} {'ratio':>6s} {'per-step ms':>11s} {'ratio':>6s}")
+    print(f"{'tokens':>6s} {'base ms':>8s} {'ppd ms':>8s} {'ratio':>6s} {'per-step ms':>11s} {'ratio':>6s} "
+          f"{'ops base/ppd':>13s} {'syncs':>6s}")
     for t in map(int, args.tokens.split(",")):
         torch.manual_seed(1)
         adapter = PPDAdapter(AdapterConfig.for_stage_c(info, embed_dim=args.embed_dim, num_tokens=t)).to(device, dtype)
@@ -102,17 +104,20 @@ def main() -> None:
                 p.normal_(0, 0.02)
         binding = PPDBinding(unet, adapter)
         user = torch.randn(1, t, args.embed_dim, device=device, dtype=dtype)
-        times = measure(unet, binding, adapter, user, inputs, weight, args.repeats, device)
+        times, ops = measure(unet, binding, adapter, user, inputs, weight, args.repeats, device)
         binding.detach()
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {"tokens": t, "base_ms": med["base"] * 1e3, "ppd_ms": med["ppd"] * 1e3,
                "per_step_ms": med["per_step"] * 1e3, "ratio": med["ppd"] / med["base"],
-               "per_step_ratio": med["per_step"] / med["base"]}
+               "per_step_ratio": med["per_step"] / med["base"], "ops_base": ops["base"][0],
+               "ops_ppd": ops["ppd"][0], "syncs_base": ops["base"][1], "syncs_ppd": ops["ppd"][1]}
         rows.append(row)
         print(f"{t:6d} {row['base_ms']:8.2f} {row['ppd_ms']:8.2f} {row['ratio']:6.3f} {row['per_step_ms']:11.2f} "
-              f"{row['per_step_ratio']:6.3f}")
+              f"{row['per_step_ratio']:6.3f} {row['ops_base']:6d}/{row['ops_ppd']:<6d} "
+              f"{row['syncs_base']}/{row['syncs_ppd']}")
     with open(args.out, "w") as f:
-        json.dump({"kind": args.kind, "device": str(device), "dtype": str(dtype), "size": s, "batch": b,
+        json.dump({"benchmark": "sampler_overhead",
+                   "kind": args.kind, "device": str(device), "dtype": str(dtype), "size": s, "batch": b,
                    "rows": rows}, f, indent=2)
 
 

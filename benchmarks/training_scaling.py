@@ -15,8 +15,8 @@ import statistics
 import tempfile
 
 import torch
+from measure import timed  # noqa: E402
 from sampler_overhead import build  # noqa: E402  (same folder)
-from timing import timed  # noqa: E402
 
 from ppd_train.dpo_data import DPOData
 from ppd_train.train import TrainConfig, Trainer
@@ -69,7 +69,8 @@ def main() -> None:
     for p in sizes:
         print(f"{p:6d} {p // args.batch:6d} {med[p]:8.2f} {1000 * med[p] / p:8.2f} {med[p] / p / base:6.2f}")
     with open(args.out, "w") as f:
-        json.dump({"kind": args.kind, "batch": args.batch, "seconds": times}, f, indent=2)
+        json.dump({"benchmark": "training_scaling",
+                   "kind": args.kind, "batch": args.batch, "seconds": times}, f, indent=2)
 
 
 if __name__ == "__main__":
