@@ -178,31 +178,28 @@ def apply_user_attention(out: torch.Tensor, q: torch.Tensor, k_u: torch.Tensor, 
 
     This runs in every attention block at every step, so the usual case (one run of rows sharing one weight: all rows,
     or the conditional chunk of CFG) adds only the attention and one in-place add: slices are views, the weight is a
-    Python number, nothing is gathered or copied to the device. Other patterns gather the rows they need.
+    Python number, nothing is gathered, copied to the device or read back. Other patterns gather the rows they need.
     """
     batch = out.shape[0]
     if k_u.shape[0] == 1:
         k_u, v_u = k_u.expand(batch, -1, -1), v_u.expand(batch, -1, -1)
     k_u, v_u = k_u.to(q.dtype), v_u.to(q.dtype)
+    # The row bookkeeping is plain Python: no tensor reads, so no device syncs in the hot path.
     if isinstance(weight, (int, float)):
-        if weight == 0:
-            return out
-        first, last, alpha = 0, batch, float(weight)
+        ws = [float(weight)] * batch
     else:
-        w = torch.as_tensor(weight, dtype=torch.float32).flatten().cpu()
-        if w.numel() == 1:
-            w = w.expand(batch)
-        if w.numel() != batch:
-            raise IncompatibleError(f"Adapter weight has {w.numel()} entries for a batch of {batch}.")
-        rows = torch.nonzero(w).flatten()
-        if rows.numel() == 0:
-            return out
-        first, last, alpha = int(rows[0]), int(rows[-1]) + 1, float(w[rows[0]])
-        if last - first != rows.numel() or not bool((w[first:last] == alpha).all()):
-            shape = (-1,) + (1,) * (out.dim() - 1)
-            idx = rows.to(out.device)
-            extra = w[rows].to(out.device, out.dtype).view(shape) * attend(q[idx], k_u[idx], v_u[idx])
-            return out.index_add(0, idx, extra)
+        ws = torch.as_tensor(weight, dtype=torch.float32).flatten().tolist()
+        ws = ws * batch if len(ws) == 1 else ws
+    if len(ws) != batch:
+        raise IncompatibleError(f"Adapter weight has {len(ws)} entries for a batch of {batch}.")
+    rows = [i for i, x in enumerate(ws) if x != 0.0]
+    if not rows:
+        return out
+    first, last, alpha = rows[0], rows[-1] + 1, ws[rows[0]]
+    if last - first != len(rows) or any(ws[i] != alpha for i in rows):
+        idx = torch.tensor(rows, device=out.device)
+        w = torch.tensor([ws[i] for i in rows], device=out.device, dtype=out.dtype).view((-1,) + (1,) * (out.dim() - 1))
+        return out.index_add(0, idx, w * attend(q[idx], k_u[idx], v_u[idx]))
     span = slice(first, last)
     extra = attend(q[span], k_u[span], v_u[span])
     if out.requires_grad:  # autograd may keep ``out`` for the backward pass: build a new tensor
