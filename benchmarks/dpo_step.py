@@ -23,6 +23,7 @@ from sampler_overhead import build, stage_c_inputs  # noqa: E402  (same folder)
 from ppd_train.adapter import AdapterConfig, PPDAdapter
 from ppd_train.loss import dpo_loss
 from ppd_train.stage_c import PPDBinding, stage_c_info
+from ppd_train.train import adamw
 
 RECIPES = {"adapter-off": "adapter off", "second-copy": "second copy"}
 
@@ -42,7 +43,7 @@ def run(recipe: str, kind: str, checkpointing: bool, batch: int, size: int, step
     torch.manual_seed(0)
     adapter = PPDAdapter(AdapterConfig.for_stage_c(info, embed_dim=896, num_tokens=29)).to(device, dtype)
     binding = PPDBinding(unet, adapter)
-    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-5)
+    opt = adamw(adapter.parameters(), 1e-5, 0.0)  # the trainer's optimizer
     b2 = 2 * batch
     inputs = stage_c_inputs(unet, b2, size, device, dtype)
     g = torch.Generator().manual_seed(1)

@@ -118,6 +118,17 @@ class _Logger:
             self.writer.close()
 
 
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where it has one for these parameters: no step temporaries the size of the
+    adapter (the for-each default holds two, which is 2 x 580 MiB for Stage C lite in fp32) and about 3x faster on a
+    CPU. Same update rule and state, so checkpoints resume either way; older torch builds get the default."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or torch version
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 class Trainer:
     """One training run. ``run()`` resumes from the newest checkpoint in ``out_dir`` when there is one."""
 
@@ -148,8 +159,8 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.binding = PPDBinding(self.unet, adapter)
-        optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.adapter, self.optimizer = self.acc.prepare(adapter.to(self.device), optimizer)
+        adapter = adapter.to(self.device)
+        self.adapter, self.optimizer = self.acc.prepare(adapter, adamw(adapter.parameters(), cfg.lr, cfg.weight_decay))
         warm = max(1, cfg.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
         n_val = int(len(data) * cfg.val_fraction)

@@ -17,7 +17,7 @@ from ppd_train.errors import PPDError
 from ppd_train.stage_c import PPDBinding
 from ppd_train.synthetic import World, WorldConfig, build_dataset
 from ppd_train.tiny import build_tiny_stage_c
-from ppd_train.train import TrainConfig, Trainer, batch_indices
+from ppd_train.train import TrainConfig, Trainer, adamw, batch_indices
 
 WORLD = WorldConfig(seen_users=4, unseen_users=1, unseen_mixtures=0, pairs_per_user=6, embedding_views=2)
 
@@ -87,6 +87,13 @@ def test_kill_and_resume_gives_the_same_adapter(tmp_path, world_data):
     a, b = _tensors(straight), _tensors(path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(list((tmp_path / "b" / "run" / "checkpoints").glob("step-*"))) == 2  # keep-last-K
+
+
+def test_optimizer_is_fused_where_torch_has_the_kernel(tmp_path, world_data):
+    trainer = _trainer(_cfg(tmp_path), world_data)
+    assert trainer.optimizer.optimizer.defaults["fused"]  # CPU has a fused AdamW in this torch
+    opt = adamw([torch.nn.Parameter(torch.zeros(2))], 1e-3, 0.01)
+    assert opt.defaults["fused"] and (opt.defaults["lr"], opt.defaults["weight_decay"]) == (1e-3, 0.01)
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
