@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--batch-sizes", default="1,4,16")
     ap.add_argument("--users", type=int, default=16)
-    ap.add_argument("--cot-tokens", type=int, default=64, help="generated tokens in chain-of-thought mode")
+    ap.add_argument("--cot-tokens", type=int, default=1024 if torch.cuda.is_available() else 128,
+                    help="tokens generated in chain-of-thought mode (the embedder's default is 1024)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="embedding_throughput.json")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # MODE:BATCH, run by the parent in a fresh process

@@ -103,11 +103,15 @@ def main() -> None:
     panels = [p for p in PANELS if p in found]
     if not panels:
         raise SystemExit("No benchmark results found in " + ", ".join(args.inputs))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False)
     draw = {"sampler_overhead": sampler, "dpo_step": dpo, "embedding_throughput": embedding,
             "training_scaling": scaling}
-    for ax, name in zip(axes[0], panels):
+    for ax, name in zip(axes.flat, panels):
         draw[name](ax, found[name])
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(args.out, metadata={"Date": None})  # no timestamp, so an unchanged plot is an unchanged file
     print(f"{len(panels)} panels -> {args.out}")
