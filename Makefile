@@ -25,7 +25,7 @@ test: venv lint
 demo: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ppd-train demo --out runs/demo
 
-# The CPU-sized benchmarks (about 10 minutes on 2 cores; real widths by default under CUDA) and their plot.
+# The CPU-sized benchmarks (about 11 minutes on 2 cores; real widths by default under CUDA) and their plot.
 BENCH_OUT ?= bench-results
 bench: venv
 	mkdir -p $(BENCH_OUT)
@@ -33,6 +33,7 @@ bench: venv
 	$(PY) benchmarks/dpo_step.py --out $(BENCH_OUT)/dpo_step.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/embedding_throughput.py --out $(BENCH_OUT)/embedding_throughput.json
 	$(PY) benchmarks/training_scaling.py --out $(BENCH_OUT)/training_scaling.json
+	$(PY) benchmarks/optimizer_step.py --out $(BENCH_OUT)/optimizer_step.json
 	$(PY) benchmarks/plot.py $(BENCH_OUT) --out $(BENCH_OUT)/performance.svg
 
 # Tests against a real ComfyUI (docs/testing-comfyui.md): COMFYUI_DIR=<checkout> make test-comfyui COMFYUI_PYTHON=<its python>
