@@ -139,15 +139,22 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             print(f"{group:6s}: win rate {m['win_rate']:.0%}, reward gain {m['reward_gain']:+.3f} ({m['users']} users)")
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
+def _cmd_demo(args: argparse.Namespace) -> int:
     from .synthetic import DemoConfig, run_demo
 
     cfg = _load(DemoConfig, args)
     if cfg is None:
-        return
+        return 0
     if args.out:
         cfg.out_dir = args.out
-    run_demo(cfg, show_progress=not args.quiet)
+    if args.sweep:
+        from .sweep import load_sweep, run_sweep
+
+        rows = run_sweep(cfg, load_sweep(args.sweep), cfg.out_dir, show_progress=not args.quiet)
+        missed = [r["world"] for r in rows if r["targets"] != "met"]
+    else:
+        missed = run_demo(cfg, show_progress=not args.quiet)["missed"]
+    return 1 if args.check and missed else 0
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -214,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the synthetic-user world end to end (CPU, minutes)")
     _config_args(p)
     p.add_argument("--out", help="output folder (default: out_dir of the config, runs/demo)")
+    p.add_argument("--sweep", metavar="FILE", help="run every world of a sweep file with this one recipe "
+                   "(configs/sweep.toml); a table, sweep.json and sweep.png in the output folder")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target is missed (on any world)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -227,11 +237,10 @@ def _cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return int(args.func(args) or 0)
     except PPDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
