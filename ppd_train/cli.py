@@ -106,6 +106,10 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     trainer = Trainer(cfg, unet, data, tokens, embedder_id, show_progress=not args.quiet)
     out = trainer.run(resume=not args.no_resume, force=args.force)
     if trainer.acc.is_main_process:  # under accelerate launch / torchrun, say it once
+        best = trainer.best
+        if best is not None:
+            print(f"selected step {best['step']} of {trainer.step} by {trainer.select_metric} = {best['value']:.4f} "
+                  f"(held-out users: {len(trainer.heldout_ids)}); the last step is in adapter_last.safetensors")
         print(f"adapter -> {out}")
 
 

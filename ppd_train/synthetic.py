@@ -73,8 +73,8 @@ class Targets:
     unseen_win_rate: float = 0.8
     # fidelity (evaluate.evaluate_users): PPD samples' mean drift off the data's style distribution, in data standard
     # deviations, and their residual off the data's structure relative to the base model's
-    max_drift_sd: float = 4.0
-    max_noise_ratio: float = 1.25
+    max_drift_sd: float = 2.0
+    max_noise_ratio: float = 1.1
     monotone: bool = True
 
 

@@ -49,6 +49,7 @@ class TrainConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 at the end of the budget)
     max_grad_norm: float = 1.0
     beta: float = 2500.0  # diffusers convention: -log sigmoid(-beta * diff); Salesforce's beta 5000 with 0.5
     user_dropout: float = 0.0  # share of pairs trained with the adapter off (exactly inference's "no user")
@@ -84,6 +85,7 @@ class TrainConfig:
                   (math.isfinite(self.token_noise) and self.token_noise >= 0, "token_noise must be >= 0"),
                   (self.select_metric in SELECT_METRICS, f"select_metric must be one of {', '.join(SELECT_METRICS)}"),
                   (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
+                  (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
                   (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")]
         for ok, msg in checks:
             if not ok:
@@ -213,11 +215,10 @@ class Trainer:
         self.binding = PPDBinding(self.unet, adapter)
         adapter = adapter.to(self.device)
         self.adapter, self.optimizer = self.acc.prepare(adapter, adamw(adapter.parameters(), cfg.lr, cfg.weight_decay))
-        warm = max(1, cfg.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
         self._split(data)
         self.pairs_per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         self.max_steps = budget(cfg, len(self.train), self.pairs_per_step)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         per_epoch = len(self.train) / self.pairs_per_step
         self.val_every = cfg.val_every or min(500, max(25, round(per_epoch)))
         self.select_metric = self._selectable(cfg.select_metric)
@@ -226,6 +227,17 @@ class Trainer:
         self.best: dict | None = None  # {"step", "value"} of the best validation so far
         self.bad_rounds = 0  # validations since the best one
         self.last: dict = {}  # the last logged training and validation values
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warmup over ``warmup_steps``, then constant or (``lr_schedule = "cosine"``) a cosine decay to 0 at
+        the end of the budget."""
+        cfg = self.cfg
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        if cfg.lr_schedule == "constant":
+            return warm
+        span = max(1, self.max_steps - cfg.warmup_steps)
+        done = min(1.0, max(0, step - cfg.warmup_steps) / span)
+        return warm * 0.5 * (1 + math.cos(math.pi * done))
 
     def _split(self, data: DPOData) -> None:
         held = heldout_user_indices(len(data.user_ids), self.cfg.heldout_users, self.cfg.seed)
