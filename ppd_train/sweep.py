@@ -111,14 +111,18 @@ def _plot(rows: list[dict], path: Path) -> bool:
 
 def run_sweep(base: DemoConfig, worlds: list[tuple[str, dict]], out_dir: str | os.PathLike, log=print,
               show_progress: bool = False) -> list[dict]:
-    """Run every world with the base recipe; a world whose folder holds a finished run is reused, not retrained."""
+    """Run every world with the base recipe. A world whose folder holds the metrics of a finished run with the same
+    config is reported from them; one with a finished training run is evaluated again, not retrained."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (name, change) in enumerate(worlds):
         cfg = world_config(base, change, out / name)
         log(f"[{i + 1}/{len(worlds)}] world {name}")
-        metrics = run_demo(cfg, log=lambda *a: None, show_progress=show_progress)
+        done = out / name / "metrics.json"
+        metrics = json.loads(done.read_text()) if done.is_file() else None
+        if metrics is None or metrics.get("config") != to_dict(cfg):  # a finished world with this config is reused
+            metrics = run_demo(cfg, log=lambda *a: None, show_progress=show_progress)
         rows.append(_row(name, cfg, metrics))
         r = rows[-1]
         log(f"    seen {r['seen win']:.0%}, unseen {r['unseen win']:.0%}, drift {r['drift sd']:.2f} sd, lowest user "

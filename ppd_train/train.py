@@ -66,6 +66,9 @@ class TrainConfig:
     select_metric: str = "val_users_implicit_acc"  # the saved adapter is the best by this; "last" = no selection
     patience: int = 0  # stop after this many validations without improvement of select_metric; 0 = never
     val_draws: int = 4  # noise/timestep draws per validation pair (its implicit accuracy: sign of the mean margin)
+    # share of the budget after which validations start to count for selection and patience: on small data the held-out
+    # metric is noisy, and an early lucky validation must not end a run after one epoch (docs/world-sweep.md)
+    select_after: float = 0.25
     log_every: int = 10
     tensorboard: bool = True
     max_nan_steps: int = 5  # consecutive non-finite losses before the run stops
@@ -82,6 +85,7 @@ class TrainConfig:
                   (self.val_every >= 0, "val_every must be >= 0 (0: once per epoch)"),
                   (self.patience >= 0, "patience must be >= 0 (0: no early stopping)"),
                   (self.val_draws >= 1, "val_draws must be >= 1"),
+                  (0 <= self.select_after < 1, "select_after must be in [0, 1)"),
                   (math.isfinite(self.token_noise) and self.token_noise >= 0, "token_noise must be >= 0"),
                   (self.select_metric in SELECT_METRICS, f"select_metric must be one of {', '.join(SELECT_METRICS)}"),
                   (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
@@ -379,6 +383,8 @@ class Trainer:
     def _select(self, values: dict) -> None:
         """Keep the best adapter so far (by select_metric) and count validations without improvement."""
         if self.select_metric == "last" or self.select_metric not in values:
+            return
+        if self.step < self.cfg.select_after * self.max_steps:
             return
         value = values[self.select_metric]
         if self._improved(value):

@@ -115,16 +115,25 @@ def test_select_on_a_loss_picks_the_lowest(tmp_path, world_data):
 
 def test_early_stopping_stops_and_a_rerun_does_not_train_on(tmp_path, world_data, capsys):
     # lr 0: the adapter never changes, so the metric never improves after the first validation
-    trainer = _trainer(tmp_path, world_data, max_steps=40, lr=1e-12, patience=2, select_metric="val_pairs_loss")
+    kw = dict(max_steps=40, lr=1e-12, patience=2, select_metric="val_pairs_loss")
+    trainer = _trainer(tmp_path, world_data, **kw)
     trainer.run()
-    assert trainer.step == 6 and trainer.stopped_early  # validations at 2 (best), 4, 6 (2 without improvement)
-    assert "early stop at step 6" in capsys.readouterr().out
+    # validations before a quarter of the budget (select_after) do not count: 10 is the first (best), then 12, 14
+    assert trainer.step == 14 and trainer.stopped_early
+    assert "early stop at step 14" in capsys.readouterr().out
     summary = read_adapter_config(tmp_path / "run" / "adapter.safetensors")[0].training
-    assert summary["stopped_early"] and summary["selected"]["step"] == 2 and summary["max_steps"] == 40
-    again = _trainer(tmp_path, world_data, max_steps=40, lr=1e-12, patience=2, select_metric="val_pairs_loss")
+    assert summary["stopped_early"] and summary["selected"]["step"] == 10 and summary["max_steps"] == 40
+    again = _trainer(tmp_path, world_data, **kw)
     again.run()
-    assert again.step == 6  # the finished run is found, not continued
+    assert again.step == 14  # the finished run is found, not continued
     assert read_adapter_config(tmp_path / "run" / "adapter.safetensors")[0].training == summary
+
+
+def test_selection_from_the_start(tmp_path, world_data):
+    trainer = _trainer(tmp_path, world_data, max_steps=40, lr=1e-12, patience=2, select_metric="val_pairs_loss",
+                       select_after=0.0)
+    trainer.run()
+    assert trainer.step == 6 and trainer.best is not None and trainer.best["step"] == 2
 
 
 def test_kill_and_resume_selects_the_same_adapter(tmp_path, world_data):
