@@ -126,21 +126,23 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     data = DPOData.load(cfg.data)
     table, _ = load_embedding_table(cfg.embeddings)
     unet = load_stage_c(cfg.stage_c)
-    binding = PPDBinding(unet, load_adapter(cfg.adapter))
+    adapter = load_adapter(cfg.adapter)
+    binding = PPDBinding(unet, adapter)
+    heldout = set(adapter.config.training.get("heldout_users", []))  # held out of training by fit
     users = {u: table[u] for u in (cfg.users or sorted(table))}
     cond = Conditions(data.text, data.pooled, clip_image_dim(unet),
                       tuple(data.latents_w.shape[1:]))  # type: ignore[arg-type]
-    metrics = evaluate_users(binding, cond, users, load_reward(cfg.reward), set(data.user_ids), cfg.samples,
-                             cfg.seed, cfg.steps)
+    metrics = evaluate_users(binding, cond, users, load_reward(cfg.reward), set(data.user_ids) - heldout, cfg.samples,
+                             cfg.seed, cfg.steps, heldout=heldout)
     text = json.dumps(metrics, indent=2)
     if cfg.out:
         from pathlib import Path
 
         Path(cfg.out).write_text(text)
-    for group in ("seen", "unseen"):
+    for group in ("seen", "heldout", "unseen"):
         if group in metrics:
             m = metrics[group]
-            print(f"{group:6s}: win rate {m['win_rate']:.0%}, reward gain {m['reward_gain']:+.3f} ({m['users']} users)")
+            print(f"{group:7s}: win rate {m['win_rate']:.0%}, reward gain {m['reward_gain']:+.3f} ({m['users']} users)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
