@@ -87,10 +87,10 @@ def _load(cls, args: argparse.Namespace):
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
-    from .dpo_data import DPOData
-    from .embedding import load_embedding_table
-    from .stage_c import load_stage_c
-    from .train import TrainConfig, Trainer
+    import os
+    from contextlib import nullcontext
+
+    from .train import TrainConfig
 
     cfg = _load(TrainConfig, args)
     if cfg is None:
@@ -99,14 +99,73 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         if not getattr(cfg, key):
             raise PPDError(f"Config key '{key}' is required for fit (set it in the config or with --set {key}=...).")
     cfg.validate()
+    from .run_lock import out_dir_lock
+
+    # under torchrun / accelerate launch only the main process writes (and locks) the out_dir
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with out_dir_lock(cfg.out_dir) if main_process else nullcontext():
+        _fit(cfg, args)
+
+
+def _finished(cfg) -> str | None:
+    """The adapter of a run that already reached max_steps with this config, or None."""
+    from pathlib import Path
+
+    from .checkpoint import find_latest, read_meta
+
+    adapter = Path(cfg.out_dir) / "adapter.safetensors"
+    latest = find_latest(Path(cfg.out_dir) / "checkpoints")
+    meta = read_meta(latest) if latest is not None and adapter.is_file() else None
+    if meta and meta.get("step", 0) >= cfg.max_steps and meta.get("config") == cfg.resume_key():
+        return str(adapter)
+    return None
+
+
+def _fit(cfg, args: argparse.Namespace) -> None:
+    import errno
+
+    from .checkpoint import find_latest
+    from .dpo_data import DPOData
+    from .embedding import load_embedding_table
+    from .stage_c import load_stage_c
+    from .train import Trainer
+
+    done = None if args.no_resume else _finished(cfg)
+    if done is not None:  # rerunning would only rewrite the adapter with a summary of zero new steps
+        print(f"already trained to step {cfg.max_steps} in {cfg.out_dir}: adapter -> {done}. Raise max_steps to "
+              "train on, or use another out_dir (or --no-resume) to train again.")
+        return
     data = DPOData.load(cfg.data)
     table, _ = load_embedding_table(cfg.embeddings)
     tokens, embedder_id = data.user_tokens(table)
     unet = load_stage_c(cfg.stage_c, config=cfg.stage_c_config or None)
     trainer = Trainer(cfg, unet, data, tokens, embedder_id, show_progress=not args.quiet)
-    out = trainer.run(resume=not args.no_resume, force=args.force)
+
+    def resume_hint() -> str:
+        latest = find_latest(trainer.out_dir / "checkpoints")
+        saved = f"the last checkpoint is {latest.name}" if latest else "no checkpoint was written yet"
+        return f"stopped at step {trainer.step} ({saved}). Rerun the same command to resume."
+
+    try:
+        out = trainer.run(resume=not args.no_resume, force=args.force)
+    except KeyboardInterrupt:
+        raise Stopped(f"Interrupted: {resume_hint()}") from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise PPDError(f"The disk holding {cfg.out_dir} is full: {resume_hint()} Free some space first "
+                           "(or lower keep_checkpoints).") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise PPDError(f"Cannot write in {cfg.out_dir} ({e.strerror}: {e.filename}): {resume_hint()} "
+                           "Fix the folder's permissions or set another out_dir.") from None
+        raise
     if trainer.acc.is_main_process:  # under accelerate launch / torchrun, say it once
         print(f"adapter -> {out}")
+
+
+class Stopped(PPDError):
+    """The user stopped the command (Ctrl+C); the exit status is the shell's usual 130."""
+
+    exit_code = 130
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -230,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except PPDError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     return 0
 
 

@@ -7,7 +7,6 @@ different models, modes or layers live in different spaces even when their shape
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import IncompatibleError
-from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_safetensors
+from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
 
 FORMAT_NAME = "ppd-user-embedding"
 FORMAT_VERSION = 1
@@ -48,7 +47,7 @@ class UserEmbedding:
     def save(self, path: str | os.PathLike) -> None:
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "embedder": self.embedder, **self.meta}
         atomic_save_safetensors({"tokens": self.tokens}, path, {"format": FORMAT_NAME,
-                                                                METADATA_KEY: json.dumps(meta, sort_keys=True)})
+                                                                METADATA_KEY: dumps_json(meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> UserEmbedding:
@@ -139,7 +138,7 @@ def save_embedding_table(path: str | os.PathLike, embeddings: dict[str, UserEmbe
             "info": info or {}, "users": {u: embeddings[u].meta for u in ids}}
     # one metadata entry only: safetensors writes several in hash order, and a resumed run must give the same bytes
     atomic_save_safetensors({f"user/{u}": embeddings[u].tokens for u in ids}, path,
-                            {TABLE_KEY: json.dumps(meta, sort_keys=True)})
+                            {TABLE_KEY: dumps_json(meta)})
 
 
 def load_embedding_table(path: str | os.PathLike) -> tuple[dict[str, UserEmbedding], dict]:

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterConfig, PPDAdapter, save_adapter
-from .checkpoint import find_latest, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import load_latest, prune_checkpoints, save_checkpoint
 from .dpo_data import DPOData
 from .errors import PPDError
+from .guards import check_finite_parameters
 from .loss import dpo_loss
 from .schedule import add_noise
 from .stage_c import PPDBinding, clip_image_dim, stage_c_info
@@ -60,8 +61,22 @@ class TrainConfig:
     max_nan_steps: int = 5  # consecutive non-finite losses before the run stops
 
     def validate(self) -> None:
+        fin = math.isfinite
         checks = [(self.max_steps > 0, "max_steps must be > 0"), (self.batch_size > 0, "batch_size must be > 0"),
-                  (self.grad_accum > 0, "grad_accum must be > 0"), (self.lr > 0, "lr must be > 0"),
+                  (self.grad_accum > 0, "grad_accum must be > 0"),
+                  (fin(self.lr) and 0 < self.lr <= 1, "lr must be a finite number in (0, 1] (typical: 1e-5)"),
+                  (fin(self.beta) and self.beta > 0,
+                   "beta must be a finite number > 0 (a negative beta trains towards the rejected images; "
+                   "typical: 2500)"),
+                  (fin(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be a finite number >= 0"),
+                  (fin(self.max_grad_norm) and self.max_grad_norm >= 0,
+                   "max_grad_norm must be a finite number >= 0 (0 = no clipping)"),
+                  (self.proj_dim >= 0, "proj_dim must be >= 0 (0 = the Stage C width)"),
+                  (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+                  (self.log_every >= 1, "log_every must be >= 1 (steps between log lines)"),
+                  (self.checkpoint_every >= 1, "checkpoint_every must be >= 1 (steps between checkpoints)"),
+                  (self.val_every >= 0, "val_every must be >= 0 (0 = no validation)"),
+                  (self.max_nan_steps >= 1, "max_nan_steps must be >= 1"),
                   (0 <= self.user_dropout < 1, "user_dropout must be in [0, 1)"),
                   (0 <= self.t_min < self.t_max <= 1, "need 0 <= t_min < t_max <= 1"),
                   (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
@@ -69,7 +84,7 @@ class TrainConfig:
                   (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")]
         for ok, msg in checks:
             if not ok:
-                raise PPDError(f"Config: {msg}.")
+                raise PPDError(f"Config: {msg}. Fix it in the config file or with --set KEY=VALUE.")
 
     def resume_key(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in RESUME_FREE_KEYS}
@@ -224,6 +239,7 @@ class Trainer:
             if cfg.max_grad_norm > 0:
                 self.acc.clip_grad_norm_(self.adapter.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
+            check_finite_parameters(self.adapter.named_parameters(), self.step + 1)
             self.nan_run = 0
         else:
             self.nan_run += 1
@@ -267,10 +283,10 @@ class Trainer:
         return path
 
     def resume(self, force: bool = False) -> bool:
-        path = find_latest(self.out_dir / "checkpoints")
-        if path is None:
+        found = load_latest(self.out_dir / "checkpoints", self.acc.unwrap_model(self.adapter), self.optimizer)
+        if found is None:
             return False
-        meta = load_checkpoint(path, self.acc.unwrap_model(self.adapter), self.optimizer)
+        path, meta = found
         if meta["data"] != self.data_hash and not force:
             raise PPDError(f"{path} was trained on other data ({meta['data']} vs {self.data_hash}). Resume with "
                            "the same data, use another out_dir, or pass --force.")
