@@ -55,7 +55,10 @@ def _cmd_embed(args: argparse.Namespace) -> None:
         from .embedders.pairdiff import PairDifferenceEmbedder
 
         embedder = PairDifferenceEmbedder.from_clip(args.clip, device=device, dtype=dtype)
-    users = load_users(args.pairs)
+    problems: list[str] = []
+    users = load_users(args.pairs, problems)  # unreadable sources are listed, not fatal: the others still embed
+    for problem in problems:
+        print(f"note: skipped: {problem}", file=sys.stderr)
     table = embed_users(users, embedder, args.out, n_pairs=args.n_pairs, select=args.select, seed=args.seed,
                         batch_users=args.batch_size, accelerator=accelerator, show_progress=not args.quiet)
     print(f"{len(table)} user embeddings -> {args.out}")

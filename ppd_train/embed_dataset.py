@@ -55,14 +55,29 @@ def embed_users(users: dict[str, list[PreferencePair]], embedder: Embedder, out:
     parts = _parts_dir(out)
     settings = {"embedder": embedder.id, "n_pairs": n_pairs, "select": select, "seed": seed}
     chosen: dict[str, list[PreferencePair]] = {}
-    skipped = []
+    skipped, unreadable = [], {}
     for uid in sorted(users):
         try:
-            chosen[uid] = select_pairs(users[uid], n_pairs, select, seed, who=f"user {uid}")
+            picked = select_pairs(users[uid], n_pairs, select, seed, who=f"user {uid}")
         except PairError:
             skipped.append(uid)
+            continue
+        try:  # decode now: one bad image skips its user instead of stopping the batch (and the run) it falls in
+            for pair in picked:
+                pair.chosen.load()
+                pair.rejected.load()
+        except PairError as e:
+            unreadable[uid] = str(e)
+            continue
+        chosen[uid] = picked
+    if unreadable:
+        print(f"note: {len(unreadable)} user(s) skipped because an image of theirs cannot be read: "
+              + "; ".join(f"user {u}: {msg}" for u, msg in list(unreadable.items())[:10])
+              + (" ..." if len(unreadable) > 10 else ""))
     if not chosen:
-        raise PPDError(f"No user has {n_pairs} usable pairs ({len(users)} users read). Lower --n-pairs or add data.")
+        raise PPDError(f"No user has {n_pairs} usable pairs ({len(users)} users read"
+                       f"{f', {len(unreadable)} with unreadable images' if unreadable else ''}). Lower --n-pairs or "
+                       "add data.")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     parts.mkdir(parents=True, exist_ok=True)
     done = _read_parts(parts, settings)
@@ -84,7 +99,7 @@ def embed_users(users: dict[str, list[PreferencePair]], embedder: Embedder, out:
         accelerator.wait_for_everyone()
     if rank == 0:
         done = _read_parts(parts, settings)
-        info = {**settings, "skipped_users": skipped}
+        info = {**settings, "skipped_users": skipped, "unreadable_users": sorted(unreadable)}
         save_embedding_table(out, done, info)
         shutil.rmtree(parts)
         if skipped:

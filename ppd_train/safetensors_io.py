@@ -90,6 +90,19 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
         raise
 
 
+def require_safetensors(folder: str | os.PathLike, what: str) -> None:
+    """Refuse a model folder without .safetensors weights before any loader looks at it: a folder holding only
+    ``.bin`` (pickle) files would otherwise go through ``torch.load``, which can run code."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix.lower() in _PICKLE_SUFFIXES)
+    found = f" (it has {', '.join(pickles[:3])}: pickled weights, which can run code)" if pickles else ""
+    raise FileFormatError(f"{folder} has no .safetensors weights{found}; PPD loads {what} weights from safetensors "
+                          "only. Download the .safetensors version of the model, or convert it once with a tool you "
+                          "trust.")
+
+
 def read_safetensors(path: str | os.PathLike, what: str,
                      advice: str = "download or export it again") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read all tensors and the metadata of a safetensors file, turning every failure into a clear FileFormatError.

@@ -22,6 +22,7 @@ import torch
 from ..embedding import UserEmbedding
 from ..errors import PPDError
 from ..pairs import PreferencePair, content_hash
+from ..safetensors_io import require_safetensors
 
 PROMPT_INTRO = (
     "You are shown {n} pairs of images. Both images of a pair were generated from the same caption, and in every "
@@ -80,8 +81,7 @@ def check_vlm_folder(folder: Path) -> None:
     if model_type != "llava_onevision":
         raise PPDError(f"{folder} holds a '{model_type}' model, not a LLaVA-OneVision VLM. Use a "
                        "llava-onevision-qwen2-*-hf checkpoint.")
-    if not any(folder.glob("*.safetensors")):
-        raise PPDError(f"{folder} has no .safetensors weights; PPD loads VLM weights from safetensors only.")
+    require_safetensors(folder, "VLM")
 
 
 class VLMEmbedder:
