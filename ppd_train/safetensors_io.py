@@ -75,6 +75,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     """``safetensors.torch.save_file`` through a temporary file in the same folder, then an atomic rename."""
     path = Path(path)
     tmp = _new_temp(path)
+    mode = os.stat(tmp).st_mode  # 0666 less the umask; save_file would leave the file 0600
     try:
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
@@ -82,6 +83,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
             if "os error 28" in str(e):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
             raise
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
