@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -293,7 +294,21 @@ def main(argv: list[str] | None = None) -> int:
     except PPDError as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:  # fit says more (its step); embed and prepare resume or reuse their work when rerun
+        print("error: interrupted. Rerun the same command to continue.", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno not in _OS_HINTS:
+            raise
+        print(f"error: {e.strerror}: {e.filename or ''}. {_OS_HINTS[e.errno]}", file=sys.stderr)
+        return 2
     return 0
+
+
+_OS_HINTS = {errno.ENOSPC: "Free some disk space and rerun the same command.",
+             errno.EACCES: "Choose a location you can write, or fix its permissions.",
+             errno.EPERM: "Choose a location you can write, or fix its permissions.",
+             errno.EROFS: "That file system is read-only; choose another location."}
 
 
 if __name__ == "__main__":

@@ -37,6 +37,12 @@ class DPOData:
             raise PPDError("The training data has no usable pairs (all ties or empty). Check the dataset.")
         if self.latents_l.shape != self.latents_w.shape or len(self.caption_idx) != p or len(self.user_idx) != p:
             raise PPDError("DPO data is inconsistent: latents, captions and users must have one entry per pair.")
+        for name, top in (("caption_idx", len(self.text)), ("user_idx", len(self.user_ids))):
+            idx = getattr(self, name)
+            bad_type = idx.dtype.is_floating_point or idx.dtype == torch.bool
+            if bad_type or bool((idx < 0).any()) or bool((idx >= top).any()):
+                raise PPDError(f"DPO data: '{name}' holds entries outside 0..{top - 1}; the file is damaged. "
+                               "Re-create it with `ppd-train prepare`.")
         for name in ("latents_w", "latents_l", "text", "pooled"):
             if not torch.isfinite(getattr(self, name)).all():
                 raise PPDError(f"DPO data: '{name}' contains NaN or infinite values; re-encode the dataset.")

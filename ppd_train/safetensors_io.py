@@ -6,7 +6,9 @@ import errno
 import glob
 import json
 import os
+import re
 import secrets
+import socket
 from pathlib import Path
 
 import torch
@@ -24,6 +26,9 @@ def dumps_json(obj) -> str:
     return json.dumps(json_safe(obj), sort_keys=True, allow_nan=False)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]", "-", socket.gethostname()) or "host"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -35,19 +40,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _new_temp(path: Path) -> str:
-    """A fresh temporary file next to ``path``, named ``.<name>.<pid>.<random>.tmp``.
+    """A fresh temporary file next to ``path``, named ``.<name>.<host>-<pid>.<random>.tmp``.
 
     Created with mode 0666 so the umask applies, as for any ordinary file (mkstemp would force 0600, and a ComfyUI
     running as another user could not read a shared adapter). Temporaries left by killed writers of the same target
-    (their pid is gone) are removed first, so a kill during a save does not leave a checkpoint-sized file forever.
+    on this machine (their pid is gone) are removed first, so a kill during a save does not leave a checkpoint-sized
+    file forever.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = old.name[len(path.name) + 2:].split(".", 1)[0]
+    me = f"{_HOST}-{os.getpid()}"
+    for old in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(_HOST)}-*.tmp"):
+        pid = old.name[len(path.name) + len(_HOST) + 3:].split(".", 1)[0]  # only this machine's pids can be asked
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             old.unlink(missing_ok=True)
     while True:
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        tmp = path.parent / f".{path.name}.{me}.{secrets.token_hex(4)}.tmp"
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return str(tmp)

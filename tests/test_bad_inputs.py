@@ -288,6 +288,37 @@ def case_weights_diverge(ctx: Ctx) -> str:
     return refused(trainer.train_step)
 
 
+def case_dpo_data_bad_index(ctx: Ctx) -> str:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src = ctx.files / "data.safetensors"
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(src)
+    tensors["user_idx"][0] = 99  # a damaged or hand-made file: a user that is not in its user list
+    save_file(tensors, ctx.tmp / "data.safetensors", metadata=meta)
+    return cli_refused(ctx, *ctx.fit_args(None, f"data={ctx.tmp / 'data.safetensors'}"))
+
+
+def case_eval_out_unwritable(ctx: Ctx) -> str:
+    if sys.platform != "linux":
+        pytest.skip("uses /sys, where nobody may create files")
+    assert ctx.cli(*ctx.fit_args())[0] == 0
+    (ctx.tmp / "rewards_bad_inputs.py").write_text("def mean(user_id, latents, caption_idx):\n"
+                                                   "    return latents.mean(dim=(1, 2, 3))\n")
+    ctx.monkeypatch.syspath_prepend(str(ctx.tmp))
+    f = ctx.files
+    ev = ctx.tmp / "eval.toml"
+    ev.write_text(f'stage_c = "{f / "stage_c"}"\nadapter = "{ctx.tmp / "run" / "adapter.safetensors"}"\n'
+                  f'embeddings = "{f / "users.safetensors"}"\ndata = "{f / "data.safetensors"}"\n'
+                  'reward = "rewards_bad_inputs:mean"\nsamples = 1\nsteps = 1\nout = "/sys/ppd-metrics.json"\n')
+    try:
+        return cli_refused(ctx, "eval", "--config", str(ev))
+    finally:
+        sys.modules.pop("rewards_bad_inputs", None)
+
+
 def case_bin_only(ctx: Ctx) -> str:
     from ppd_train.stage_c import load_stage_c
     from ppd_train.tiny import build_tiny_stage_c
@@ -559,6 +590,13 @@ def case_mix_huge(ctx: Ctx) -> None:
     torch.testing.assert_close(out.tokens, 0.25 * a.tokens + 0.75 * b.tokens)
 
 
+def case_image_batch_nan(ctx: Ctx) -> str:
+    nodes = ctx.node("nodes.pair_nodes")
+    images = torch.rand(2, 32, 32, 3)
+    images[0, 0, 0, 0] = float("nan")
+    return refused(lambda: nodes.PPDPreferencePairsFromImages().build(images, torch.rand(2, 32, 32, 3), "x", "A"))
+
+
 def case_node_nul(ctx: Ctx) -> str:
     folders = ctx.node("nodes.folders")
     return refused(lambda: folders.find("ppd_adapters", "a\x00.safetensors", "PPD adapter", [ctx.tmp]))
@@ -613,6 +651,10 @@ CASES = [
          "delete it to resume from the checkpoint before it (or rerun with --no-resume", case_truncated_only),
     Case("weights-diverge", "an update that makes the adapter's weights NaN/inf", "API", "refused",
          "After step 1 the adapter's weights hold NaN/inf", case_weights_diverge),
+    Case("dpo-data-bad-index", "a DPO data file whose pairs name a user it does not list", "CLI", "refused",
+         "'user_idx' holds entries outside 0..2; the file is damaged", case_dpo_data_bad_index),
+    Case("eval-out-unwritable", "`eval` writing its metrics where this user may not write", "CLI", "refused",
+         "Permission denied: /sys/ppd-metrics.json. Choose a location you can write", case_eval_out_unwritable),
     Case("stage-c-bin-only", "a diffusers Stage C folder holding only `.bin`", "CLI", "refused",
          "has no .safetensors weights (it has diffusion_pytorch_model.bin: pickled weights", case_bin_only),
     # files
@@ -698,6 +740,8 @@ CASES = [
          case_mix_nan),
     Case("mix-huge", "Embedding Mix weights 1e300 and 3e300", "node", "handled",
          "the same blend as 1 and 3 (no overflow, no all-zero user)", case_mix_huge),
+    Case("image-batch-nan", "an IMAGE batch holding NaN (Preference Pairs From Images)", "node", "refused",
+         "The IMAGE batch holds NaN/inf values", case_image_batch_nan),
     Case("node-nul-name", "a NUL character in a file name from a workflow", "node", "refused",
          "contains a NUL character", case_node_nul),
     Case("node-climb-name", "a file name `../../secret.safetensors` from a workflow", "node", "refused",
