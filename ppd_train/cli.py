@@ -143,6 +143,7 @@ def _fit(cfg, args: argparse.Namespace) -> None:
     table, _ = load_embedding_table(cfg.embeddings)
     tokens, embedder_id = data.user_tokens(table)
     unet = load_stage_c(cfg.stage_c, config=cfg.stage_c_config or None)
+    data.check_fits(unet.config, cfg.data, cfg.stage_c)
     trainer = Trainer(cfg, unet, data, tokens, embedder_id, show_progress=not args.quiet)
 
     def resume_hint() -> str:
@@ -185,6 +186,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     data = DPOData.load(cfg.data)
     table, _ = load_embedding_table(cfg.embeddings)
     unet = load_stage_c(cfg.stage_c)
+    data.check_fits(unet.config, cfg.data, cfg.stage_c)
     binding = PPDBinding(unet, load_adapter(cfg.adapter))
     users = {u: table[u] for u in (cfg.users or sorted(table))}
     cond = Conditions(data.text, data.pooled, clip_image_dim(unet),
@@ -225,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppd-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("size", help="adapter parameter counts for the released Stage C lite and full")
-    p.add_argument("--embed-dim", type=int, default=3584, help="user-embedding width (3584: LLaVA-OV 7B, 896: 0.5B)")
-    p.add_argument("--tokens", type=int, default=29, help="user-embedding tokens")
+    p.add_argument("--embed-dim", type=_positive, default=3584,
+                   help="user-embedding width (3584: LLaVA-OV 7B, 896: 0.5B)")
+    p.add_argument("--tokens", type=_positive, default=29, help="user-embedding tokens")
     p.set_defaults(func=_cmd_size)
     p = sub.add_parser("inspect", help="print an adapter file's metadata")
     p.add_argument("file")
@@ -239,11 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="local CLIP vision folder: pair-difference embedder")
     p.add_argument("--mode", default="direct", choices=["direct", "cot"], help="VLM mode (default: direct)")
     p.add_argument("--layers", default="all", help="VLM layers: all, last, or e.g. -1,-8 (default: all)")
-    p.add_argument("--n-pairs", type=int, default=4, help="pairs per user embedding (default: 4)")
+    p.add_argument("--n-pairs", type=_positive, default=4, help="pairs per user embedding (default: 4)")
     p.add_argument("--select", default="random", choices=["random", "first"], help="which pairs (default: random)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4, help="users per forward pass")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="chain-of-thought generation length")
+    p.add_argument("--batch-size", type=_positive, default=4, help="users per forward pass")
+    p.add_argument("--max-new-tokens", type=_positive, default=1024, help="chain-of-thought generation length")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if _cuda() else "float32", choices=sorted(_DTYPES))
     p.add_argument("--accelerate", action="store_true", help="split users over the processes of `accelerate launch`")
@@ -257,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", help="embedding table from `ppd-train embed`: keeps its users, drops their "
                    "embedding pairs")
     p.add_argument("--out", required=True, help="DPO data file (.safetensors)")
-    p.add_argument("--image-size", type=int, default=768, help="effnet input size (768 -> 24x24 latents)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=_positive, default=768, help="effnet input size (768 -> 24x24 latents)")
+    p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--quiet", action="store_true")
@@ -279,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: out_dir of the config, runs/demo)")
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _positive(text: str) -> int:
+    """argparse type for counts and sizes: a whole number >= 1 (0 would divide by zero or select nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _cuda() -> bool:

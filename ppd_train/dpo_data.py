@@ -47,6 +47,17 @@ class DPOData:
             if not torch.isfinite(getattr(self, name)).all():
                 raise PPDError(f"DPO data: '{name}' contains NaN or infinite values; re-encode the dataset.")
 
+    def check_fits(self, unet_config, path: str | os.PathLike = "the data",
+                   stage_c: str | os.PathLike = "the Stage C") -> None:
+        """Refuse data encoded for another Stage C (latent channels, CLIP widths) before torch fails deep inside."""
+        want = {"latent channels": (self.latents_w.shape[1], unet_config["in_channels"]),
+                "CLIP text width": (self.text.shape[-1], unet_config["clip_text_in_channels"]),
+                "pooled CLIP text width": (self.pooled.shape[-1], unet_config["clip_text_pooled_in_channels"])}
+        wrong = [f"{k} {have} (Stage C takes {need})" for k, (have, need) in want.items() if int(have) != int(need)]
+        if wrong:
+            raise PPDError(f"{path} was encoded for another model than {stage_c}: {', '.join(wrong)}. Use the Stage C "
+                           "it was prepared for, or re-run `ppd-train prepare` with this model's text encoder.")
+
     def __len__(self) -> int:
         return int(self.latents_w.shape[0])
 

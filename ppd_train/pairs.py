@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import PPDError
 from .paths import confined
@@ -86,11 +86,12 @@ class ImageRef:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(source)  # reads the header only
                 _check_dims(img, self.where)
-                if full:
-                    img.load()
-                else:
+                if not full:
                     with img:
                         img.verify()
+                    return img
+                img.load()
+                upright = ImageOps.exif_transpose(img)  # a phone photo as it was shown, not lying on its side
         except PairError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -99,7 +100,7 @@ class ImageRef:
             src = self.path or "embedded image bytes"
             raise PairError(f"{self.where}: {src} is not a readable image ({type(e).__name__}: {e}). "
                             "Replace the file or remove this pair.") from None
-        return img
+        return upright
 
 
 def to_rgb(img: Image.Image, where: str = "") -> Image.Image:
@@ -209,6 +210,9 @@ def _read_text(path: Path) -> str:
 def _rows(folder: Path) -> list[tuple[str, dict]]:
     jsonl, csv_path = folder / "pairs.jsonl", folder / "pairs.csv"
     rows: list[tuple[str, dict]] = []
+    if jsonl.is_file() and csv_path.is_file():
+        raise PairError(f"{folder} has both pairs.jsonl and pairs.csv; PPD would read only one of them. Keep one "
+                        "(merge the rows into it) and delete the other.")
     if jsonl.is_file():
         for i, line in enumerate(_read_text(jsonl).splitlines(), start=1):
             if not line.strip():

@@ -46,7 +46,10 @@ class Ctx:
         from ppd_train.cli import main
 
         self.capsys.readouterr()
-        rc = main(list(argv))
+        try:
+            rc = main(list(argv))
+        except SystemExit as e:  # argparse: usage + the message, status 2
+            rc = int(e.code or 0)
         out = self.capsys.readouterr()
         return rc, out.out + out.err
 
@@ -301,6 +304,20 @@ def case_dpo_data_bad_index(ctx: Ctx) -> str:
     return cli_refused(ctx, *ctx.fit_args(None, f"data={ctx.tmp / 'data.safetensors'}"))
 
 
+def case_data_other_stage_c(ctx: Ctx) -> str:
+    from ppd_train.dpo_data import DPOData
+
+    data = DPOData.load(ctx.files / "data.safetensors")
+    data.text, data.pooled = torch.zeros(len(data.text), 77, 48), torch.zeros(len(data.text), 1, 48)  # another CLIP
+    data.save(ctx.tmp / "data.safetensors")
+    return cli_refused(ctx, *ctx.fit_args(None, f"data={ctx.tmp / 'data.safetensors'}"))
+
+
+def case_embed_zero_pairs(ctx: Ctx) -> str:
+    return cli_refused(ctx, "embed", "--pairs", str(ctx.tmp), "--out", str(ctx.tmp / "t.safetensors"), "--clip",
+                       str(ctx.tmp), "--n-pairs", "0")
+
+
 def case_eval_out_unwritable(ctx: Ctx) -> str:
     if sys.platform != "linux":
         pytest.skip("uses /sys, where nobody may create files")
@@ -452,6 +469,23 @@ def case_same_bytes(ctx: Ctx) -> str:
     (folder / "copy.png").write_bytes((folder / "good_0.png").read_bytes())
     (folder / "pairs.jsonl").write_text(json.dumps(row(rejected="copy.png")) + "\n")
     return refused(lambda: _load_pairs(folder))
+
+
+def case_both_pair_files(ctx: Ctx) -> str:
+    folder = _pairs(ctx)
+    (folder / "pairs.csv").write_text("prompt,chosen,rejected\nother,good_1.png,bad_1.jpg\n")
+    return refused(lambda: _load_pairs(folder))
+
+
+def case_exif_rotated(ctx: Ctx) -> None:
+    from helpers import random_image
+    from PIL import Image
+
+    folder = _pairs(ctx)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned; viewers show the photo rotated by 90 degrees
+    random_image(5, size=(60, 40)).save(folder / "good_0.png", exif=exif.tobytes())
+    assert _load_pairs(folder)[0].chosen.load().size == (40, 60)
 
 
 def case_csv_bom(ctx: Ctx) -> None:
@@ -653,6 +687,10 @@ CASES = [
          "After step 1 the adapter's weights hold NaN/inf", case_weights_diverge),
     Case("dpo-data-bad-index", "a DPO data file whose pairs name a user it does not list", "CLI", "refused",
          "'user_idx' holds entries outside 0..2; the file is damaged", case_dpo_data_bad_index),
+    Case("data-other-stage-c", "DPO data encoded with another text encoder than the Stage C takes", "CLI", "refused",
+         "was encoded for another model than", case_data_other_stage_c),
+    Case("embed-zero-pairs", "`ppd-train embed --n-pairs 0`", "CLI", "refused", "argument --n-pairs: must be >= 1",
+         case_embed_zero_pairs),
     Case("eval-out-unwritable", "`eval` writing its metrics where this user may not write", "CLI", "refused",
          "Permission denied: /sys/ppd-metrics.json. Choose a location you can write", case_eval_out_unwritable),
     Case("stage-c-bin-only", "a diffusers Stage C folder holding only `.bin`", "CLI", "refused",
@@ -699,6 +737,10 @@ CASES = [
          pair_case(row(chosen="good\x00.png"))),
     Case("path-climbs-out", "an image path `../../etc/passwd`", "node", "refused", "points outside",
          pair_case(row(chosen="../../etc/passwd"))),
+    Case("both-pair-files", "a pair folder with both pairs.jsonl and pairs.csv", "node", "refused",
+         "has both pairs.jsonl and pairs.csv", case_both_pair_files),
+    Case("exif-rotated", "a photo whose EXIF says it is rotated", "node", "handled",
+         "turned upright, as image viewers show it", case_exif_rotated),
     Case("csv-bom", "pairs.csv saved by Excel as 'CSV UTF-8' (with a BOM)", "node", "handled",
          "read as UTF-8; the BOM is dropped", case_csv_bom),
     Case("csv-cp1252", "pairs.csv saved by Excel on Windows (cp1252)", "node", "handled",
