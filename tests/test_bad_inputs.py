@@ -433,6 +433,12 @@ def case_embedding_nan(ctx: Ctx) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- image cases
+def case_layers_twice(ctx: Ctx) -> str:
+    from ppd_train.embedders.vlm import parse_layers
+
+    return refused(lambda: parse_layers("-1,28", 29))
+
+
 def case_junk_png_600mb(ctx: Ctx) -> str:
     folder = _pairs(ctx)
     with open(folder / "good_0.png", "wb") as f:  # sparse: 600 MB on paper, nothing on disk
@@ -716,6 +722,8 @@ CASES = [
          "Re-embed the user with the embedder the adapter was trained with", case_embedding_other_embedder),
     Case("embedding-nan", "a user-embedding file holding inf", "node", "refused", "contains NaN or infinite values",
          case_embedding_nan),
+    Case("vlm-layer-twice", "VLM layers `-1,28` on a 29-state VLM (one layer twice)", "node", "refused",
+         "Layer 28 is the same hidden state as an earlier one", case_layers_twice),
     # images
     Case("junk-png-600mb", "a 600 MB junk `.png` in a pair folder", "node", "refused",
          "more than any preference image needs", case_junk_png_600mb),

@@ -55,6 +55,8 @@ def parse_layers(spec: str | Sequence[int], num_states: int) -> list[int]:
         if not 0 <= j < num_states:
             raise PPDError(f"Layer {i} does not exist: this VLM has hidden states 0..{num_states - 1} "
                            f"(or -1..-{num_states}).")
+        if j in out:  # e.g. "-1,27" on a 28-layer VLM: the same state twice would weigh one layer double
+            raise PPDError(f"Layer {i} is the same hidden state as an earlier one in {spec!r}; list each layer once.")
         out.append(j)
     if not out:
         raise PPDError("Select at least one layer.")
