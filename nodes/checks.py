@@ -12,8 +12,10 @@ from ..ppd_train.guards import finite_number
 
 def number_problem(name: str, value, spec: dict) -> str | None:
     """What is wrong with ``value`` for the FLOAT/INT widget ``name`` described by ``spec`` (min/max), or None."""
+    lo, hi = spec.get("min"), spec.get("max")
+    fix = f"Give it a number from {lo:g} to {hi:g}" if lo is not None and hi is not None else "Give it a number"
     try:
-        finite_number(value, f"'{name}'", spec.get("min"), spec.get("max"))
+        finite_number(value, f"'{name}'", lo, hi, f"{fix} (a linked value skips ComfyUI's own range check).")
     except PPDError as e:
         return str(e)
     return None
