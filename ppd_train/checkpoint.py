@@ -34,7 +34,8 @@ def save_checkpoint(path: str | os.PathLike, adapter: torch.nn.Module, optimizer
     atomic_save_safetensors(tensors, path, {METADATA_KEY: dumps_json(meta)})
 
 
-_DAMAGED = ("delete it to resume from the checkpoint before it (or rerun with --no-resume to start over)")
+_DAMAGED = ("delete it and rerun the same command: the run resumes from the checkpoint before it, or starts over "
+            "when there is none")
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -703,11 +703,10 @@ CASES = [
     Case("truncated-newest-checkpoint", "the newest checkpoint cut short (a copy, a disk error)", "CLI", "handled",
          "warning, then resumes from the older checkpoint", case_truncated_newest),
     Case("truncated-only-checkpoint", "the only checkpoint cut short", "CLI", "refused",
-         '…/run/checkpoints/step-00000003.safetensors is not a readable safetensors file '
-         '(SafetensorError: Error while deserializing header: invalid header length). It may be '
-         'truncated (an interrupted download or copy) or not a training checkpoint file at all; '
-         'delete it to resume from the checkpoint before it (or rerun with --no-resume to start '
-         'over).', case_truncated_only),
+         "…/run/checkpoints/step-00000003.safetensors is not a readable safetensors file (…). It may be truncated (an "
+         "interrupted download or copy) or not a training checkpoint file at all; delete it and rerun the same "
+         "command: the run resumes from the checkpoint before it, or starts over when there is none.",
+         case_truncated_only),
     Case("weights-diverge", "an update that makes the adapter's weights NaN/inf", "API", "refused",
          "After step 1 the adapter's weights hold NaN/inf (…); the update diverged. Lower lr "
          '(or beta), then rerun the same command: it resumes from the last checkpoint, which '
