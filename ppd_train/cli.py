@@ -111,20 +111,6 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         _fit(cfg, args)
 
 
-def _finished(cfg) -> str | None:
-    """The adapter of a run that already reached max_steps with this config, or None."""
-    from pathlib import Path
-
-    from .checkpoint import find_latest, read_meta
-
-    adapter = Path(cfg.out_dir) / "adapter.safetensors"
-    latest = find_latest(Path(cfg.out_dir) / "checkpoints")
-    meta = read_meta(latest) if latest is not None and adapter.is_file() else None
-    if meta and meta.get("step", 0) >= cfg.max_steps and meta.get("config") == cfg.resume_key():
-        return str(adapter)
-    return None
-
-
 def _fit(cfg, args: argparse.Namespace) -> None:
     import errno
 
@@ -134,11 +120,6 @@ def _fit(cfg, args: argparse.Namespace) -> None:
     from .stage_c import load_stage_c
     from .train import Trainer
 
-    done = None if args.no_resume else _finished(cfg)
-    if done is not None:  # rerunning would only rewrite the adapter with a summary of zero new steps
-        print(f"already trained to step {cfg.max_steps} in {cfg.out_dir}: adapter -> {done}. Raise max_steps to "
-              "train on, or use another out_dir (or --no-resume) to train again.")
-        return
     data = DPOData.load(cfg.data)
     table, _ = load_embedding_table(cfg.embeddings)
     tokens, embedder_id = data.user_tokens(table)
@@ -164,6 +145,10 @@ def _fit(cfg, args: argparse.Namespace) -> None:
                            "Fix the folder's permissions or set another out_dir.") from None
         raise
     if trainer.acc.is_main_process:  # under accelerate launch / torchrun, say it once
+        best = trainer.best
+        if best is not None:
+            print(f"selected step {best['step']} of {trainer.step} by {trainer.select_metric} = {best['value']:.4f} "
+                  f"(held-out users: {len(trainer.heldout_ids)}); the last step is in adapter_last.safetensors")
         print(f"adapter -> {out}")
 
 
@@ -204,15 +189,22 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             print(f"{group:6s}: win rate {m['win_rate']:.0%}, reward gain {m['reward_gain']:+.3f} ({m['users']} users)")
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
+def _cmd_demo(args: argparse.Namespace) -> int:
     from .synthetic import DemoConfig, run_demo
 
     cfg = _load(DemoConfig, args)
     if cfg is None:
-        return
+        return 0
     if args.out:
         cfg.out_dir = args.out
-    run_demo(cfg, show_progress=not args.quiet)
+    if args.sweep:
+        from .sweep import load_sweep, run_sweep
+
+        rows = run_sweep(cfg, load_sweep(args.sweep), cfg.out_dir, show_progress=not args.quiet)
+        missed = [r["world"] for r in rows if r["targets"] != "met"]
+    else:
+        missed = run_demo(cfg, show_progress=not args.quiet)["missed"]
+    return 1 if args.check and missed else 0
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -280,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the synthetic-user world end to end (CPU, minutes)")
     _config_args(p)
     p.add_argument("--out", help="output folder (default: out_dir of the config, runs/demo)")
+    p.add_argument("--sweep", metavar="FILE", help="run every world of a sweep file with this one recipe "
+                   "(configs/sweep.toml); a table, sweep.json and sweep.png in the output folder")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target is missed (on any world)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -304,7 +299,7 @@ def _cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return int(args.func(args) or 0)
     except PPDError as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
@@ -316,7 +311,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e.strerror}: {e.filename or ''}. {_OS_HINTS[e.errno]}", file=sys.stderr)
         return 2
-    return 0
 
 
 _OS_HINTS = {errno.ENOSPC: "Free some disk space and rerun the same command.",

@@ -9,8 +9,9 @@ in a config as ``"package.module:function"``.
 from __future__ import annotations
 
 import importlib
+import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,10 @@ from .schedule import ddim_sample
 from .stage_c import PPDBinding
 
 Reward = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+# Fidelity, where the data distribution is known (the synthetic world): ``fidelity(latents, caption_idx)`` ->
+# {"style_energy": [B], "residual": [B]}: the negative log-likelihood of the sample's style coordinates (nats) and the
+# RMS of what is left after the caption mean and the styles, in units of the data's own noise.
+Fidelity = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def load_reward(spec: str) -> Reward:
@@ -60,6 +65,7 @@ class Conditions:
     pooled: torch.Tensor  # [C, 1, c]
     clip_img_dim: int
     latent_shape: tuple[int, int, int]  # (16, h, w)
+    t_start: float = 1.0  # where sampling starts (1: the top of the noise schedule)
 
 
 def sample(binding: PPDBinding, cond: Conditions, caption_idx: torch.Tensor, noise: torch.Tensor,
@@ -73,7 +79,8 @@ def sample(binding: PPDBinding, cond: Conditions, caption_idx: torch.Tensor, noi
     with torch.no_grad():
         kv = binding.adapter(user_tokens.to(dev)) if user_tokens is not None else None  # once per run, not per step
         with binding.user(kv, weight):
-            return ddim_sample(lambda x, t: unet(x, t, **kw).sample, noise.to(dev), steps).cpu()
+            return ddim_sample(lambda x, t: unet(x, t, **kw).sample, noise.to(dev), steps,
+                               t_start=cond.t_start).cpu()
 
 
 def _seeds(cond: Conditions, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,24 +90,55 @@ def _seeds(cond: Conditions, n: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return noise, caps
 
 
+def drift_sd(energy_gap: float) -> float:
+    """A gap in mean negative log-likelihood (nats per sample) as a distance in the data's standard deviations: moving
+    a Gaussian's samples ``m`` standard deviations along one direction costs ``m**2 / 2`` nats, so ``sqrt(2 * gap)``
+    (signed: negative when the samples got closer to the data's centre than the base model's)."""
+    return math.copysign(math.sqrt(2 * abs(energy_gap)), energy_gap)
+
+
+def group_summary(rows: list[dict]) -> dict:
+    out = {"users": len(rows), "win_rate": statistics.fmean(m["win_rate"] for m in rows),
+           "reward_gain": statistics.fmean(m["reward_gain"] for m in rows),
+           "min_win_rate": min(m["win_rate"] for m in rows),
+           "below_half": statistics.fmean(float(m["win_rate"] < 0.5) for m in rows)}
+    if "drift_sd" in rows[0]:
+        out["drift_sd"] = statistics.fmean(m["drift_sd"] for m in rows)
+        out["max_drift_sd"] = max(m["drift_sd"] for m in rows)
+        out["noise_ratio"] = statistics.fmean(m["noise_ratio"] for m in rows)
+        out["max_noise_ratio"] = max(m["noise_ratio"] for m in rows)
+    return out
+
+
 def evaluate_users(binding: PPDBinding, cond: Conditions, users: dict[str, UserEmbedding], reward: Reward,
-                   seen: set[str], samples: int = 16, seed: int = 1234, steps: int = 20) -> dict:
-    """Per-user win rate and mean reward gain of PPD over the base model, plus seen/unseen aggregates."""
+                   seen: set[str], samples: int = 16, seed: int = 1234, steps: int = 20,
+                   fidelity: Fidelity | None = None, heldout: Collection[str] = ()) -> dict:
+    """Per-user win rate and mean reward gain of PPD over the base model, plus group aggregates (mean, lowest user,
+    share of users below 50%). Groups: ``seen`` (trained on), ``heldout`` (held out of training for model selection)
+    and ``unseen`` (never used). With ``fidelity``, also how far PPD samples move off the data compared with the base
+    model's samples from the same noise: ``drift_sd`` (the style NLL gap as data standard deviations, see
+    :func:`drift_sd`) and ``noise_ratio`` (residual off the data's structure, PPD over base; 1 = unchanged)."""
     noise, caps = _seeds(cond, samples, seed)
     base = sample(binding, cond, caps, noise, None, steps=steps)
+    fid_base = {k: v.float().mean().item() for k, v in fidelity(base, caps).items()} if fidelity else {}
     per_user = {}
     for uid, emb in users.items():
         ppd = sample(binding, cond, caps, noise, emb.tokens[None], steps=steps)
         r_base, r_ppd = reward(uid, base, caps).float(), reward(uid, ppd, caps).float()
-        per_user[uid] = {"seen": uid in seen, "win_rate": (r_ppd > r_base).float().mean().item(),
-                         "reward_gain": (r_ppd - r_base).mean().item(), "reward_base": r_base.mean().item(),
-                         "reward_ppd": r_ppd.mean().item()}
+        group = "heldout" if uid in heldout else "seen" if uid in seen else "unseen"
+        m = {"seen": group == "seen", "group": group, "win_rate": (r_ppd > r_base).float().mean().item(),
+             "reward_gain": (r_ppd - r_base).mean().item(), "reward_base": r_base.mean().item(),
+             "reward_ppd": r_ppd.mean().item()}
+        if fidelity is not None:
+            fid = {k: v.float().mean().item() for k, v in fidelity(ppd, caps).items()}
+            m["drift_sd"] = drift_sd(fid["style_energy"] - fid_base["style_energy"])
+            m["noise_ratio"] = fid["residual"] / fid_base["residual"]
+        per_user[uid] = m
     out: dict = {"users": per_user}
-    for group, flag in (("seen", True), ("unseen", False)):
-        rows = [m for m in per_user.values() if m["seen"] == flag]
+    for group in ("seen", "heldout", "unseen"):
+        rows = [m for m in per_user.values() if m["group"] == group]
         if rows:
-            out[group] = {"users": len(rows), "win_rate": statistics.fmean(m["win_rate"] for m in rows),
-                          "reward_gain": statistics.fmean(m["reward_gain"] for m in rows)}
+            out[group] = group_summary(rows)
     return out
 
 

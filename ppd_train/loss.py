@@ -26,6 +26,7 @@ class DPOStats:
     model_mse: float  # mean model MSE over both images
     ref_mse: float  # mean reference MSE over both images
     reward_margin: float  # mean of -(d+ - d-)
+    margins: torch.Tensor  # per pair -(d+ - d-), detached: > 0 where the model prefers x+ more than the reference
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -41,4 +42,4 @@ def dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, 
     loss = -F.logsigmoid(-beta * diff).mean()
     return DPOStats(loss=loss, implicit_acc=(diff < 0).float().mean().item(),
                     model_mse=((mw + ml) / 2).mean().item(), ref_mse=((rw + rl) / 2).mean().item(),
-                    reward_margin=(-diff).mean().item())
+                    reward_margin=(-diff).mean().item(), margins=-diff.detach())

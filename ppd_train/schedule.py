@@ -34,10 +34,11 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> p
 
 
 @torch.no_grad()
-def ddim_sample(denoise: Denoiser, noise: torch.Tensor, steps: int = 20, shift: float = 1.0) -> torch.Tensor:
-    """DDIM (eta = 0) from pure noise at t=1 to t=0 in ``steps`` steps."""
+def ddim_sample(denoise: Denoiser, noise: torch.Tensor, steps: int = 20, shift: float = 1.0,
+                t_start: float = 1.0) -> torch.Tensor:
+    """DDIM (eta = 0) from pure noise at ``t_start`` (1: the top of the schedule) to t=0 in ``steps`` steps."""
     x = noise
-    ts = torch.linspace(1.0, 0.0, steps + 1)
+    ts = torch.linspace(t_start, 0.0, steps + 1)
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
         ab, ab_next = alpha_bar(t, shift), alpha_bar(t_next, shift) if t_next > 0 else torch.tensor(1.0)

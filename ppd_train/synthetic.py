@@ -27,7 +27,7 @@ from .config import to_dict
 from .dpo_data import DPOData
 from .embedders.pairdiff import PairDifferenceEmbedder
 from .embedding import UserEmbedding
-from .evaluate import Conditions, evaluate_users, interpolation_curve
+from .evaluate import Conditions, evaluate_users, group_summary, interpolation_curve
 from .schedule import add_noise
 from .stage_c import PPDBinding, load_stage_c
 from .tiny import build_tiny_stage_c
@@ -54,11 +54,28 @@ class WorldConfig:
     pretrain_lr: float = 3e-3
     eval_samples: int = 24  # samples per user (fixed seeds), base vs PPD
     sample_steps: int = 20
+    # Sampling starts at t = 0.92 (alpha_bar 0.016), not 1: near t = 1 the tiny base model's noise error is amplified
+    # by 1/sqrt(alpha_bar) (100x at the top), and its samples from t = 1 sat 13x the data's noise off the data; from
+    # 0.92 they sit at 1.7x with the data's style spread (measured, docs/world-sweep.md). Training stops there too.
+    sample_t_start: float = 0.92
 
 
 def _demo_train() -> TrainConfig:
-    return TrainConfig(max_steps=600, batch_size=32, lr=3e-3, beta=1000.0, user_dropout=0.1, val_fraction=0.05,
-                       val_every=100, checkpoint_every=100, keep_checkpoints=2, log_every=10, t_min=0.02)
+    return TrainConfig(batch_size=32, lr=3e-3, beta=1000.0, val_fraction=0.05, heldout_users=0.1, patience=5,
+                       checkpoint_every=100, keep_checkpoints=2, log_every=10, t_min=0.02, t_max=0.92)
+
+
+@dataclass
+class Targets:
+    """What every world must reach (README, docs/world-sweep.md); ``ppd-train demo --check`` exits 1 otherwise."""
+
+    seen_win_rate: float = 0.9
+    unseen_win_rate: float = 0.8
+    # fidelity (evaluate.evaluate_users): PPD samples' mean drift off the data's style distribution, in data standard
+    # deviations, and their residual off the data's structure relative to the base model's
+    max_drift_sd: float = 2.0
+    max_noise_ratio: float = 1.1
+    monotone: bool = True
 
 
 @dataclass
@@ -66,9 +83,12 @@ class DemoConfig:
     config_version: int = 1
     seed: int = 0
     out_dir: str = "runs/demo"
-    threads: int = 0  # torch threads (0: leave as is)
+    # torch threads (0: leave as is). One: on 2 cores a tiny model gains nothing from a second thread, and with
+    # another busy process a second thread made steps ~18x slower (benchmarks/demo_threads.py)
+    threads: int = 1
     world: WorldConfig = field(default_factory=WorldConfig)
     train: TrainConfig = field(default_factory=_demo_train)
+    targets: Targets = field(default_factory=Targets)
 
 
 class World:
@@ -106,7 +126,7 @@ class World:
 
     def conditions(self) -> Conditions:
         s = self.cfg.latent_size
-        return Conditions(self.text, self.pooled, self.cfg.width, (16, s, s))
+        return Conditions(self.text, self.pooled, self.cfg.width, (16, s, s), self.cfg.sample_t_start)
 
     def sample_data(self, caps: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         c = self.cfg
@@ -121,6 +141,20 @@ class World:
 
     def reward(self, uid: str, x: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
         return self.style_of(x, caps) @ self.prefs[uid]
+
+    def fidelity(self, x: torch.Tensor, caps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """How a batch of latents sits in the world's data distribution, per sample (see evaluate.Fidelity).
+
+        A caption's latents are Gaussian: its mean, a style strength ~ N(0, style^2) along each direction (the same
+        at every position), and per-element noise. ``style_energy`` is the negative log-likelihood of the style
+        coordinates, ``|z|^2 / (2 style^2)`` nats; ``residual`` the RMS of what remains after the mean and the styles,
+        in units of the noise (about 1 for data)."""
+        c = self.cfg
+        x = x.float()
+        z = self.style_of(x, caps)
+        rest = x - self.caption_means[caps] - (z @ self.directions)[:, :, None, None]
+        return {"style_energy": z.pow(2).sum(1) / (2 * c.style_scale ** 2),
+                "residual": rest.pow(2).flatten(1).mean(1).sqrt() / c.noise_scale}
 
     def pairs(self, uid: str, n: int, g: torch.Generator):
         caps = torch.randint(self.cfg.n_captions, (n,), generator=g)
@@ -186,15 +220,34 @@ def build_dataset(world: World, seed: int) -> tuple[DPOData, dict[str, UserEmbed
     return data, embeddings, torch.stack(views)
 
 
+def check_targets(metrics: dict, targets: Targets) -> list[str]:
+    """The targets a demo run missed, each as one line (empty: all met)."""
+    missed = []
+    for group, bound in (("seen", targets.seen_win_rate), ("unseen", targets.unseen_win_rate)):
+        if group in metrics and metrics[group]["win_rate"] < bound:
+            missed.append(f"{group} win rate {metrics[group]['win_rate']:.0%} < {bound:.0%}")
+    drift, noise = metrics["all"]["drift_sd"], metrics["all"]["noise_ratio"]
+    if not drift <= targets.max_drift_sd:  # also catches NaN
+        missed.append(f"fidelity: PPD samples drift {drift:.1f} sd off the data's styles > {targets.max_drift_sd:g}")
+    if not noise <= targets.max_noise_ratio:
+        missed.append(f"fidelity: residual off the data {noise:.2f}x the base model's > {targets.max_noise_ratio:g}")
+    if targets.monotone and not metrics["interpolation"]["monotone"]:
+        missed.append("interpolation is not monotone")
+    return missed
+
+
 def _table(metrics: dict) -> str:
-    lines = [f"{'user':8s} {'group':7s} {'win rate':>8s} {'reward gain':>11s}"]
+    lines = [f"{'user':8s} {'group':7s} {'win rate':>8s} {'reward gain':>11s} {'drift sd':>8s} {'noise':>6s}"]
     for uid, m in metrics["users"].items():
-        lines.append(f"{uid:8s} {'seen' if m['seen'] else 'unseen':7s} {m['win_rate']:8.0%} {m['reward_gain']:11.3f}")
-    lines.append("-" * 37)
-    for group in ("seen", "unseen"):
+        lines.append(f"{uid:8s} {m['group']:7s} {m['win_rate']:8.0%} {m['reward_gain']:11.3f} {m['drift_sd']:8.2f} "
+                     f"{m['noise_ratio']:6.2f}")
+    lines.append("-" * 53)
+    for group in ("seen", "heldout", "unseen"):
         if group in metrics:
             m = metrics[group]
-            lines.append(f"{'ALL':8s} {group:7s} {m['win_rate']:8.0%} {m['reward_gain']:11.3f}   ({m['users']} users)")
+            lines.append(f"{'ALL':8s} {group:7s} {m['win_rate']:8.0%} {m['reward_gain']:11.3f} {m['drift_sd']:8.2f} "
+                         f"{m['noise_ratio']:6.2f}"
+                         f"   ({m['users']} users; lowest {m['min_win_rate']:.0%}, {m['below_half']:.0%} below 50%)")
     return "\n".join(lines)
 
 
@@ -209,12 +262,13 @@ def _plot(metrics: dict, path: Path) -> bool:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     users = metrics["users"]
     ids = list(users)
-    colors = ["tab:blue" if users[u]["seen"] else "tab:orange" for u in ids]
+    palette = {"seen": "tab:blue", "heldout": "tab:grey", "unseen": "tab:orange"}
+    colors = [palette[users[u]["group"]] for u in ids]
     ax1.bar(range(len(ids)), [users[u]["win_rate"] for u in ids], color=colors)
     ax1.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax1.set_xticks(range(len(ids)), ids, rotation=90, fontsize=7)
     ax1.set_ylabel("win rate vs base Stage C")
-    ax1.set_title("Per-user win rate (blue: seen, orange: unseen)")
+    ax1.set_title("Per-user win rate (blue: seen, grey: held out for selection, orange: unseen)", fontsize=9)
     interp = metrics["interpolation"]
     a, b = interp["users"]
     w = [c["weight"] for c in interp["curve"]]
@@ -249,9 +303,10 @@ def run_demo(cfg: DemoConfig, log=print, show_progress: bool = True) -> dict:
     data, embeddings, user_tokens = build_dataset(world, cfg.seed)
     train_cfg = TrainConfig(**{**to_dict(cfg.train), "out_dir": str(out / "ppd"), "seed": cfg.seed,
                                "stage_c": str(base_dir)})
-    log(f"PPD training: {len(data)} pairs of {len(data.user_ids)} seen users, {train_cfg.max_steps} steps")
     trainer = Trainer(train_cfg, unet, data, user_tokens, embeddings[world.seen[0]].embedder,
                       show_progress=show_progress)
+    log(f"PPD training: {len(data)} pairs of {len(data.user_ids)} seen users ({len(trainer.heldout_ids)} held out "
+        f"for model selection), at most {trainer.max_steps} steps, validation every {trainer.val_every}")
     adapter_path = trainer.run()
     trainer.detach()
 
@@ -260,17 +315,23 @@ def run_demo(cfg: DemoConfig, log=print, show_progress: bool = True) -> dict:
     adapter = load_adapter(adapter_path)  # evaluate exactly what the nodes will load
     binding = PPDBinding(unet, adapter)
     cond = world.conditions()
-    metrics = evaluate_users(binding, cond, embeddings, world.reward, set(world.seen), cfg.world.eval_samples,
-                             steps=cfg.world.sample_steps)
+    heldout = set(adapter.config.training.get("heldout_users", []))
+    metrics = evaluate_users(binding, cond, embeddings, world.reward, set(world.seen) - heldout,
+                             cfg.world.eval_samples, steps=cfg.world.sample_steps, fidelity=world.fidelity,
+                             heldout=heldout)
+    metrics["all"] = group_summary(list(metrics["users"].values()))
+    metrics["selected"] = adapter.config.training.get("selected")
     # interpolate between the two most opposed seen users: their rewards must move in opposite directions
-    prefs = torch.stack([world.prefs[u] for u in world.seen])
+    trained = [u for u in world.seen if u not in heldout]
+    prefs = torch.stack([world.prefs[u] for u in trained])
     sim = prefs @ prefs.T
-    i, j = divmod(int(sim.argmin()), len(world.seen))
-    a, b = world.seen[i], world.seen[j]
+    i, j = divmod(int(sim.argmin()), len(trained))
+    a, b = trained[i], trained[j]
     metrics["interpolation"] = interpolation_curve(binding, cond, embeddings[a], embeddings[b], world.reward, (a, b),
                                                    samples=cfg.world.eval_samples, steps=cfg.world.sample_steps)
     binding.detach()
     metrics["seconds"] = time.perf_counter() - t0
+    metrics["missed"] = check_targets(metrics, cfg.targets)
     metrics["config"] = to_dict(cfg)
     metrics["adapter"] = str(adapter_path)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -281,5 +342,9 @@ def run_demo(cfg: DemoConfig, log=print, show_progress: bool = True) -> dict:
         f"  ({'monotone' if curve['monotone'] else 'NOT monotone'})")
     if _plot(metrics, out / "plot.png"):
         log(f"plot: {out / 'plot.png'}")
+    sel = metrics["selected"] or {}
+    log(f"adapter: step {sel.get('step')} of {adapter.config.training.get('steps')} selected by "
+        f"{sel.get('metric')} = {sel.get('value')}")
+    log("targets: " + ("all met" if not metrics["missed"] else "NOT met: " + "; ".join(metrics["missed"])))
     log(f"metrics: {out / 'metrics.json'}   adapter: {adapter_path}   time: {metrics['seconds']:.0f} s")
     return metrics

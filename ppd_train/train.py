@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import AdapterConfig, PPDAdapter, save_adapter
+from .adapter import AdapterConfig, PPDAdapter, read_adapter_config, save_adapter
 from .checkpoint import load_latest, prune_checkpoints, save_checkpoint
 from .dpo_data import DPOData
 from .errors import PPDError
@@ -25,8 +25,12 @@ from .schedule import add_noise
 from .stage_c import PPDBinding, clip_image_dim, stage_c_info
 
 # Keys that may change between a run and its resume without changing the result.
-RESUME_FREE_KEYS = {"out_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every",
-                    "tensorboard"}
+RESUME_FREE_KEYS = {"out_dir", "max_steps", "max_epochs", "patience", "checkpoint_every", "keep_checkpoints",
+                    "log_every", "tensorboard"}
+# What validation can select on: pairs of held-out users (never trained on) or held-out pairs of trained users.
+SELECT_METRICS = ("val_users_implicit_acc", "val_users_loss", "val_pairs_implicit_acc", "val_pairs_loss", "last")
+# The default budget when neither max_steps nor max_epochs is set (see budget()).
+AUTO_EPOCHS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 20, 300, 20_000
 
 
 @dataclass
@@ -39,30 +43,39 @@ class TrainConfig:
     embeddings: str = ""  # embedding table from `ppd-train embed`
     out_dir: str = "runs/ppd"
     proj_dim: int = 0  # width of the shared user projector (0 = Stage C width)
-    max_steps: int = 2000  # optimizer steps
+    max_steps: int = 0  # optimizer steps; 0 = from max_epochs
+    max_epochs: float = 0.0  # passes over the training pairs; 0 (with max_steps 0) = the automatic budget
     batch_size: int = 16  # pairs per micro-batch per process
     grad_accum: int = 1
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 at the end of the budget)
     max_grad_norm: float = 1.0
     beta: float = 2500.0  # diffusers convention: -log sigmoid(-beta * diff); Salesforce's beta 5000 with 0.5
-    user_dropout: float = 0.1  # share of pairs trained with a zeroed user embedding
+    user_dropout: float = 0.0  # share of pairs trained with the adapter off (exactly inference's "no user")
+    token_noise: float = 0.0  # Gaussian noise on user tokens while training, in units of each token's own std
     t_min: float = 0.0
     t_max: float = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
-    val_fraction: float = 0.05
-    val_every: int = 250
+    val_fraction: float = 0.05  # share of the trained users' pairs held out for validation
+    heldout_users: float = 0.1  # share of users held out entirely (pairs and embeddings never trained on)
+    val_every: int = 0  # steps between validations; 0 = once per epoch (at least every 25, at most every 500 steps)
+    select_metric: str = "val_users_implicit_acc"  # the saved adapter is the best by this; "last" = no selection
+    patience: int = 0  # stop after this many validations without improvement of select_metric; 0 = never
+    val_draws: int = 4  # noise/timestep draws per validation pair (its implicit accuracy: sign of the mean margin)
     log_every: int = 10
     tensorboard: bool = True
     max_nan_steps: int = 5  # consecutive non-finite losses before the run stops
 
     def validate(self) -> None:
         fin = math.isfinite
-        checks = [(self.max_steps > 0, "max_steps must be > 0"), (self.batch_size > 0, "batch_size must be > 0"),
+        checks = [(self.max_steps >= 0, "max_steps must be >= 0 (0: from max_epochs)"),
+                  (fin(self.max_epochs) and self.max_epochs >= 0, "max_epochs must be >= 0"),
+                  (self.batch_size > 0, "batch_size must be > 0"),
                   (self.grad_accum > 0, "grad_accum must be > 0"),
                   (fin(self.lr) and 0 < self.lr <= 1, "lr must be a finite number in (0, 1] (typical: 1e-5)"),
                   (fin(self.beta) and self.beta > 0,
@@ -75,12 +88,18 @@ class TrainConfig:
                   (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
                   (self.log_every >= 1, "log_every must be >= 1 (steps between log lines)"),
                   (self.checkpoint_every >= 1, "checkpoint_every must be >= 1 (steps between checkpoints)"),
-                  (self.val_every >= 0, "val_every must be >= 0 (0 = no validation)"),
                   (self.max_nan_steps >= 1, "max_nan_steps must be >= 1"),
                   (0 <= self.user_dropout < 1, "user_dropout must be in [0, 1)"),
                   (0 <= self.t_min < self.t_max <= 1, "need 0 <= t_min < t_max <= 1"),
                   (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+                  (0 <= self.heldout_users < 1, "heldout_users must be in [0, 1)"),
+                  (self.val_every >= 0, "val_every must be >= 0 (0: once per epoch)"),
+                  (self.patience >= 0, "patience must be >= 0 (0: no early stopping)"),
+                  (self.val_draws >= 1, "val_draws must be >= 1"),
+                  (math.isfinite(self.token_noise) and self.token_noise >= 0, "token_noise must be >= 0"),
+                  (self.select_metric in SELECT_METRICS, f"select_metric must be one of {', '.join(SELECT_METRICS)}"),
                   (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
+                  (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
                   (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")]
         for ok, msg in checks:
             if not ok:
@@ -145,8 +164,41 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def heldout_user_indices(n_users: int, share: float, seed: int) -> list[int]:
+    """Users held out of training entirely, for model selection: ``round(share * n_users)``, at least one when
+    ``share`` > 0 and there are 3 users or more, never all; a function of the seed only."""
+    n = round(share * n_users)
+    if share > 0 and n_users >= 3:
+        n = max(1, n)
+    n = min(n, n_users - 1)
+    if n <= 0:
+        return []
+    return sorted(torch.randperm(n_users, generator=torch.Generator().manual_seed(seed + 11))[:n].tolist())
+
+
+def budget(cfg: TrainConfig, n_train: int, pairs_per_step: int) -> int:
+    """Optimizer steps of a run. ``max_steps`` and ``max_epochs`` both cap it (whichever ends first); with neither
+    set, the automatic budget is AUTO_EPOCHS epochs, kept within [AUTO_MIN_STEPS, AUTO_MAX_STEPS] steps: small data
+    gets more passes, large data fewer, and early stopping on held-out users (``patience``) ends it sooner."""
+    per_epoch = n_train / pairs_per_step
+    caps = []
+    if cfg.max_steps:
+        caps.append(cfg.max_steps)
+    if cfg.max_epochs:
+        caps.append(math.ceil(cfg.max_epochs * per_epoch))
+    if not caps:
+        caps.append(min(AUTO_MAX_STEPS, max(AUTO_MIN_STEPS, math.ceil(AUTO_EPOCHS * per_epoch))))
+    return max(1, min(caps))
+
+
 class Trainer:
-    """One training run. ``run()`` resumes from the newest checkpoint in ``out_dir`` when there is one."""
+    """One training run. ``run()`` resumes from the newest checkpoint in ``out_dir`` when there is one.
+
+    The data is split three ways: pairs of held-out users (``heldout_users``: neither their pairs nor their embeddings
+    are ever trained on), held-out pairs of the trained users (``val_fraction``), and the training pairs. Validation
+    reports the DPO loss and implicit accuracy of both held-out sets; the saved adapter is the best by
+    ``select_metric`` (``adapter.safetensors``), the last one is kept beside it (``adapter_last.safetensors``).
+    """
 
     def __init__(self, cfg: TrainConfig, unet, data: DPOData, user_tokens: torch.Tensor, embedder_id: str,
                  accelerator=None, show_progress: bool = True) -> None:
@@ -177,24 +229,71 @@ class Trainer:
         self.binding = PPDBinding(self.unet, adapter)
         adapter = adapter.to(self.device)
         self.adapter, self.optimizer = self.acc.prepare(adapter, adamw(adapter.parameters(), cfg.lr, cfg.weight_decay))
-        warm = max(1, cfg.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
-        n_val = int(len(data) * cfg.val_fraction)
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 7))
-        self.val = data.subset(perm[:n_val]) if n_val else None
-        self.train = data.subset(perm[n_val:])
+        self._split(data)
+        self.pairs_per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
+        self.max_steps = budget(cfg, len(self.train), self.pairs_per_step)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        per_epoch = len(self.train) / self.pairs_per_step
+        self.val_every = cfg.val_every or min(500, max(25, round(per_epoch)))
+        self.select_metric = self._selectable(cfg.select_metric)
         self.clip_img = torch.zeros(1, 1, clip_image_dim(unet))
         self.step, self.cursor, self.nan_run = 0, 0, 0
+        self.best: dict | None = None  # {"step", "value"} of the best validation so far
+        self.bad_rounds = 0  # validations since the best one
+        self.last: dict = {}  # the last logged training and validation values
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warmup over ``warmup_steps``, then constant or (``lr_schedule = "cosine"``) a cosine decay to 0 at
+        the end of the budget."""
+        cfg = self.cfg
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        if cfg.lr_schedule == "constant":
+            return warm
+        span = max(1, self.max_steps - cfg.warmup_steps)
+        done = min(1.0, max(0, step - cfg.warmup_steps) / span)
+        return warm * 0.5 * (1 + math.cos(math.pi * done))
+
+    def _split(self, data: DPOData) -> None:
+        held = heldout_user_indices(len(data.user_ids), self.cfg.heldout_users, self.cfg.seed)
+        self.heldout_ids = [data.user_ids[i] for i in held]
+        is_held = torch.zeros(len(data.user_ids), dtype=torch.bool)
+        is_held[held] = True
+        pair_held = is_held[data.user_idx]
+        self.val_users = data.subset(torch.nonzero(pair_held).flatten()) if pair_held.any() else None
+        rest = torch.nonzero(~pair_held).flatten()
+        rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(self.cfg.seed + 7))]
+        n_val = int(len(rest) * self.cfg.val_fraction)
+        if len(rest) - n_val <= 0:
+            raise PPDError("No training pairs are left after holding out users and pairs; lower heldout_users or "
+                           "val_fraction, or add pairs.")
+        self.val_pairs = data.subset(rest[:n_val]) if n_val else None
+        self.train = data.subset(rest[n_val:])
+
+    def _selectable(self, metric: str) -> str:
+        """The metric the run selects on; says so when the configured one has no data (never a silent change)."""
+        if metric.startswith("val_users") and self.val_users is None:
+            fallback = metric.replace("val_users", "val_pairs") if self.val_pairs is not None else "last"
+            print(f"note: select_metric {metric} needs held-out users (heldout_users > 0 and >= 3 users); "
+                  f"selecting on {fallback} instead")
+            return fallback
+        if metric.startswith("val_pairs") and self.val_pairs is None:
+            print(f"note: select_metric {metric} needs held-out pairs (val_fraction > 0); keeping the last adapter")
+            return "last"
+        return metric
 
     # --------------------------------------------------------------------------------------------------- one step
-    def _inputs(self, data: DPOData, idx: torch.Tensor, g: torch.Generator, dropout: float):
+    def _inputs(self, data: DPOData, idx: torch.Tensor, g: torch.Generator, dropout: float, noise: float = 0.0):
+        """Noised pair latents (preferred rows first, then dispreferred), each pair's own user tokens, the per-row
+        adapter weight (0 = dropped: the adapter is off for that pair, exactly inference's "no user") and the noise."""
         b = len(idx)
         xw, xl = data.latents_w[idx], data.latents_l[idx]
         t = self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * torch.rand(b, generator=g)
         eps = torch.randn(xw.shape, generator=g)
         keep = (torch.rand(b, generator=g) >= dropout).float()
         view = torch.randint(self.user_tokens.shape[1], (b,), generator=g)
-        users = self.user_tokens[data.user_idx[idx], view] * keep[:, None, None]
+        users = self.user_tokens[data.user_idx[idx], view]
+        if noise:
+            users = users + noise * users.std(dim=-1, keepdim=True) * torch.randn(users.shape, generator=g)
         cap = data.caption_idx[idx]
         dev = self.device
         both = dict(sample=torch.cat([add_noise(xw, eps, t), add_noise(xl, eps, t)]).to(dev),
@@ -202,15 +301,18 @@ class Trainer:
                     clip_text_pooled=data.pooled[cap].repeat(2, 1, 1).to(dev),
                     clip_text=data.text[cap].repeat(2, 1, 1).to(dev),
                     clip_img=self.clip_img.expand(2 * b, -1, -1).to(dev))
-        return both, torch.cat([users, users]).to(dev), eps.to(dev)
+        return both, torch.cat([users, users]).to(dev), torch.cat([keep, keep]), eps.to(dev)
 
-    def _loss(self, inputs: dict, users: torch.Tensor, eps: torch.Tensor, backward_scale: float | None):
+    def _loss(self, inputs: dict, users: torch.Tensor, weights: torch.Tensor, eps: torch.Tensor,
+              backward_scale: float | None):
         b = eps.shape[0]
         with self.acc.autocast():
             with torch.no_grad(), self.binding.adapter_off():  # the reference: same network, adapter off
                 ref = self.unet(**inputs).sample
             kv = self.adapter(users)
-            with self.binding.user(kv):
+            # A dropped pair (weight 0) runs with the adapter off, as "no user" does at inference; Stage C is frozen,
+            # so its policy equals the reference and its DPO term is ln 2 with no gradient.
+            with self.binding.user(kv, weights if bool((weights == 0).any()) else 1.0):
                 pred = self.unet(**inputs).sample
                 stats = dpo_loss(pred[:b], pred[b:], ref[:b], ref[b:], eps, self.cfg.beta)
                 if backward_scale is not None and torch.isfinite(stats.loss):
@@ -228,8 +330,9 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             idx = batch_indices(self.cursor + rank * cfg.batch_size, cfg.batch_size, len(self.train), cfg.seed)
             self.cursor += cfg.batch_size * world
-            inputs, users, eps = self._inputs(self.train, idx, self._generator(self.step, micro), cfg.user_dropout)
-            stats = self._loss(inputs, users, eps, 1.0 / cfg.grad_accum)
+            inputs, users, weights, eps = self._inputs(self.train, idx, self._generator(self.step, micro),
+                                                       cfg.user_dropout, cfg.token_noise)
+            stats = self._loss(inputs, users, weights, eps, 1.0 / cfg.grad_accum)
             finite &= bool(torch.isfinite(stats.loss))
             for k in totals:
                 value = getattr(stats, k)
@@ -256,23 +359,63 @@ class Trainer:
         totals["skipped"] = float(not grads_ok)
         return totals
 
+    # ------------------------------------------------------------------------------------------------- validation
     @torch.no_grad()
+    def _evaluate(self, data: DPOData, name: str) -> dict:
+        """DPO loss and implicit accuracy over a held-out set, with fixed noise and timesteps (no dropout). Each pair is
+        scored ``val_draws`` times (other noise and timestep each); its implicit accuracy is the sign of its mean
+        margin, so one draw's noise does not decide it."""
+        n, draws, loss = len(data), self.cfg.val_draws, 0.0
+        margins = torch.zeros(n)
+        for d in range(draws):
+            for start in range(0, n, self.cfg.batch_size):
+                idx = torch.arange(start, min(n, start + self.cfg.batch_size))
+                g = torch.Generator().manual_seed(self.cfg.seed + 12345 + start + 7919 * d)
+                inputs, users, weights, eps = self._inputs(data, idx, g, 0.0)
+                stats = self._loss(inputs, users, weights, eps, backward_scale=None)
+                loss += float(stats.loss) * len(idx) / (n * draws)
+                margins[idx] += stats.margins.float().cpu()
+        return {f"{name}_loss": loss, f"{name}_implicit_acc": (margins > 0).float().mean().item()}
+
     def validate(self) -> dict:
-        assert self.val is not None
-        n, out = len(self.val), {"val_loss": 0.0, "val_implicit_acc": 0.0}
-        for start in range(0, n, self.cfg.batch_size):
-            idx = torch.arange(start, min(n, start + self.cfg.batch_size))
-            g = torch.Generator().manual_seed(self.cfg.seed + 12345 + start)
-            inputs, users, eps = self._inputs(self.val, idx, g, 0.0)
-            stats = self._loss(inputs, users, eps, backward_scale=None)
-            out["val_loss"] += float(stats.loss) * len(idx) / n
-            out["val_implicit_acc"] += stats.implicit_acc * len(idx) / n
+        out: dict = {}
+        if self.val_pairs is not None:
+            out.update(self._evaluate(self.val_pairs, "val_pairs"))
+        if self.val_users is not None:
+            out.update(self._evaluate(self.val_users, "val_users"))
         return out
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        lower = self.select_metric.endswith("_loss")
+        return value < self.best["value"] if lower else value > self.best["value"]
+
+    def _select(self, values: dict) -> None:
+        """Keep the best adapter so far (by select_metric) and count validations without improvement."""
+        if self.select_metric == "last" or self.select_metric not in values:
+            return
+        value = values[self.select_metric]
+        if self._improved(value):
+            self.best, self.bad_rounds = {"step": self.step, "value": value}, 0
+            if self.acc.is_main_process:
+                save_adapter(self.acc.unwrap_model(self.adapter), self._best_path)
+        else:
+            self.bad_rounds += 1
+
+    @property
+    def _best_path(self) -> Path:
+        return self.out_dir / "checkpoints" / "best.safetensors"
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.cfg.patience > 0 and self.bad_rounds >= self.cfg.patience
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _state_meta(self) -> dict:
         return {"step": self.step, "cursor": self.cursor, "nan_run": self.nan_run, "config": self.cfg.resume_key(),
-                "data": self.data_hash, "scheduler": {"last_epoch": self.scheduler.last_epoch}}
+                "data": self.data_hash, "scheduler": {"last_epoch": self.scheduler.last_epoch},
+                "best": self.best, "bad_rounds": self.bad_rounds, "last": self.last}
 
     def save_checkpoint(self) -> Path:
         path = self.out_dir / "checkpoints" / f"step-{self.step:08d}.safetensors"
@@ -296,6 +439,10 @@ class Trainer:
             raise PPDError(f"{path} was made with another config (changed: {', '.join(changed)}). Resuming would not "
                            "continue the same run; restore those values, use another out_dir, or pass --force.")
         self.step, self.cursor, self.nan_run = meta["step"], meta["cursor"], meta["nan_run"]
+        self.best, self.bad_rounds, self.last = meta.get("best"), meta.get("bad_rounds", 0), meta.get("last", {})
+        if self.best is not None and not self._best_path.is_file():
+            raise PPDError(f"{path} records a best adapter at step {self.best['step']}, but {self._best_path} is "
+                           "missing. Restore it, or start again in another out_dir.")
         self.scheduler.last_epoch = meta["scheduler"]["last_epoch"]
         self.scheduler._last_lr = [  # type: ignore[attr-defined]
             group["lr"] for group in self.optimizer.param_groups]
@@ -307,25 +454,35 @@ class Trainer:
 
         cfg = self.cfg
         if resume and self.resume(force):
+            done = self.out_dir / "adapter.safetensors"
+            # a rerun of a finished run: rewriting the adapter would only replace its summary with one of 0 steps
+            if (self.step >= self.max_steps or self.stopped_early) and done.is_file():
+                print(f"already trained to step {self.step} in {self.out_dir}: nothing to do. Raise max_steps to "
+                      "train on, or use another out_dir (or --no-resume) to train again.")
+                return done
             print(f"resumed from step {self.step}")
         logger = _Logger(self.out_dir, cfg.tensorboard, self.acc.is_main_process)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="PPD fit", unit="step",
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="PPD fit", unit="step",
                    disable=not self.show_progress or not self.acc.is_main_process)
-        pairs_per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
-        last: dict = {}
         t0, s0 = time.perf_counter(), self.step
         try:
-            while self.step < cfg.max_steps:
+            while self.step < self.max_steps and not self.stopped_early:
                 values = self.train_step()
-                last = values
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                end = self.step == self.max_steps
+                if self.step % cfg.log_every == 0 or end:
                     elapsed = max(time.perf_counter() - t0, 1e-9)
-                    values["pairs_per_s"] = (self.step - s0) * pairs_per_step / elapsed
+                    values["pairs_per_s"] = (self.step - s0) * self.pairs_per_step / elapsed
+                    values["epoch"] = self.step * self.pairs_per_step / len(self.train)
+                    self.last = {**self.last, **values}
                     logger.log(self.step, values)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['implicit_acc']:.2f}")
-                if self.val is not None and cfg.val_every and self.step % cfg.val_every == 0:
-                    logger.log(self.step, self.validate())
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                if self.step % self.val_every == 0 or end:
+                    val = self.validate()
+                    self._select(val)
+                    self.last.update(val)
+                    if val:
+                        logger.log(self.step, val)
+                if self.step % cfg.checkpoint_every == 0 or end or self.stopped_early:
                     self.save_checkpoint()
                 bar.update(1)
                 if on_step is not None:
@@ -333,15 +490,35 @@ class Trainer:
         finally:
             bar.close()
             logger.close()
+        if self.stopped_early:
+            print(f"early stop at step {self.step}: {self.select_metric} has not improved for {self.bad_rounds} "
+                  f"validations (best {self.best['value']:.4f} at step {self.best['step']})"  # type: ignore[index]
+                  if self.best else f"early stop at step {self.step}")
+        return self._write_adapters()
+
+    def _write_adapters(self) -> Path:
+        """``adapter.safetensors`` (the selected one: the best by select_metric, else the last) and
+        ``adapter_last.safetensors``, both with the run's summary."""
+        cfg = self.cfg
+        selected = {"metric": "last", "step": self.step, "value": None}
+        if self.best is not None:
+            selected = {"metric": self.select_metric, **self.best}
         summary = {"base_model": cfg.stage_c, "embedder": self.adapter_config.embedder, "beta": cfg.beta,
-                   "steps": self.step, "data_hash": self.data_hash, "pairs": len(self.train),
-                   "users": len(self.data.user_ids), "lr": cfg.lr, "batch_pairs": pairs_per_step,
-                   "user_dropout": cfg.user_dropout, "final_loss": last.get("loss", math.nan)}
-        if self.val is not None:
-            summary.update(self.validate())
+                   "steps": self.step, "max_steps": self.max_steps, "stopped_early": self.stopped_early,
+                   "data_hash": self.data_hash, "pairs": len(self.train), "users": len(self.data.user_ids),
+                   "heldout_users": self.heldout_ids, "lr": cfg.lr, "batch_pairs": self.pairs_per_step,
+                   "user_dropout": cfg.user_dropout, "token_noise": cfg.token_noise,
+                   "final_loss": self.last.get("loss"), "selected": selected, "last": self.last}
         out = self.out_dir / "adapter.safetensors"
         if self.acc.is_main_process:
-            save_adapter(self.acc.unwrap_model(self.adapter), out, training=summary)
+            model = self.acc.unwrap_model(self.adapter)
+            save_adapter(model, self.out_dir / "adapter_last.safetensors", training=summary)
+            if self.best is not None:
+                best = PPDAdapter(self.adapter_config)
+                best.load_state_dict(read_adapter_config(self._best_path)[1])
+                save_adapter(best, out, training=summary)
+            else:
+                save_adapter(model, out, training=summary)
         self.acc.wait_for_everyone()
         return out
 

@@ -1,39 +1,81 @@
-"""The synthetic world end to end at a reduced size: PPD must really personalise, for seen and unseen users."""
+"""The synthetic world end to end on small worlds, with the demo's own recipe and targets: PPD must personalise seen
+and unseen users, interpolate monotonically and stay on the data (fidelity), on more than one world."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
 from ppd_train.cli import main
-from ppd_train.synthetic import DemoConfig, WorldConfig, run_demo
+from ppd_train.evaluate import drift_sd
+from ppd_train.sweep import load_sweep, run_sweep
+from ppd_train.synthetic import DemoConfig, World, WorldConfig
 
-# A smaller world than the default (24 seen users x 24 pairs, 8 unseen, 250 steps) so the suite stays fast. Results
-# are deterministic on CPU for a fixed seed; the README reports the default world over several seeds.
-REDUCED = dict(threads=2, world=WorldConfig(seen_users=24, unseen_users=8, unseen_mixtures=3, pairs_per_user=24,
-                                            pretrain_steps=500, eval_samples=12, sample_steps=12))
+# Two small worlds of other shapes than the default (the full sweep is in docs/world-sweep.md). Results are
+# deterministic on CPU for a fixed seed.
+SMALL = {"seen_users": 24, "unseen_users": 8, "unseen_mixtures": 3, "pairs_per_user": 24, "pretrain_steps": 500,
+         "eval_samples": 12, "sample_steps": 12}
+SWEEP = """
+[[worlds]]
+name = "small-k4"
+seed = 1
+world = {small}
+
+[[worlds]]
+name = "small-k3-c4"
+seed = 2
+world = {small_k3}
+"""
 
 
-def test_reduced_demo_meets_targets(tmp_path):
-    cfg = DemoConfig(out_dir=str(tmp_path / "demo"), seed=1, **REDUCED)
-    cfg.train.max_steps = 250
-    cfg.train.tensorboard = False
+def _inline(d: dict) -> str:
+    return "{ " + ", ".join(f"{k} = {v}" for k, v in d.items()) + " }"
+
+
+def _sweep_file(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text(SWEEP.format(small=_inline(SMALL), small_k3=_inline({**SMALL, "k_styles": 3, "n_captions": 4})))
+    return path
+
+
+def test_small_worlds_meet_the_demo_targets(tmp_path):
     threads = torch.get_num_threads()
-    metrics = run_demo(cfg, log=lambda *a: None, show_progress=False)
-    assert metrics["seen"]["win_rate"] >= 0.9, metrics["seen"]
-    assert metrics["unseen"]["win_rate"] >= 0.8, metrics["unseen"]
-    assert metrics["seen"]["reward_gain"] > 0 and metrics["unseen"]["reward_gain"] > 0
-    assert metrics["interpolation"]["monotone"], metrics["interpolation"]
-    saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert set(saved["users"]) == set(metrics["users"]) and saved["config"]["world"]["seen_users"] == 24
-    assert (tmp_path / "demo" / "plot.png").stat().st_size > 10_000
-
-    # Rerunning the same command reuses the base model and finds the finished run: nothing is retrained.
-    args = ["seed=1", "threads=2", "world.seen_users=24", "world.unseen_users=8", "world.unseen_mixtures=3",
-            "world.pairs_per_user=24", "world.pretrain_steps=500", "world.eval_samples=12", "world.sample_steps=12",
-            "train.max_steps=250", "train.tensorboard=false"]
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"] + [x for a in args for x in ("--set", a)]) == 0
-    again = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert again["users"] == saved["users"]
+    rows = run_sweep(DemoConfig(), load_sweep(_sweep_file(tmp_path)), tmp_path / "sweep", log=lambda *a: None)
     torch.set_num_threads(threads)
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert [r["targets"] for r in rows] == ["met", "met"], table
+    for r in rows:  # the targets, spelled out
+        assert r["seen win"] >= 0.9 and r["unseen win"] >= 0.8 and r["monotone"] == "yes", table
+        assert 0 < r["gain"] and r["drift sd"] <= DemoConfig().targets.max_drift_sd, table
+    metrics = json.loads((tmp_path / "sweep" / "small-k3-c4" / "metrics.json").read_text())
+    assert metrics["config"]["world"]["k_styles"] == 3 and metrics["config"]["seed"] == 2
+    assert {m["group"] for m in metrics["users"].values()} == {"seen", "heldout", "unseen"}
+    assert metrics["selected"]["metric"] == "val_users_implicit_acc" and metrics["missed"] == []
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 10_000
+    assert (tmp_path / "sweep" / "small-k4" / "plot.png").stat().st_size > 10_000
+
+    # The same command again reuses every world's base model and finished run (nothing is retrained), and --check
+    # exits 0 only because every target is met.
+    assert main(["demo", "--sweep", str(_sweep_file(tmp_path)), "--out", str(tmp_path / "sweep"), "--quiet",
+                 "--check"]) == 0
+    again = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [(r["seen win"], r["unseen win"], r["step"]) for r in again] == [
+        (r["seen win"], r["unseen win"], r["step"]) for r in rows]
+    torch.set_num_threads(threads)
+
+
+def test_world_fidelity_measures_distance_off_the_data():
+    world = World(WorldConfig(k_styles=3), seed=0)
+    g = torch.Generator().manual_seed(0)
+    caps = torch.randint(world.cfg.n_captions, (4000,), generator=g)
+    data = world.sample_data(caps, g)
+    fid = world.fidelity(data, caps)
+    assert abs(fid["style_energy"].mean().item() - 1.5) < 0.1  # K / 2 nats for N(0, 1) styles
+    assert abs(fid["residual"].mean().item() - 1.0) < 0.05  # the data's own noise
+    moved = data + 2.0 * world.directions[1][None, :, None, None]  # 2 sd along one style
+    gap = world.fidelity(moved, caps)["style_energy"].mean().item() - fid["style_energy"].mean().item()
+    assert abs(drift_sd(gap) - 2.0) < 0.1
+    noisy = data + 0.3 * torch.randn(data.shape, generator=g)  # as much extra noise again
+    assert abs(world.fidelity(noisy, caps)["residual"].mean().item() - math.sqrt(2)) < 0.05

@@ -65,7 +65,7 @@ def test_reference_pass_leaves_adapter_untouched(tmp_path, world_data):
     changed = [k for k, v in trainer.adapter.state_dict().items() if not torch.equal(v, before[k])]
     assert changed  # training moved the adapter ...
     g = torch.Generator().manual_seed(0)
-    inp, users, eps = trainer._inputs(trainer.train, torch.arange(4), g, 0.0)
+    inp, users, _, eps = trainer._inputs(trainer.train, torch.arange(4), g, 0.0)
     snapshot = {k: v.clone() for k, v in trainer.adapter.state_dict().items()}
     with torch.no_grad(), trainer.binding.adapter_off():
         trainer.unet(**inp)
@@ -168,7 +168,7 @@ def test_final_adapter_personalises_through_the_node_loader(tmp_path, world_data
     adapter = load_adapter(path)
     summary = adapter.config.training
     assert summary["steps"] == 4 and summary["beta"] == 100.0 and summary["embedder"] == "pairdiff:synthetic-phi"
-    assert "data_hash" in summary and "val_loss" in summary
+    assert "data_hash" in summary and "val_pairs_loss" in summary["last"]
     unet = build_tiny_stage_c(seed=0)
     binding = PPDBinding(unet, adapter)
     inputs = stage_c_inputs(batch=1, size=4)
@@ -177,7 +177,7 @@ def test_final_adapter_personalises_through_the_node_loader(tmp_path, world_data
         with binding.user(adapter(embeddings["seen00"].tokens)):
             personal = unet(**inputs).sample
     assert (personal - base).abs().max() > 1e-4
-    assert (tmp_path / "run" / "train_log.jsonl").read_text().count('"val_loss"') >= 1
+    assert (tmp_path / "run" / "train_log.jsonl").read_text().count('"val_pairs_loss"') >= 1
 
 
 def test_bad_configs_and_data(tmp_path, world_data):
