@@ -20,6 +20,15 @@ from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_sa
 METADATA_KEY = "ppd_dpo_data"
 
 
+def tensor_digest(*tensors: torch.Tensor, extra: str = "") -> str:
+    """Short content hash of tensors (and a string): tells a resumed run whether its inputs are still the same."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(extra.encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class DPOData:
     latents_w: torch.Tensor  # [P, 16, h, w] preferred
@@ -66,11 +75,8 @@ class DPOData:
                        self.pooled, self.user_ids, self.info)
 
     def digest(self) -> str:
-        h = hashlib.sha256()
-        for t in (self.latents_w, self.latents_l, self.caption_idx, self.user_idx, self.text, self.pooled):
-            h.update(t.contiguous().numpy().tobytes())
-        h.update(json.dumps(self.user_ids).encode())
-        return h.hexdigest()[:16]
+        return tensor_digest(self.latents_w, self.latents_l, self.caption_idx, self.user_idx, self.text, self.pooled,
+                             extra=json.dumps(self.user_ids))
 
     def user_tokens(self, table: dict[str, UserEmbedding]) -> tuple[torch.Tensor, str]:
         """Stack the users' embeddings in this data's user order -> ([U, T, D], embedder id)."""

@@ -17,7 +17,7 @@ import torch
 
 from .adapter import AdapterConfig, PPDAdapter, read_adapter_config, save_adapter
 from .checkpoint import load_latest, prune_checkpoints, save_checkpoint
-from .dpo_data import DPOData
+from .dpo_data import DPOData, tensor_digest
 from .errors import PPDError
 from .guards import check_finite_parameters
 from .loss import dpo_loss
@@ -215,6 +215,7 @@ class Trainer:
         self.data_hash = data.digest()  # hashes every latent: once per run, not per checkpoint
         # [U, T, D], or [U, V, T, D]: V embeddings ("views") per user from disjoint pair sets; one is drawn per pair
         self.user_tokens = (user_tokens if user_tokens.dim() == 4 else user_tokens[:, None]).float()
+        self.users_hash = tensor_digest(self.user_tokens)  # resuming with re-made embeddings is another run
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
@@ -414,7 +415,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _state_meta(self) -> dict:
         return {"step": self.step, "cursor": self.cursor, "nan_run": self.nan_run, "config": self.cfg.resume_key(),
-                "data": self.data_hash, "scheduler": {"last_epoch": self.scheduler.last_epoch},
+                "data": self.data_hash, "users": self.users_hash,
+                "scheduler": {"last_epoch": self.scheduler.last_epoch},
                 "best": self.best, "bad_rounds": self.bad_rounds, "last": self.last}
 
     def save_checkpoint(self) -> Path:
@@ -433,6 +435,9 @@ class Trainer:
         if meta["data"] != self.data_hash and not force:
             raise PPDError(f"{path} was trained on other data ({meta['data']} vs {self.data_hash}). Resume with "
                            "the same data, use another out_dir, or pass --force.")
+        if meta.get("users", self.users_hash) != self.users_hash and not force:
+            raise PPDError(f"{path} was trained with other user embeddings (the embedding table was re-made or "
+                           "changed). Resume with the same table, use another out_dir, or pass --force.")
         old, new = meta["config"], self.cfg.resume_key()
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed and not force:

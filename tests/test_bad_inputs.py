@@ -261,6 +261,20 @@ def case_summary_json(ctx: Ctx) -> None:
     assert again["steps"] == 3 and again["final_loss"] == first["final_loss"] is not None
 
 
+def case_resume_other_embeddings(ctx: Ctx) -> str:
+    import shutil
+
+    from ppd_train.embedding import UserEmbedding, load_embedding_table, save_embedding_table
+
+    users = ctx.tmp / "users.safetensors"
+    shutil.copy(ctx.files / "users.safetensors", users)
+    assert ctx.cli(*ctx.fit_args(None, f"embeddings={users}"))[0] == 0
+    table, info = load_embedding_table(users)
+    save_embedding_table(users, {u: UserEmbedding(e.tokens * 1.5, e.embedder, e.meta) for u, e in table.items()},
+                         info)  # the same users embedded again, into the same file
+    return cli_refused(ctx, *ctx.fit_args(None, f"embeddings={users}", "max_steps=5"))
+
+
 def case_truncated_newest(ctx: Ctx) -> None:
     assert ctx.cli(*ctx.fit_args())[0] == 0
     ckpts = sorted((ctx.tmp / "run" / "checkpoints").glob("step-*.safetensors"))
@@ -703,6 +717,10 @@ CASES = [
     Case("summary-never-nan", "a finished fit whose adapter was deleted, rerun", "CLI", "handled",
          "adapter rewritten from the last checkpoint with the same summary; metadata is always valid JSON (never NaN)",
          case_summary_json),
+    Case("resume-other-embeddings", "resuming a fit after its embedding table was re-made", "CLI", "refused",
+         "…/run/checkpoints/step-00000003.safetensors was trained with other user embeddings (the embedding table "
+         "was re-made or changed). Resume with the same table, use another out_dir, or pass --force.",
+         case_resume_other_embeddings),
     Case("truncated-newest-checkpoint", "the newest checkpoint cut short (a copy, a disk error)", "CLI", "handled",
          "warning, then resumes from the older checkpoint", case_truncated_newest),
     Case("truncated-only-checkpoint", "the only checkpoint cut short", "CLI", "refused",
