@@ -178,7 +178,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
                       tuple(data.latents_w.shape[1:]))  # type: ignore[arg-type]
     metrics = evaluate_users(binding, cond, users, load_reward(cfg.reward), set(data.user_ids), cfg.samples,
                              cfg.seed, cfg.steps)
-    text = json.dumps(metrics, indent=2)
+    from .safetensors_io import dumps_json
+
+    text = dumps_json(metrics, sort_keys=False, indent=2)
     if cfg.out:
         from pathlib import Path
 

@@ -15,7 +15,7 @@ import torch
 
 from .embedding import UserEmbedding
 from .errors import PPDError
-from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_safetensors
+from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
 
 METADATA_KEY = "ppd_dpo_data"
 
@@ -90,8 +90,8 @@ class DPOData:
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {k: getattr(self, k) for k in ("latents_w", "latents_l", "caption_idx", "user_idx", "text", "pooled")}
-        atomic_save_safetensors(tensors, path, {METADATA_KEY: json.dumps({"user_ids": self.user_ids,
-                                                                         "info": self.info})})
+        atomic_save_safetensors(tensors, path, {METADATA_KEY: dumps_json({"user_ids": self.user_ids,
+                                                                          "info": self.info}, sort_keys=False)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DPOData:

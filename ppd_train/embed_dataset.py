@@ -7,7 +7,6 @@ done the parts are merged into the table and removed. Under ``accelerate launch`
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 from .embedding import UserEmbedding, load_embedding_table, save_embedding_table
 from .errors import PPDError
 from .pairs import PairError, PreferencePair, select_pairs
-from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_safetensors
+from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
 
 PART_KEY = "ppd_embedding_part"
 
@@ -90,7 +89,7 @@ def embed_users(users: dict[str, list[PreferencePair]], embedder: Embedder, out:
         index = len(list(parts.glob(f"part-{rank:03d}-*.safetensors")))
         atomic_save_safetensors({f"u{i}": e.tokens for i, e in enumerate(embs)},
                                 parts / f"part-{rank:03d}-{index:06d}.safetensors",
-                                {PART_KEY: json.dumps({"settings": settings, "users": [e.meta for e in embs]})})
+                                {PART_KEY: dumps_json({"settings": settings, "users": [e.meta for e in embs]})})
         bar.update(len(batch))
         if progress is not None:
             progress(len(batch))

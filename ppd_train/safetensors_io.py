@@ -21,9 +21,10 @@ from .guards import json_safe
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 
 
-def dumps_json(obj) -> str:
-    """JSON for file metadata: always valid JSON (NaN/inf become null), keys sorted for stable bytes."""
-    return json.dumps(json_safe(obj), sort_keys=True, allow_nan=False)
+def dumps_json(obj, sort_keys: bool = True, indent: int | None = None) -> str:
+    """JSON for files: always valid JSON (NaN/inf become null, which strict readers accept), by default with sorted
+    keys for stable bytes."""
+    return json.dumps(json_safe(obj), sort_keys=sort_keys, indent=indent, allow_nan=False)
 
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "-", socket.gethostname()) or "host"

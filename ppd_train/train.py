@@ -7,7 +7,6 @@ the optimizer, the scheduler and the data cursor — as safetensors, written ato
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ from .dpo_data import DPOData, tensor_digest
 from .errors import PPDError
 from .guards import check_finite_parameters
 from .loss import dpo_loss
+from .safetensors_io import dumps_json
 from .schedule import add_noise
 from .stage_c import PPDBinding, clip_image_dim, stage_c_info
 
@@ -142,7 +142,7 @@ class _Logger:
         if not self.main:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.write(dumps_json({"step": step, **values}, sort_keys=False) + "\n")  # a skipped step's NaN: null
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)

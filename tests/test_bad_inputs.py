@@ -353,6 +353,27 @@ def case_eval_out_unwritable(ctx: Ctx) -> str:
         sys.modules.pop("rewards_bad_inputs", None)
 
 
+def case_log_never_nan(ctx: Ctx) -> None:
+    from ppd_train.dpo_data import DPOData
+    from ppd_train.embedding import load_embedding_table
+    from ppd_train.stage_c import load_stage_c
+    from ppd_train.train import TrainConfig, Trainer
+
+    data = DPOData.load(ctx.files / "data.safetensors")
+    tokens, embedder = data.user_tokens(load_embedding_table(ctx.files / "users.safetensors")[0])
+    cfg = TrainConfig(out_dir=str(ctx.tmp / "run"), max_steps=4, batch_size=4, log_every=1, max_nan_steps=2,
+                      tensorboard=False)
+    trainer = Trainer(cfg, load_stage_c(ctx.files / "stage_c"), data, tokens, embedder, show_progress=False)
+    trainer.cfg.beta = float("nan")  # the loss goes NaN (validate refuses such a beta: poisoned after it)
+    refused(trainer.run)
+
+    def strict(token):
+        raise AssertionError(f"{token} in train_log.jsonl")
+
+    lines = (ctx.tmp / "run" / "train_log.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line, parse_constant=strict)["loss"] is None for line in lines)
+
+
 def case_bin_only(ctx: Ctx) -> str:
     from ppd_train.stage_c import load_stage_c
     from ppd_train.tiny import build_tiny_stage_c
@@ -746,6 +767,9 @@ CASES = [
     Case("eval-out-unwritable", "`eval` writing its metrics where this user may not write", "CLI", "refused",
          'Permission denied: /sys/ppd-metrics.json. Choose a location you can write, or '
          'fix its permissions.', case_eval_out_unwritable),
+    Case("log-never-nan", "steps whose loss is NaN, in train_log.jsonl", "API", "handled",
+         "logged as null: every line stays valid JSON (so do metrics.json and every file's metadata)",
+         case_log_never_nan),
     Case("stage-c-bin-only", "a diffusers Stage C folder holding only `.bin`", "CLI", "refused",
          '…/stage_c_bin has no .safetensors weights (it has diffusion_pytorch_model.bin: pickled '
          'weights, which can run code); PPD loads Stage C weights from safetensors only. Download the '
