@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..ppd_train.adapter import load_adapter
 from . import folders
+from .checks import check_strength, strength_problem
 from .sockets import ADAPTER, CATEGORY, EMBEDDING, NamedAdapter, tip
 
 
@@ -71,7 +72,14 @@ class PPDApplyAdapter:
         return {"required": {"model": ("MODEL", tip("The Stage C MODEL (stable_cascade_stage_c or lite)."))}
                 | _user_inputs() | _strength_inputs()}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, weight=None, start_percent=None, end_percent=None):
+        # ComfyUI skips its own min/max check for inputs named here, so this checks those too; linked values arrive
+        # as None here and are checked when the node runs
+        return strength_problem(_strength_inputs(), weight, start_percent, end_percent) or True
+
     def apply(self, model, ppd_adapter, user_embedding, weight, start_percent, end_percent):
+        check_strength(_strength_inputs(), weight, start_percent, end_percent)
         from .stage_c_patch import apply_adapter
 
         return (apply_adapter(model, ppd_adapter, user_embedding, weight, start_percent, end_percent),)
@@ -106,10 +114,17 @@ class PPDStageCSampler:
             **_strength_inputs(),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, weight=None, start_percent=None, end_percent=None):
+        # ComfyUI skips its own min/max check for inputs named here, so this checks those too; linked values arrive
+        # as None here and are checked when the node runs
+        return strength_problem(_strength_inputs(), weight, start_percent, end_percent) or True
+
     def sample(self, model, ppd_adapter, user_embedding, positive, negative, latent_image, seed, steps, cfg,
                sampler_name, scheduler, denoise, weight, start_percent, end_percent):
         from nodes import common_ksampler  # ComfyUI's own KSampler path (top-level 'nodes' is ComfyUI's module)
 
+        check_strength(_strength_inputs(), weight, start_percent, end_percent)
         from .stage_c_patch import apply_adapter
 
         patched = apply_adapter(model, ppd_adapter, user_embedding, weight, start_percent, end_percent)

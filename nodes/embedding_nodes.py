@@ -10,6 +10,7 @@ from ..ppd_train.errors import PPDError
 from . import folders
 from .sockets import CATEGORY, EMBEDDING, tip
 
+_MAX_PART, _MAX_PREFIX = 200, 1000  # bytes per name (file systems allow 255, minus the counter), whole prefix
 _NAME = re.compile(r"^[\w\-. ]+(/[\w\-. ]+)*$")
 
 
@@ -19,6 +20,11 @@ def next_free_path(folder: Path, prefix: str) -> Path:
     if not prefix or not _NAME.match(prefix) or any(part in ("..", ".") for part in prefix.split("/")):
         raise PPDError(f"File name prefix {prefix!r} is not allowed; use letters, digits, '-', '_', '.', spaces and "
                        "'/' for sub-folders, e.g. 'artists/anna'.")
+    long = [part for part in prefix.split("/") if len(part.encode()) > _MAX_PART]
+    if long or len(prefix) > _MAX_PREFIX:
+        raise PPDError(f"File name prefix is too long ({len(prefix)} characters{', one name' if long else ''}); file "
+                       f"systems refuse longer names. Keep each folder or file name under {_MAX_PART} characters and "
+                       f"the whole prefix under {_MAX_PREFIX}.")
     base = folders.inside(folder, prefix)
     base.parent.mkdir(parents=True, exist_ok=True)
     taken = {p.name for p in base.parent.glob(f"{base.name}_*.safetensors")}

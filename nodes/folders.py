@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from ..ppd_train.errors import PPDError
+from ..ppd_train.paths import confined
 
 ADAPTERS, EMBEDDINGS, LLM, PAIRS = "ppd_adapters", "ppd_embeddings", "LLM", "ppd_pairs"
 WEIGHT_EXTENSIONS = {".safetensors"}
@@ -45,15 +46,9 @@ def roots(kind: str) -> list[Path]:
 
 
 def inside(root: Path, name: str) -> Path:
-    """``root / name``, refusing names that climb out of ``root`` (``..``, absolute paths, drive letters)."""
-    if not name or "\x00" in name:
-        raise PPDError("Empty file name. Pick an entry from the list.")
-    root_abs = Path(os.path.abspath(root))
-    path = Path(os.path.abspath(root_abs / name))
-    if Path(name).is_absolute() or Path(name).drive or not path.is_relative_to(root_abs):
-        raise PPDError(f"{name!r} points outside {root_abs}. Only files inside ComfyUI's own folders can be used; "
-                       "move the file there and pick it from the list.")
-    return path
+    """``root / name``, refusing names that climb out of ``root`` (``..``, absolute paths, drive letters, NUL)."""
+    return confined(root, name, "File name", "only files inside ComfyUI's own folders can be used: move the file "
+                    "there and pick it from the list")
 
 
 def find(kind: str, name: str, what: str, search: list[Path] | None = None) -> Path:

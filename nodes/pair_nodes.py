@@ -50,6 +50,9 @@ def comfy_images_to_pil(images) -> list[Image.Image]:
     """ComfyUI IMAGE ``[B, H, W, C]`` floats in 0..1 -> 8-bit RGB PIL images."""
     if images is None or getattr(images, "dim", lambda: 0)() != 4:
         raise PairError("Expected an IMAGE batch [batch, height, width, channels]; connect an image output.")
+    if not bool(images.isfinite().all()):
+        raise PairError("The IMAGE batch holds NaN/inf values (a node upstream produced them); fix that node, or "
+                        "load the images from files.")
     arr = (images.detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)

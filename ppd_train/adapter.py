@@ -16,7 +16,6 @@ This module knows no model framework. ``stage_c.py`` binds it to diffusers, ``no
 
 from __future__ import annotations
 
-import json
 import os
 import typing
 from collections.abc import Callable
@@ -26,7 +25,8 @@ import torch
 from torch import nn
 
 from .errors import FileFormatError, IncompatibleError
-from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_safetensors
+from .guards import non_finite
+from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
 
 FORMAT_NAME = "ppd-adapter"
 FORMAT_VERSION = 1
@@ -34,6 +34,9 @@ METADATA_KEY = "ppd_adapter"
 
 # Attention-block layout of the released Stage C checkpoints: kind -> (width, heads, block count).
 KNOWN_STAGE_C = {"lite": (1536, 24, 32), "full": (2048, 32, 64)}
+# Sane upper bounds for sizes read from a file's metadata, checked before anything is allocated (a damaged or hostile
+# header could otherwise ask for terabytes): far above any real Stage C or VLM.
+MAX_BLOCKS, MAX_WIDTH, MAX_TOKENS = 1024, 65536, 4096
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class AdapterConfig:
         d = asdict(self)
         d.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, stage_c_kind=self.stage_c.kind,
                  block_count=len(self.block_widths))
-        return json.dumps(d, sort_keys=True)
+        return dumps_json(d)
 
     @classmethod
     def from_dict(cls, d: dict, path: str | os.PathLike = "<adapter>") -> AdapterConfig:
@@ -106,11 +109,23 @@ class AdapterConfig:
                 f"{FORMAT_VERSION}. Update the PPD pack."
             )
         try:
-            return cls(block_widths=tuple(d["block_widths"]), block_heads=tuple(d["block_heads"]),
-                       embed_dim=int(d["embed_dim"]), num_tokens=int(d["num_tokens"]), proj_dim=int(d["proj_dim"]),
-                       embedder=str(d.get("embedder", "unknown")), training=dict(d.get("training") or {}))
+            sizes = {"embed_dim": (d["embed_dim"], MAX_WIDTH), "num_tokens": (d["num_tokens"], MAX_TOKENS),
+                     "proj_dim": (d["proj_dim"], MAX_WIDTH)}
+            widths, heads = list(d["block_widths"]), list(d["block_heads"])
+            sizes.update({f"block_widths[{i}]": (w, MAX_WIDTH) for i, w in enumerate(widths)})
+            sizes.update({f"block_heads[{i}]": (h, MAX_WIDTH) for i, h in enumerate(heads)})
+            for key, (value, top) in sizes.items():
+                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+                    raise ValueError(f"{key} = {value!r} is not a whole number between 0 and {top}")
+            if len(widths) > MAX_BLOCKS:
+                raise ValueError(f"{len(widths)} blocks (at most {MAX_BLOCKS})")
+            return cls(block_widths=tuple(widths), block_heads=tuple(heads), embed_dim=d["embed_dim"],
+                       num_tokens=d["num_tokens"], proj_dim=d["proj_dim"], embedder=str(d.get("embedder", "unknown")),
+                       training=dict(d.get("training") or {}))
         except (KeyError, TypeError, ValueError) as e:
-            raise FileFormatError(f"{path}: adapter metadata is incomplete or damaged ({e!r}).") from None
+            detail = str(e) if isinstance(e, ValueError) else repr(e)
+            raise FileFormatError(f"{path}: adapter metadata is incomplete or damaged ({detail}). The file was edited "
+                                  "or damaged; export it again with ppd-train.") from None
 
 
 @dataclass
@@ -216,6 +231,10 @@ def save_adapter(adapter: PPDAdapter, path: str | os.PathLike, training: dict | 
     config = adapter.config
     if training is not None:
         config = AdapterConfig(**{**asdict(config), "training": training})
+    bad = non_finite(adapter.state_dict())
+    if bad:
+        raise FileFormatError(f"Not saving {path}: the adapter's weights hold NaN/inf ({', '.join(bad[:3])}). "
+                              "Training diverged; lower lr or beta and train again.")
     atomic_save_safetensors(dict(adapter.state_dict()), path, {"format": FORMAT_NAME, METADATA_KEY: config.to_json()})
 
 
@@ -229,16 +248,24 @@ def load_adapter(path: str | os.PathLike, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> PPDAdapter:
     """Load an adapter file; the tensors must match its own metadata exactly (else the file is damaged)."""
     config, tensors = read_adapter_config(path)
-    adapter = PPDAdapter(config)
-    expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    with torch.device("meta"):  # shapes only: nothing is allocated before the metadata agrees with the tensors
+        expected = {k: tuple(v.shape) for k, v in PPDAdapter(config).state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != found:
-        missing = sorted(set(expected) - set(found))[:3]
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])[:3]
+        problems = [f"{label} {keys[:3]}" for label, keys in (
+            ("missing", sorted(set(expected) - set(found))),
+            ("unexpected", sorted(set(found) - set(expected))),
+            ("wrong shape", sorted(k for k in set(expected) & set(found) if expected[k] != found[k]))) if keys]
         raise FileFormatError(
-            f"{path}: tensors do not match the adapter's own metadata (missing {missing}, wrong shape {wrong}). "
+            f"{path}: tensors do not match the adapter's own metadata ({'; '.join(problems)}). "
             "The file is damaged or was edited; export it again."
         )
+    bad = non_finite(tensors)
+    if bad:
+        raise FileFormatError(f"{path}: the adapter's weights hold NaN/inf ({', '.join(bad[:3])}); it would turn every "
+                              "image into noise. It comes from a training run that diverged: train it again with a "
+                              "lower lr or beta.")
+    adapter = PPDAdapter(config)
     adapter.load_state_dict(tensors)
     return adapter.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from .errors import FileFormatError
-from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_safetensors
+from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
 
 METADATA_KEY = "ppd_checkpoint"
 
@@ -30,12 +31,43 @@ def save_checkpoint(path: str | os.PathLike, adapter: torch.nn.Module, optimizer
             else:
                 scalars[f"{i}.{k}"] = v
     meta = {**meta, "optimizer": {"param_groups": state["param_groups"], "scalars": scalars}}
-    atomic_save_safetensors(tensors, path, {METADATA_KEY: json.dumps(meta)})
+    atomic_save_safetensors(tensors, path, {METADATA_KEY: dumps_json(meta)})
+
+
+_DAMAGED = ("delete it and rerun the same command: the run resumes from the checkpoint before it, or starts over "
+            "when there is none")
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, metadata = read_safetensors(path, "training checkpoint", advice=_DAMAGED)
+    return tensors, read_json_metadata(metadata, METADATA_KEY, path, "training checkpoint")
 
 
 def load_checkpoint(path: str | os.PathLike, adapter: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    tensors, metadata = read_safetensors(path, "training checkpoint")
-    meta = read_json_metadata(metadata, METADATA_KEY, path, "training checkpoint")
+    return _apply(path, *_read(path), adapter, optimizer)
+
+
+def load_latest(folder: str | os.PathLike, adapter: torch.nn.Module,
+                optimizer: torch.optim.Optimizer) -> tuple[Path, dict] | None:
+    """Load the newest readable checkpoint. A damaged newest one (a copy cut short, a disk error) is skipped with a
+    warning for the one before it: checkpoints are written atomically, so damage means something outside PPD."""
+    found = _checkpoints(Path(folder))
+    for newer, path in zip([None, *found[::-1]], found[::-1]):
+        try:
+            tensors, meta = _read(path)
+        except FileFormatError as e:
+            if path == found[0]:
+                raise
+            print(f"warning: skipping a damaged checkpoint: {e}", file=sys.stderr)
+            continue
+        if newer is not None:
+            print(f"warning: resuming from the older checkpoint {path.name}", file=sys.stderr)
+        return path, _apply(path, tensors, meta, adapter, optimizer)
+    return None
+
+
+def _apply(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict, adapter: torch.nn.Module,
+           optimizer: torch.optim.Optimizer) -> dict:
     try:
         adapter.load_state_dict({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
     except RuntimeError as e:
@@ -58,6 +90,17 @@ def load_checkpoint(path: str | os.PathLike, adapter: torch.nn.Module, optimizer
 
 def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("step-*.safetensors")) if folder.is_dir() else []
+
+
+def read_meta(path: str | os.PathLike) -> dict | None:
+    """A checkpoint's run metadata (step, config) without reading its tensors; None when unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})[METADATA_KEY])
+    except Exception:  # damaged: load_latest reports it properly
+        return None
 
 
 def find_latest(folder: str | os.PathLike) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -55,7 +56,10 @@ def _cmd_embed(args: argparse.Namespace) -> None:
         from .embedders.pairdiff import PairDifferenceEmbedder
 
         embedder = PairDifferenceEmbedder.from_clip(args.clip, device=device, dtype=dtype)
-    users = load_users(args.pairs)
+    problems: list[str] = []
+    users = load_users(args.pairs, problems)  # unreadable sources are listed, not fatal: the others still embed
+    for problem in problems:
+        print(f"note: skipped: {problem}", file=sys.stderr)
     table = embed_users(users, embedder, args.out, n_pairs=args.n_pairs, select=args.select, seed=args.seed,
                         batch_users=args.batch_size, accelerator=accelerator, show_progress=not args.quiet)
     print(f"{len(table)} user embeddings -> {args.out}")
@@ -87,10 +91,10 @@ def _load(cls, args: argparse.Namespace):
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
-    from .dpo_data import DPOData
-    from .embedding import load_embedding_table
-    from .stage_c import load_stage_c
-    from .train import TrainConfig, Trainer
+    import os
+    from contextlib import nullcontext
+
+    from .train import TrainConfig
 
     cfg = _load(TrainConfig, args)
     if cfg is None:
@@ -99,18 +103,59 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         if not getattr(cfg, key):
             raise PPDError(f"Config key '{key}' is required for fit (set it in the config or with --set {key}=...).")
     cfg.validate()
+    from .run_lock import out_dir_lock
+
+    # under torchrun / accelerate launch only the main process writes (and locks) the out_dir
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with out_dir_lock(cfg.out_dir) if main_process else nullcontext():
+        _fit(cfg, args)
+
+
+def _fit(cfg, args: argparse.Namespace) -> None:
+    import errno
+
+    from .checkpoint import find_latest
+    from .dpo_data import DPOData
+    from .embedding import load_embedding_table
+    from .stage_c import load_stage_c
+    from .train import Trainer
+
     data = DPOData.load(cfg.data)
     table, _ = load_embedding_table(cfg.embeddings)
     tokens, embedder_id = data.user_tokens(table)
     unet = load_stage_c(cfg.stage_c, config=cfg.stage_c_config or None)
+    data.check_fits(unet.config, cfg.data, cfg.stage_c)
     trainer = Trainer(cfg, unet, data, tokens, embedder_id, show_progress=not args.quiet)
-    out = trainer.run(resume=not args.no_resume, force=args.force)
+
+    def resume_hint() -> str:
+        latest = find_latest(trainer.out_dir / "checkpoints")
+        saved = f"the last checkpoint is {latest.name}" if latest else "no checkpoint was written yet"
+        return f"stopped at step {trainer.step} ({saved}). Rerun the same command to resume."
+
+    try:
+        out = trainer.run(resume=not args.no_resume, force=args.force)
+    except KeyboardInterrupt:
+        raise Stopped(f"Interrupted: {resume_hint()}") from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise PPDError(f"The disk holding {cfg.out_dir} is full: {resume_hint()} Free some space first "
+                           "(or lower keep_checkpoints).") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise PPDError(f"Cannot write in {cfg.out_dir} ({e.strerror}: {e.filename}): {resume_hint()} "
+                           "Fix the folder's permissions or set another out_dir.") from None
+        raise
     if trainer.acc.is_main_process:  # under accelerate launch / torchrun, say it once
         best = trainer.best
         if best is not None:
             print(f"selected step {best['step']} of {trainer.step} by {trainer.select_metric} = {best['value']:.4f} "
                   f"(held-out users: {len(trainer.heldout_ids)}); the last step is in adapter_last.safetensors")
         print(f"adapter -> {out}")
+
+
+class Stopped(PPDError):
+    """The user stopped the command (Ctrl+C); the exit status is the shell's usual 130."""
+
+    exit_code = 130
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -126,6 +171,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     data = DPOData.load(cfg.data)
     table, _ = load_embedding_table(cfg.embeddings)
     unet = load_stage_c(cfg.stage_c)
+    data.check_fits(unet.config, cfg.data, cfg.stage_c)
     adapter = load_adapter(cfg.adapter)
     binding = PPDBinding(unet, adapter)
     heldout = set(adapter.config.training.get("heldout_users", []))  # held out of training by fit
@@ -134,7 +180,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
                       tuple(data.latents_w.shape[1:]))  # type: ignore[arg-type]
     metrics = evaluate_users(binding, cond, users, load_reward(cfg.reward), set(data.user_ids) - heldout, cfg.samples,
                              cfg.seed, cfg.steps, heldout=heldout)
-    text = json.dumps(metrics, indent=2)
+    from .safetensors_io import dumps_json
+
+    text = dumps_json(metrics, sort_keys=False, indent=2)
     if cfg.out:
         from pathlib import Path
 
@@ -175,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppd-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("size", help="adapter parameter counts for the released Stage C lite and full")
-    p.add_argument("--embed-dim", type=int, default=3584, help="user-embedding width (3584: LLaVA-OV 7B, 896: 0.5B)")
-    p.add_argument("--tokens", type=int, default=29, help="user-embedding tokens")
+    p.add_argument("--embed-dim", type=_positive, default=3584,
+                   help="user-embedding width (3584: LLaVA-OV 7B, 896: 0.5B)")
+    p.add_argument("--tokens", type=_positive, default=29, help="user-embedding tokens")
     p.set_defaults(func=_cmd_size)
     p = sub.add_parser("inspect", help="print an adapter file's metadata")
     p.add_argument("file")
@@ -189,11 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="local CLIP vision folder: pair-difference embedder")
     p.add_argument("--mode", default="direct", choices=["direct", "cot"], help="VLM mode (default: direct)")
     p.add_argument("--layers", default="all", help="VLM layers: all, last, or e.g. -1,-8 (default: all)")
-    p.add_argument("--n-pairs", type=int, default=4, help="pairs per user embedding (default: 4)")
+    p.add_argument("--n-pairs", type=_positive, default=4, help="pairs per user embedding (default: 4)")
     p.add_argument("--select", default="random", choices=["random", "first"], help="which pairs (default: random)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4, help="users per forward pass")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="chain-of-thought generation length")
+    p.add_argument("--batch-size", type=_positive, default=4, help="users per forward pass")
+    p.add_argument("--max-new-tokens", type=_positive, default=1024, help="chain-of-thought generation length")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if _cuda() else "float32", choices=sorted(_DTYPES))
     p.add_argument("--accelerate", action="store_true", help="split users over the processes of `accelerate launch`")
@@ -207,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", help="embedding table from `ppd-train embed`: keeps its users, drops their "
                    "embedding pairs")
     p.add_argument("--out", required=True, help="DPO data file (.safetensors)")
-    p.add_argument("--image-size", type=int, default=768, help="effnet input size (768 -> 24x24 latents)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=_positive, default=768, help="effnet input size (768 -> 24x24 latents)")
+    p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--quiet", action="store_true")
@@ -234,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    """argparse type for counts and sizes: a whole number >= 1 (0 would divide by zero or select nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _cuda() -> bool:
     import torch
 
@@ -246,7 +306,21 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PPDError as e:
         print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:  # fit says more (its step); embed and prepare resume or reuse their work when rerun
+        print("error: interrupted. Rerun the same command to continue.", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno not in _OS_HINTS:
+            raise
+        print(f"error: {e.strerror}: {e.filename or ''}. {_OS_HINTS[e.errno]}", file=sys.stderr)
         return 2
+
+
+_OS_HINTS = {errno.ENOSPC: "Free some disk space and rerun the same command.",
+             errno.EACCES: "Choose a location you can write, or fix its permissions.",
+             errno.EPERM: "Choose a location you can write, or fix its permissions.",
+             errno.EROFS: "That file system is read-only; choose another location."}
 
 
 if __name__ == "__main__":

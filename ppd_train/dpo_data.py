@@ -15,9 +15,18 @@ import torch
 
 from .embedding import UserEmbedding
 from .errors import PPDError
-from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_safetensors
+from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
 
 METADATA_KEY = "ppd_dpo_data"
+
+
+def tensor_digest(*tensors: torch.Tensor, extra: str = "") -> str:
+    """Short content hash of tensors (and a string): tells a resumed run whether its inputs are still the same."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(extra.encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -37,9 +46,26 @@ class DPOData:
             raise PPDError("The training data has no usable pairs (all ties or empty). Check the dataset.")
         if self.latents_l.shape != self.latents_w.shape or len(self.caption_idx) != p or len(self.user_idx) != p:
             raise PPDError("DPO data is inconsistent: latents, captions and users must have one entry per pair.")
+        for name, top in (("caption_idx", len(self.text)), ("user_idx", len(self.user_ids))):
+            idx = getattr(self, name)
+            bad_type = idx.dtype.is_floating_point or idx.dtype == torch.bool
+            if bad_type or bool((idx < 0).any()) or bool((idx >= top).any()):
+                raise PPDError(f"DPO data: '{name}' holds entries outside 0..{top - 1}; the file is damaged. "
+                               "Re-create it with `ppd-train prepare`.")
         for name in ("latents_w", "latents_l", "text", "pooled"):
             if not torch.isfinite(getattr(self, name)).all():
                 raise PPDError(f"DPO data: '{name}' contains NaN or infinite values; re-encode the dataset.")
+
+    def check_fits(self, unet_config, path: str | os.PathLike = "the data",
+                   stage_c: str | os.PathLike = "the Stage C") -> None:
+        """Refuse data encoded for another Stage C (latent channels, CLIP widths) before torch fails deep inside."""
+        want = {"latent channels": (self.latents_w.shape[1], unet_config["in_channels"]),
+                "CLIP text width": (self.text.shape[-1], unet_config["clip_text_in_channels"]),
+                "pooled CLIP text width": (self.pooled.shape[-1], unet_config["clip_text_pooled_in_channels"])}
+        wrong = [f"{k} {have} (Stage C takes {need})" for k, (have, need) in want.items() if int(have) != int(need)]
+        if wrong:
+            raise PPDError(f"{path} was encoded for another model than {stage_c}: {', '.join(wrong)}. Use the Stage C "
+                           "it was prepared for, or re-run `ppd-train prepare` with this model's text encoder.")
 
     def __len__(self) -> int:
         return int(self.latents_w.shape[0])
@@ -49,11 +75,8 @@ class DPOData:
                        self.pooled, self.user_ids, self.info)
 
     def digest(self) -> str:
-        h = hashlib.sha256()
-        for t in (self.latents_w, self.latents_l, self.caption_idx, self.user_idx, self.text, self.pooled):
-            h.update(t.contiguous().numpy().tobytes())
-        h.update(json.dumps(self.user_ids).encode())
-        return h.hexdigest()[:16]
+        return tensor_digest(self.latents_w, self.latents_l, self.caption_idx, self.user_idx, self.text, self.pooled,
+                             extra=json.dumps(self.user_ids))
 
     def user_tokens(self, table: dict[str, UserEmbedding]) -> tuple[torch.Tensor, str]:
         """Stack the users' embeddings in this data's user order -> ([U, T, D], embedder id)."""
@@ -67,8 +90,8 @@ class DPOData:
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {k: getattr(self, k) for k in ("latents_w", "latents_l", "caption_idx", "user_idx", "text", "pooled")}
-        atomic_save_safetensors(tensors, path, {METADATA_KEY: json.dumps({"user_ids": self.user_ids,
-                                                                         "info": self.info})})
+        atomic_save_safetensors(tensors, path, {METADATA_KEY: dumps_json({"user_ids": self.user_ids,
+                                                                          "info": self.info}, sort_keys=False)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DPOData:

@@ -7,7 +7,6 @@ done the parts are merged into the table and removed. Under ``accelerate launch`
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 from .embedding import UserEmbedding, load_embedding_table, save_embedding_table
 from .errors import PPDError
 from .pairs import PairError, PreferencePair, select_pairs
-from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_safetensors
+from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
 
 PART_KEY = "ppd_embedding_part"
 
@@ -55,14 +54,29 @@ def embed_users(users: dict[str, list[PreferencePair]], embedder: Embedder, out:
     parts = _parts_dir(out)
     settings = {"embedder": embedder.id, "n_pairs": n_pairs, "select": select, "seed": seed}
     chosen: dict[str, list[PreferencePair]] = {}
-    skipped = []
+    skipped, unreadable = [], {}
     for uid in sorted(users):
         try:
-            chosen[uid] = select_pairs(users[uid], n_pairs, select, seed, who=f"user {uid}")
+            picked = select_pairs(users[uid], n_pairs, select, seed, who=f"user {uid}")
         except PairError:
             skipped.append(uid)
+            continue
+        try:  # decode now: one bad image skips its user instead of stopping the batch (and the run) it falls in
+            for pair in picked:
+                pair.chosen.load()
+                pair.rejected.load()
+        except PairError as e:
+            unreadable[uid] = str(e)
+            continue
+        chosen[uid] = picked
+    if unreadable:
+        print(f"note: {len(unreadable)} user(s) skipped because an image of theirs cannot be read: "
+              + "; ".join(f"user {u}: {msg}" for u, msg in list(unreadable.items())[:10])
+              + (" ..." if len(unreadable) > 10 else ""))
     if not chosen:
-        raise PPDError(f"No user has {n_pairs} usable pairs ({len(users)} users read). Lower --n-pairs or add data.")
+        raise PPDError(f"No user has {n_pairs} usable pairs ({len(users)} users read"
+                       f"{f', {len(unreadable)} with unreadable images' if unreadable else ''}). Lower --n-pairs or "
+                       "add data.")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     parts.mkdir(parents=True, exist_ok=True)
     done = _read_parts(parts, settings)
@@ -75,7 +89,7 @@ def embed_users(users: dict[str, list[PreferencePair]], embedder: Embedder, out:
         index = len(list(parts.glob(f"part-{rank:03d}-*.safetensors")))
         atomic_save_safetensors({f"u{i}": e.tokens for i, e in enumerate(embs)},
                                 parts / f"part-{rank:03d}-{index:06d}.safetensors",
-                                {PART_KEY: json.dumps({"settings": settings, "users": [e.meta for e in embs]})})
+                                {PART_KEY: dumps_json({"settings": settings, "users": [e.meta for e in embs]})})
         bar.update(len(batch))
         if progress is not None:
             progress(len(batch))
@@ -84,7 +98,7 @@ def embed_users(users: dict[str, list[PreferencePair]], embedder: Embedder, out:
         accelerator.wait_for_everyone()
     if rank == 0:
         done = _read_parts(parts, settings)
-        info = {**settings, "skipped_users": skipped}
+        info = {**settings, "skipped_users": skipped, "unreadable_users": sorted(unreadable)}
         save_embedding_table(out, done, info)
         shutil.rmtree(parts)
         if skipped:

@@ -7,7 +7,6 @@ different models, modes or layers live in different spaces even when their shape
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import IncompatibleError
-from .safetensors_io import atomic_save_safetensors, read_json_metadata, read_safetensors
+from .guards import finite_number
+from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
 
 FORMAT_NAME = "ppd-user-embedding"
 FORMAT_VERSION = 1
@@ -48,7 +48,7 @@ class UserEmbedding:
     def save(self, path: str | os.PathLike) -> None:
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "embedder": self.embedder, **self.meta}
         atomic_save_safetensors({"tokens": self.tokens}, path, {"format": FORMAT_NAME,
-                                                                METADATA_KEY: json.dumps(meta, sort_keys=True)})
+                                                                METADATA_KEY: dumps_json(meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> UserEmbedding:
@@ -91,7 +91,7 @@ def interpolate(a: UserEmbedding, b: UserEmbedding, weight: float, method: str =
     check_compatible([a, b])
     if method not in ("lerp", "slerp"):
         raise IncompatibleError(f"Unknown interpolation {method!r}; use 'lerp' or 'slerp'.")
-    w = float(weight)
+    w = finite_number(weight, "Interpolation weight", 0.0, 1.0, "Use 0 (user A) to 1 (user B).")
     if w == 0.0:
         tokens = a.tokens.clone()
     elif w == 1.0:
@@ -109,10 +109,14 @@ def mix(embeddings: Sequence[UserEmbedding], weights: Sequence[float]) -> UserEm
         raise IncompatibleError(f"Give one weight per embedding ({len(embeddings)} embeddings, "
                                 f"{len(weights)} weights).")
     check_compatible(embeddings)
-    total = float(sum(weights))
-    if total <= 0 or any(w < 0 for w in weights):
-        raise IncompatibleError("Mix weights must be non-negative and not all zero.")
-    norm = [float(w) / total for w in weights]
+    ws = [finite_number(w, f"Mix weight {i + 1}", 0.0, None, "Give each user a share >= 0.") for i, w in
+          enumerate(weights)]
+    top = max(ws)
+    if top <= 0:
+        raise IncompatibleError("Mix weights are all zero; give at least one user a share above 0.")
+    ws = [w / top for w in ws]  # scaled first, so huge weights cannot overflow the sum
+    total = sum(ws)
+    norm = [w / total for w in ws]
     nonzero = [i for i, w in enumerate(norm) if w > 0]
     if len(nonzero) == 1:
         tokens = embeddings[nonzero[0]].tokens.clone()
@@ -139,7 +143,7 @@ def save_embedding_table(path: str | os.PathLike, embeddings: dict[str, UserEmbe
             "info": info or {}, "users": {u: embeddings[u].meta for u in ids}}
     # one metadata entry only: safetensors writes several in hash order, and a resumed run must give the same bytes
     atomic_save_safetensors({f"user/{u}": embeddings[u].tokens for u in ids}, path,
-                            {TABLE_KEY: json.dumps(meta, sort_keys=True)})
+                            {TABLE_KEY: dumps_json(meta)})
 
 
 def load_embedding_table(path: str | os.PathLike) -> tuple[dict[str, UserEmbedding], dict]:

@@ -10,20 +10,24 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import random
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import PPDError
+from .paths import confined
 
 MAX_PIXELS = 64_000_000  # refuse larger images: certainly not a real preference example, maybe a decompression bomb
 MAX_SIDE = 1536  # larger images are downscaled on load; every embedder works far below this
+MAX_IMAGE_BYTES = 256 * 2**20  # a larger file is no preference example; refused before it is read
 
 
 class PairError(PPDError):
@@ -43,6 +47,7 @@ class ImageRef:
         if self.data is not None:
             return self.data
         if self.path is not None:
+            self._check_size()
             try:
                 return self.path.read_bytes()
             except OSError as e:
@@ -51,19 +56,42 @@ class ImageRef:
         assert self.pil is not None
         return self.pil.tobytes() + repr((self.pil.mode, self.pil.size)).encode()
 
+    def _check_size(self) -> None:
+        assert self.path is not None
+        try:
+            size = self.path.stat().st_size
+        except OSError as e:
+            raise PairError(f"{self.where}: cannot read image {self.path} ({e.strerror}). Check the path.") from None
+        if size > MAX_IMAGE_BYTES:
+            raise PairError(f"{self.where}: {self.path} is {size / 2**20:.0f} MB, more than any preference image "
+                            f"needs (at most {MAX_IMAGE_BYTES // 2**20} MB); downscale or replace it.")
+
+    def check(self) -> None:
+        """The cheap check made when pairs are loaded: size, header and structure, without decoding the pixels."""
+        if self.pil is None:
+            self._decode(full=False)
+
     def load(self) -> Image.Image:
         """Decode to an 8-bit RGB image, refusing what cannot be a real preference image."""
         if self.pil is not None:
             return to_rgb(self.pil, self.where)
-        raw = self.raw_bytes()
+        return to_rgb(self._decode(full=True), self.where)
+
+    def _decode(self, full: bool) -> Image.Image:
+        if self.path is not None:
+            self._check_size()  # before reading anything: a 600 MB junk file is refused unread
+        source = io.BytesIO(self.raw_bytes()) if full or self.path is None else self.path
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(raw))
-                if img.width * img.height > MAX_PIXELS:
-                    raise PairError(f"{self.where}: image is {img.width}x{img.height}, larger than PPD accepts "
-                                    f"({MAX_PIXELS // 1_000_000} Mpx). Downscale it first.")
+                img = Image.open(source)  # reads the header only
+                _check_dims(img, self.where)
+                if not full:
+                    with img:
+                        img.verify()
+                    return img
                 img.load()
+                upright = ImageOps.exif_transpose(img)  # a phone photo as it was shown, not lying on its side
         except PairError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -72,7 +100,7 @@ class ImageRef:
             src = self.path or "embedded image bytes"
             raise PairError(f"{self.where}: {src} is not a readable image ({type(e).__name__}: {e}). "
                             "Replace the file or remove this pair.") from None
-        return to_rgb(img, self.where)
+        return upright
 
 
 def to_rgb(img: Image.Image, where: str = "") -> Image.Image:
@@ -90,9 +118,16 @@ def to_rgb(img: Image.Image, where: str = "") -> Image.Image:
         scale = MAX_SIDE / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         img = img.resize(size, Image.Resampling.LANCZOS)
+    _check_dims(img, where)
+    return img
+
+
+def _check_dims(img: Image.Image, where: str) -> None:
+    if img.width * img.height > MAX_PIXELS:
+        raise PairError(f"{where}: image is {img.width}x{img.height}, larger than PPD accepts "
+                        f"({MAX_PIXELS // 1_000_000} Mpx). Downscale it first.")
     if min(img.size) < 8:
         raise PairError(f"{where}: image is only {img.width}x{img.height} pixels; use a real picture (>= 8 px).")
-    return img
 
 
 @dataclass(frozen=True)
@@ -147,29 +182,39 @@ def split_user_pairs(pairs: Sequence[PreferencePair], n_embed: int, seed: int = 
 
 
 # ------------------------------------------------------------------------------------------------------------ folder
-def _inside(folder: Path, rel: str, where: str) -> Path:
-    if not rel:
-        raise PairError(f"{where}: empty image path. Give a path relative to the folder.")
-    path = (folder / rel).resolve()
-    if Path(rel).is_absolute() or not path.is_relative_to(folder.resolve()):
-        raise PairError(f"{where}: image path {rel!r} leaves the pair folder; use paths relative to {folder}.")
+def _inside(folder: Path, rel, where: str) -> Path:
+    try:
+        path = confined(folder, rel, f"{where}: image path", f"use a path relative to the pair folder {folder}")
+    except PPDError as e:
+        raise PairError(str(e)) from None
     if not path.is_file():
         raise PairError(f"{where}: image {rel!r} not found in {folder}. Fix the path or add the file.")
     return path
 
 
-def load_pair_folder(folder: str | os.PathLike) -> list[PreferencePair]:
-    """Pairs from ``pairs.jsonl`` or ``pairs.csv`` (columns ``prompt, chosen, rejected``, optional ``user_id``).
+def _read_text(path: Path) -> str:
+    """A pair file's text: UTF-8 (with or without the BOM Excel writes), else Windows-1252 (Excel's "CSV" on
+    Windows), which decodes nearly any byte string, so only when UTF-8 fails."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    try:
+        return raw.decode("cp1252")
+    except UnicodeDecodeError:
+        raise PairError(f"{path} is neither UTF-8 nor Windows-1252 text; save it as UTF-8 (in Excel: "
+                        "'CSV UTF-8').") from None
 
-    Image paths are relative to the folder and may not leave it.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PairError(f"Pair folder not found: {folder}.")
+
+def _rows(folder: Path) -> list[tuple[str, dict]]:
     jsonl, csv_path = folder / "pairs.jsonl", folder / "pairs.csv"
     rows: list[tuple[str, dict]] = []
+    if jsonl.is_file() and csv_path.is_file():
+        raise PairError(f"{folder} has both pairs.jsonl and pairs.csv; PPD would read only one of them. Keep one "
+                        "(merge the rows into it) and delete the other.")
     if jsonl.is_file():
-        for i, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
+        for i, line in enumerate(_read_text(jsonl).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -180,23 +225,59 @@ def load_pair_folder(folder: str | os.PathLike) -> list[PreferencePair]:
                 raise PairError(f"{jsonl} line {i}: expected a JSON object with prompt, chosen, rejected.")
             rows.append((f"{jsonl.name} line {i}", row))
     elif csv_path.is_file():
-        with csv_path.open(newline="", encoding="utf-8") as f:
-            for i, row in enumerate(csv.DictReader(f), start=2):
-                rows.append((f"{csv_path.name} row {i}", row))
+        reader = csv.DictReader(io.StringIO(_read_text(csv_path), newline=""))
+        for i, row in enumerate(reader, start=2):
+            if None in row or None in row.values():  # DictReader's marks for too many / too few fields
+                n = len(row) - (None in row) + len(row.get(None) or []) - sum(v is None for v in row.values())
+                raise PairError(f"{csv_path} row {i} has {n} field(s) but the header has {len(reader.fieldnames or [])}"
+                                f" ({', '.join(reader.fieldnames or [])}); quote fields that contain commas, and give "
+                                "every row all columns.")
+            rows.append((f"{csv_path.name} row {i}", row))
     else:
         raise PairError(f"{folder} has no pairs.jsonl or pairs.csv. Create one with the columns prompt, chosen, "
                         "rejected (image paths relative to the folder).")
     if not rows:
         raise PairError(f"{folder}: the pair file has no rows.")
-    pairs = []
-    for where, row in rows:
+    return rows
+
+
+def load_pair_folder(folder: str | os.PathLike) -> list[PreferencePair]:
+    """Pairs from ``pairs.jsonl`` or ``pairs.csv`` (columns ``prompt, chosen, rejected``, optional ``user_id``).
+
+    Image paths are relative to the folder and may not leave it. Every image is checked (size, header), and a row
+    whose two images are the same, or that repeats an earlier row, is refused: either would pass for a preference
+    that is not there.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PairError(f"Pair folder not found: {folder}.")
+    pairs: list[PreferencePair] = []
+    seen: dict[tuple, str] = {}
+    for where, row in _rows(folder):
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
         if missing:
             raise PairError(f"{folder / where}: missing field(s) {missing}; each row needs prompt, chosen, rejected.")
         loc = f"{folder.name}/{where}"
-        chosen = ImageRef(path=_inside(folder, str(row["chosen"]), loc), where=f"{loc} (chosen)")
-        rejected = ImageRef(path=_inside(folder, str(row["rejected"]), loc), where=f"{loc} (rejected)")
-        pairs.append(PreferencePair(str(row["prompt"]), chosen, rejected, str(row.get("user_id") or folder.name), loc))
+        prompt = row["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PairError(f"{loc}: 'prompt' is {'empty' if isinstance(prompt, str) else repr(prompt)}; give the "
+                            "prompt the two images were made for.")
+        chosen = ImageRef(path=_inside(folder, row["chosen"], loc), where=f"{loc} (chosen)")
+        rejected = ImageRef(path=_inside(folder, row["rejected"], loc), where=f"{loc} (rejected)")
+        chosen.check()
+        rejected.check()
+        user = row.get("user_id")
+        pair = PreferencePair(prompt, chosen, rejected, str(user) if user not in (None, "") else folder.name, loc)
+        images = (hashlib.sha256(chosen.raw_bytes()).digest(), hashlib.sha256(rejected.raw_bytes()).digest())
+        if images[0] == images[1]:
+            raise PairError(f"{loc}: 'chosen' and 'rejected' are the same image ({row['chosen']!r}, "
+                            f"{row['rejected']!r}); a pair needs two different images. Fix or delete the row.")
+        key = (pair.user_id, prompt, *images)
+        if key in seen:
+            raise PairError(f"{loc} repeats {seen[key]} (same prompt and images); a repeated pair would count twice. "
+                            "Delete one of them.")
+        seen[key] = where
+        pairs.append(pair)
     return pairs
 
 
@@ -204,17 +285,34 @@ def load_pair_folder(folder: str | os.PathLike) -> list[PreferencePair]:
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "user_id")
 
 
+def _label(value) -> float | None:
+    """A Pick-a-Pic label, or None when missing or not a finite number (NaN would make jpg_1 "win")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def load_pickapic(paths: str | os.PathLike | Iterable[str | os.PathLike],
-                  user_ids: Iterable[str | int] | None = None) -> dict[str, list[PreferencePair]]:
-    """Pairs grouped by user from Pick-a-Pic v2 parquet shards; ties, unlabeled and identical-image rows dropped."""
+                  user_ids: Iterable[str | int] | None = None,
+                  problems: list[str] | None = None) -> dict[str, list[PreferencePair]]:
+    """Pairs grouped by user from Pick-a-Pic v2 parquet shards.
+
+    Dropped, as carrying no preference: ties, unlabeled or NaN-labelled rows, rows whose two images are the same
+    bytes (whatever ``are_different`` says), and rows repeating an earlier pair of the same user. Rows with an
+    unreadable image are dropped too and reported (in ``problems`` when given, else as a warning on stderr) with the
+    file, row and user, so one bad image never stops a dataset. Row numbers are the file's own.
+    """
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
+    shard_paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
     wanted = None if user_ids is None else {str(u) for u in user_ids}
     users: dict[str, list[PreferencePair]] = {}
-    for path in map(Path, paths):
+    present: set[str] = set()
+    bad: list[str] = []
+    seen: set[tuple] = set()
+    for path in shard_paths:
         try:
             schema = pq.read_schema(path)
         except FileNotFoundError:
@@ -227,23 +325,52 @@ def load_pickapic(paths: str | os.PathLike | Iterable[str | os.PathLike],
                             "...). Use a shard of yuvalkirstain/pickapic_v2 or convert to its schema.")
         extra = [c for c in ("are_different", "has_label") if c in schema.names]
         table = pq.read_table(path, columns=list(PICKAPIC_COLUMNS) + extra)
+        table = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))  # the file's row numbers
+        uid_col = pc.cast(table["user_id"], "string")
+        present.update(u for u in pc.unique(uid_col).to_pylist() if u is not None)
         if wanted is not None:
-            table = table.filter(pc.is_in(pc.cast(table["user_id"], "string"), value_set=_pa_strings(wanted)))
-        for i, row in enumerate(table.to_pylist()):
+            table = table.filter(pc.is_in(uid_col, value_set=_pa_strings(wanted)))
+        for row in table.to_pylist():
             if row.get("has_label") is False or row.get("are_different") is False:
                 continue
-            l0, l1 = row["label_0"], row["label_1"]
+            l0, l1 = _label(row["label_0"]), _label(row["label_1"])
             if l0 is None or l1 is None or l0 == l1:
-                continue  # ties carry no preference
-            good, bad = ("jpg_0", "jpg_1") if l0 > l1 else ("jpg_1", "jpg_0")
+                continue  # ties and unlabeled rows carry no preference
+            good, bad_side = ("jpg_0", "jpg_1") if l0 > l1 else ("jpg_1", "jpg_0")
             uid = str(row["user_id"])
-            loc = f"{path.name} row {i}"
-            users.setdefault(uid, []).append(PreferencePair(
-                str(row["caption"] or ""), ImageRef(data=row[good], where=f"{loc} ({good})"),
-                ImageRef(data=row[bad], where=f"{loc} ({bad})"), uid, loc))
+            loc = f"{path.name} row {row['_row']}"
+            a, b = row[good], row[bad_side]
+            if not isinstance(a, bytes) or not isinstance(b, bytes) or a == b:
+                continue  # no image, or the same image twice: no preference
+            key = (uid, row["caption"], *sorted((hashlib.sha256(a).digest(), hashlib.sha256(b).digest())))
+            if key in seen:
+                continue  # the same comparison again adds no information and would count twice
+            seen.add(key)
+            pair = PreferencePair(str(row["caption"] or ""), ImageRef(data=a, where=f"{loc} ({good}, user {uid})"),
+                                  ImageRef(data=b, where=f"{loc} ({bad_side}, user {uid})"), uid, loc)
+            try:
+                pair.chosen.check()
+                pair.rejected.check()
+            except PairError as e:
+                bad.append(str(e))
+                continue
+            users.setdefault(uid, []).append(pair)
+    if bad:
+        note = f"{len(bad)} Pick-a-Pic row(s) skipped for unreadable images: " + "; ".join(bad[:5]) + (
+            " ..." if len(bad) > 5 else "")
+        if problems is not None:
+            problems.append(note)
+        else:
+            print(f"warning: {note}", file=sys.stderr)
     if wanted is not None:
-        for uid in wanted - set(users):
-            raise PairError(f"User {uid} has no usable (non-tie, labelled) pairs in {', '.join(map(str, paths))}.")
+        shards = ", ".join(p.name for p in shard_paths)
+        for uid in sorted(wanted - set(users)):
+            if uid not in present:
+                some = ", ".join(sorted(present, key=lambda u: (len(u), u))[:8])
+                raise PairError(f"User {uid} is not in {shards} (it holds {len(present)} users, for example {some}). "
+                                "Check the user_id, or pick the shard that holds this user.")
+            raise PairError(f"User {uid} has no usable pairs in {shards}: every row of this user is a tie, unlabeled, "
+                            "shows the same image twice, or has an unreadable image. Pick another user.")
     return users
 
 
@@ -274,18 +401,31 @@ def pairs_from_images(prompts: Sequence[str], images_a: Sequence[Image.Image], i
     return out
 
 
-def load_users(sources: Iterable[str | os.PathLike]) -> dict[str, list[PreferencePair]]:
-    """Users and their pairs from pair folders and/or Pick-a-Pic parquet shards."""
+def load_users(sources: Iterable[str | os.PathLike],
+               problems: list[str] | None = None) -> dict[str, list[PreferencePair]]:
+    """Users and their pairs from pair folders and/or Pick-a-Pic parquet shards.
+
+    With ``problems`` given, a pair folder that cannot be read is skipped and its error appended there (a dataset of
+    many users is not stopped by one of them); otherwise it raises.
+    """
     users: dict[str, list[PreferencePair]] = {}
     for src in map(Path, sources):
         if src.suffix == ".parquet":
-            found = load_pickapic(src)
+            found = load_pickapic(src, problems=problems)
         else:
             found = {}
-            for p in load_pair_folder(src):
+            try:
+                folder_pairs = load_pair_folder(src)
+            except PairError as e:
+                if problems is None:
+                    raise
+                problems.append(str(e))
+                continue
+            for p in folder_pairs:
                 found.setdefault(p.user_id, []).append(p)
         for uid, pairs in found.items():
             users.setdefault(uid, []).extend(pairs)
     if not users:
-        raise PairError("No usable preference pairs in the given sources.")
+        raise PairError("No usable preference pairs in the given sources." + (
+            f" Problems: {'; '.join(problems[:5])}" if problems else ""))
     return users

@@ -20,6 +20,7 @@ from .effnet import load_effnet, preprocess
 from .embedding import UserEmbedding
 from .errors import PPDError
 from .pairs import PreferencePair
+from .safetensors_io import require_safetensors
 
 PREPROCESS_VERSION = "shorter-side-bicubic+center-crop+imagenet-norm/clip-g-last-hidden+text-embeds/v1"
 
@@ -35,6 +36,7 @@ class ClipTextEncoder:
         if not (self.folder / "config.json").is_file():
             raise PPDError(f"{self.folder} is not a CLIP text model folder (no config.json). Use the text_encoder "
                            "folder of stabilityai/stable-cascade(-prior), or laion/CLIP-ViT-bigG-14.")
+        require_safetensors(self.folder, "CLIP text encoder")
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         self.model = CLIPTextModelWithProjection.from_pretrained(

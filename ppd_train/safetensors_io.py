@@ -2,27 +2,73 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import FileFormatError
+from .guards import json_safe
 
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
+
+
+def dumps_json(obj, sort_keys: bool = True, indent: int | None = None) -> str:
+    """JSON for files: always valid JSON (NaN/inf become null, which strict readers accept), by default with sorted
+    keys for stable bytes."""
+    return json.dumps(json_safe(obj), sort_keys=sort_keys, indent=indent, allow_nan=False)
+
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "-", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but belongs to someone else (or cannot be asked): keep its file
+    return True
+
+
+def _new_temp(path: Path) -> str:
+    """A fresh temporary file next to ``path``, named ``.<name>.<host>-<pid>.<random>.tmp``.
+
+    Created with mode 0666 so the umask applies, as for any ordinary file (mkstemp would force 0600, and a ComfyUI
+    running as another user could not read a shared adapter). Temporaries left by killed writers of the same target
+    on this machine (their pid is gone) are removed first, so a kill during a save does not leave a checkpoint-sized
+    file forever.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{_HOST}-{os.getpid()}"
+    for old in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(_HOST)}-*.tmp"):
+        pid = old.name[len(path.name) + len(_HOST) + 3:].split(".", 1)[0]  # only this machine's pids can be asked
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            old.unlink(missing_ok=True)
+    while True:
+        tmp = path.parent / f".{path.name}.{me}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(tmp)
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a kill at any moment leaves either the old file or the new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _new_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -36,11 +82,16 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
                             metadata: dict[str, str]) -> None:
     """``safetensors.torch.save_file`` through a temporary file in the same folder, then an atomic rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temp(path)
+    mode = os.stat(tmp).st_mode  # 0666 less the umask; save_file would leave the file 0600
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as e:  # its I/O errors are not OSErrors: give callers the usual one for a full disk
+            if "os error 28" in str(e):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+            raise
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,10 +100,25 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
         raise
 
 
-def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def require_safetensors(folder: str | os.PathLike, what: str) -> None:
+    """Refuse a model folder without .safetensors weights before any loader looks at it: a folder holding only
+    ``.bin`` (pickle) files would otherwise go through ``torch.load``, which can run code."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix.lower() in _PICKLE_SUFFIXES)
+    found = f" (it has {', '.join(pickles[:3])}: pickled weights, which can run code)" if pickles else ""
+    raise FileFormatError(f"{folder} has no .safetensors weights{found}; PPD loads {what} weights from safetensors "
+                          "only. Download the .safetensors version of the model, or convert it once with a tool you "
+                          "trust.")
+
+
+def read_safetensors(path: str | os.PathLike, what: str,
+                     advice: str = "download or export it again") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read all tensors and the metadata of a safetensors file, turning every failure into a clear FileFormatError.
 
-    ``what`` names the kind of file for messages ("PPD adapter", "user embedding").
+    ``what`` names the kind of file for messages ("PPD adapter", "user embedding"); ``advice`` is the fix for a damaged
+    one.
     """
     path = Path(path)
     if not path.is_file():
@@ -69,7 +135,7 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torc
     except Exception as e:  # safetensors raises its own error types (and OSError) for bad headers/truncation
         raise FileFormatError(
             f"{path} is not a readable safetensors file ({type(e).__name__}: {e}). It may be truncated (an interrupted "
-            f"download or copy) or not a {what} file at all; download or export it again."
+            f"download or copy) or not a {what} file at all; {advice}."
         ) from None
     return tensors, metadata
 

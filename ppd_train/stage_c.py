@@ -27,7 +27,7 @@ from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock, Stabl
 
 from .adapter import KNOWN_STAGE_C, PPDAdapter, StageCInfo, UserKV, apply_user_attention, check_stage_c
 from .errors import FileFormatError, IncompatibleError
-from .safetensors_io import read_safetensors
+from .safetensors_io import read_safetensors, require_safetensors
 
 
 def stage_c_shape(width: int, heads: int, layers: tuple[int, int], clip_text: int, clip_image: int,
@@ -179,7 +179,9 @@ def load_stage_c(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         folder = path / "prior" if (path / "prior" / "config.json").is_file() else path
         if not (folder / "config.json").is_file():
             raise FileFormatError(f"{path} has no config.json (nor prior/config.json): not a diffusers Stage C folder.")
-        unet = StableCascadeUNet.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        require_safetensors(folder, "Stage C")
+        unet = StableCascadeUNet.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                                 use_safetensors=True)
     else:
         from diffusers.loaders.single_file_utils import convert_stable_cascade_unet_single_file_to_diffusers
 

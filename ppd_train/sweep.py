@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from .config import ConfigError, _read_file, from_dict, to_dict
+from .safetensors_io import dumps_json
 from .synthetic import DemoConfig, run_demo
 
 ALLOWED = {"name", "seed", "world"}
@@ -127,7 +128,7 @@ def run_sweep(base: DemoConfig, worlds: list[tuple[str, dict]], out_dir: str | o
         r = rows[-1]
         log(f"    seen {r['seen win']:.0%}, unseen {r['unseen win']:.0%}, drift {r['drift sd']:.2f} sd, lowest user "
             f"{r['lowest user']:.0%}, {r['time s']:.0f} s: targets {r['targets']}")
-    (out / "sweep.json").write_text(json.dumps(rows, indent=2))
+    (out / "sweep.json").write_text(dumps_json(rows, sort_keys=False, indent=2))
     table = markdown(rows)
     (out / "sweep.md").write_text(table)
     log("\n" + table)

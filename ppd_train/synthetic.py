@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from .dpo_data import DPOData
 from .embedders.pairdiff import PairDifferenceEmbedder
 from .embedding import UserEmbedding
 from .evaluate import Conditions, evaluate_users, group_summary, interpolation_curve
+from .safetensors_io import dumps_json
 from .schedule import add_noise
 from .stage_c import PPDBinding, load_stage_c
 from .tiny import build_tiny_stage_c
@@ -334,7 +334,7 @@ def run_demo(cfg: DemoConfig, log=print, show_progress: bool = True) -> dict:
     metrics["missed"] = check_targets(metrics, cfg.targets)
     metrics["config"] = to_dict(cfg)
     metrics["adapter"] = str(adapter_path)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(dumps_json(metrics, sort_keys=False, indent=2))
     log("\n" + _table(metrics))
     curve = metrics["interpolation"]
     log(f"\ninterpolation {a} -> {b}: " + ", ".join(

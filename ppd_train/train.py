@@ -7,7 +7,6 @@ the optimizer, the scheduler and the data cursor — as safetensors, written ato
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -16,10 +15,12 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterConfig, PPDAdapter, read_adapter_config, save_adapter
-from .checkpoint import find_latest, load_checkpoint, prune_checkpoints, save_checkpoint
-from .dpo_data import DPOData
+from .checkpoint import load_latest, prune_checkpoints, save_checkpoint
+from .dpo_data import DPOData, tensor_digest
 from .errors import PPDError
+from .guards import check_finite_parameters
 from .loss import dpo_loss
+from .safetensors_io import dumps_json
 from .schedule import add_noise
 from .stage_c import PPDBinding, clip_image_dim, stage_c_info
 
@@ -74,10 +75,23 @@ class TrainConfig:
     max_nan_steps: int = 5  # consecutive non-finite losses before the run stops
 
     def validate(self) -> None:
+        fin = math.isfinite
         checks = [(self.max_steps >= 0, "max_steps must be >= 0 (0: from max_epochs)"),
-                  (math.isfinite(self.max_epochs) and self.max_epochs >= 0, "max_epochs must be >= 0"),
+                  (fin(self.max_epochs) and self.max_epochs >= 0, "max_epochs must be >= 0"),
                   (self.batch_size > 0, "batch_size must be > 0"),
-                  (self.grad_accum > 0, "grad_accum must be > 0"), (self.lr > 0, "lr must be > 0"),
+                  (self.grad_accum > 0, "grad_accum must be > 0"),
+                  (fin(self.lr) and 0 < self.lr <= 1, "lr must be a finite number in (0, 1] (typical: 1e-5)"),
+                  (fin(self.beta) and self.beta > 0,
+                   "beta must be a finite number > 0 (a negative beta trains towards the rejected images; "
+                   "typical: 2500)"),
+                  (fin(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be a finite number >= 0"),
+                  (fin(self.max_grad_norm) and self.max_grad_norm >= 0,
+                   "max_grad_norm must be a finite number >= 0 (0 = no clipping)"),
+                  (self.proj_dim >= 0, "proj_dim must be >= 0 (0 = the Stage C width)"),
+                  (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+                  (self.log_every >= 1, "log_every must be >= 1 (steps between log lines)"),
+                  (self.checkpoint_every >= 1, "checkpoint_every must be >= 1 (steps between checkpoints)"),
+                  (self.max_nan_steps >= 1, "max_nan_steps must be >= 1"),
                   (0 <= self.user_dropout < 1, "user_dropout must be in [0, 1)"),
                   (0 <= self.t_min < self.t_max <= 1, "need 0 <= t_min < t_max <= 1"),
                   (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
@@ -93,7 +107,7 @@ class TrainConfig:
                   (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")]
         for ok, msg in checks:
             if not ok:
-                raise PPDError(f"Config: {msg}.")
+                raise PPDError(f"Config: {msg}. Fix it in the config file or with --set KEY=VALUE.")
 
     def resume_key(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in RESUME_FREE_KEYS}
@@ -132,7 +146,7 @@ class _Logger:
         if not self.main:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.write(dumps_json({"step": step, **values}, sort_keys=False) + "\n")  # a skipped step's NaN: null
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
@@ -205,6 +219,7 @@ class Trainer:
         self.data_hash = data.digest()  # hashes every latent: once per run, not per checkpoint
         # [U, T, D], or [U, V, T, D]: V embeddings ("views") per user from disjoint pair sets; one is drawn per pair
         self.user_tokens = (user_tokens if user_tokens.dim() == 4 else user_tokens[:, None]).float()
+        self.users_hash = tensor_digest(self.user_tokens)  # resuming with re-made embeddings is another run
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
@@ -332,6 +347,7 @@ class Trainer:
             if cfg.max_grad_norm > 0:
                 self.acc.clip_grad_norm_(self.adapter.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
+            check_finite_parameters(self.adapter.named_parameters(), self.step + 1)
             self.nan_run = 0
         else:
             self.nan_run += 1
@@ -405,7 +421,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _state_meta(self) -> dict:
         return {"step": self.step, "cursor": self.cursor, "nan_run": self.nan_run, "config": self.cfg.resume_key(),
-                "data": self.data_hash, "scheduler": {"last_epoch": self.scheduler.last_epoch},
+                "data": self.data_hash, "users": self.users_hash,
+                "scheduler": {"last_epoch": self.scheduler.last_epoch},
                 "best": self.best, "bad_rounds": self.bad_rounds, "last": self.last}
 
     def save_checkpoint(self) -> Path:
@@ -417,13 +434,16 @@ class Trainer:
         return path
 
     def resume(self, force: bool = False) -> bool:
-        path = find_latest(self.out_dir / "checkpoints")
-        if path is None:
+        found = load_latest(self.out_dir / "checkpoints", self.acc.unwrap_model(self.adapter), self.optimizer)
+        if found is None:
             return False
-        meta = load_checkpoint(path, self.acc.unwrap_model(self.adapter), self.optimizer)
+        path, meta = found
         if meta["data"] != self.data_hash and not force:
             raise PPDError(f"{path} was trained on other data ({meta['data']} vs {self.data_hash}). Resume with "
                            "the same data, use another out_dir, or pass --force.")
+        if meta.get("users", self.users_hash) != self.users_hash and not force:
+            raise PPDError(f"{path} was trained with other user embeddings (the embedding table was re-made or "
+                           "changed). Resume with the same table, use another out_dir, or pass --force.")
         old, new = meta["config"], self.cfg.resume_key()
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed and not force:
@@ -445,6 +465,13 @@ class Trainer:
 
         cfg = self.cfg
         if resume and self.resume(force):
+            done = self.out_dir / "adapter.safetensors"
+            # a rerun of a finished run: rewriting the adapter would only replace its summary with one of 0 steps
+            if (self.step >= self.max_steps or self.stopped_early) and done.is_file():
+                raise_what = "patience (it stopped early)" if self.stopped_early else "max_steps"
+                print(f"already trained to step {self.step} in {self.out_dir}: nothing to do. Raise {raise_what} to "
+                      "train on, or use another out_dir (or --no-resume) to train again.")
+                return done
             print(f"resumed from step {self.step}")
         logger = _Logger(self.out_dir, cfg.tensorboard, self.acc.is_main_process)
         bar = tqdm(total=self.max_steps, initial=self.step, desc="PPD fit", unit="step",

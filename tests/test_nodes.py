@@ -50,7 +50,7 @@ def test_paths_from_workflows_stay_inside_their_folder(pack, tmp_path):
     errors = mod(pack, "ppd_train.errors")
     assert folders.inside(tmp_path, "a/b.safetensors") == tmp_path / "a" / "b.safetensors"
     for bad in ("../secret.safetensors", "a/../../x", "/etc/passwd", ""):
-        with pytest.raises(errors.PPDError, match="outside|Empty"):
+        with pytest.raises(errors.PPDError, match="outside|empty"):
             folders.inside(tmp_path, bad)
     with pytest.raises(errors.PPDError, match=r"not found\. Looked in: .*Refresh"):
         folders.find("ppd_adapters", "missing.safetensors", "PPD adapter", [tmp_path])

@@ -15,6 +15,7 @@ import torch
 from ..embedding import UserEmbedding
 from ..errors import PPDError
 from ..pairs import PreferencePair, content_hash
+from ..safetensors_io import require_safetensors
 
 Encoder = Callable[[Sequence], torch.Tensor]  # batch of images (or arrays) -> [B, D]
 
@@ -34,8 +35,9 @@ class PairDifferenceEmbedder:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         folder = Path(folder)
-        if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-            raise PPDError(f"{folder} is not a CLIP vision checkpoint (needs config.json and .safetensors weights).")
+        if not (folder / "config.json").is_file():
+            raise PPDError(f"{folder} is not a CLIP vision checkpoint (no config.json).")
+        require_safetensors(folder, "CLIP vision")
         model = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype, local_files_only=True,
                                                               use_safetensors=True).to(device).eval()  # type: ignore[arg-type]
         processor = CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)

@@ -22,6 +22,7 @@ import torch
 from ..embedding import UserEmbedding
 from ..errors import PPDError
 from ..pairs import PreferencePair, content_hash
+from ..safetensors_io import require_safetensors
 
 PROMPT_INTRO = (
     "You are shown {n} pairs of images. Both images of a pair were generated from the same caption, and in every "
@@ -54,6 +55,8 @@ def parse_layers(spec: str | Sequence[int], num_states: int) -> list[int]:
         if not 0 <= j < num_states:
             raise PPDError(f"Layer {i} does not exist: this VLM has hidden states 0..{num_states - 1} "
                            f"(or -1..-{num_states}).")
+        if j in out:  # e.g. "-1,27" on a 28-layer VLM: the same state twice would weigh one layer double
+            raise PPDError(f"Layer {i} is the same hidden state as an earlier one in {spec!r}; list each layer once.")
         out.append(j)
     if not out:
         raise PPDError("Select at least one layer.")
@@ -80,8 +83,7 @@ def check_vlm_folder(folder: Path) -> None:
     if model_type != "llava_onevision":
         raise PPDError(f"{folder} holds a '{model_type}' model, not a LLaVA-OneVision VLM. Use a "
                        "llava-onevision-qwen2-*-hf checkpoint.")
-    if not any(folder.glob("*.safetensors")):
-        raise PPDError(f"{folder} has no .safetensors weights; PPD loads VLM weights from safetensors only.")
+    require_safetensors(folder, "VLM")
 
 
 class VLMEmbedder:

@@ -1,0 +1,999 @@
+"""The catalogue of bad inputs: the single list of what a user may get wrong, where, and what PPD answers.
+
+Each case does the bad thing for real (real files, real loaders, the real CLI) and checks the answer. ``refused``
+cases must raise (or exit non-zero) with a message holding ``message`` (``…`` stands for what varies); ``handled``
+cases must come out right, as ``message`` says. docs/bad-inputs.md is rendered from this list (``python
+tests/test_bad_inputs.py`` rewrites it) and a test keeps the two equal: add new cases here, never only in the doc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    input: str  # what was given, as a user would describe it
+    where: str  # CLI, node or API
+    outcome: str  # "refused" (a clear error) or "handled" (the right result, no error needed)
+    message: str  # refused: the message, "…" where it varies; handled: what happens
+    run: Callable[[Ctx], object]
+
+
+class Ctx:
+    """What a case may use: a fresh folder, the CLI with its output captured, the pack as ComfyUI loads it."""
+
+    def __init__(self, tmp: Path, capsys, monkeypatch, files: Path, pack) -> None:
+        self.tmp, self.capsys, self.monkeypatch, self.files, self.pack = tmp, capsys, monkeypatch, files, pack
+
+    def cli(self, *argv: str) -> tuple[int, str]:
+        from ppd_train.cli import main
+
+        self.capsys.readouterr()
+        try:
+            rc = main(list(argv))
+        except SystemExit as e:  # argparse: usage + the message, status 2
+            rc = int(e.code or 0)
+        out = self.capsys.readouterr()
+        return rc, out.out + out.err
+
+    def fit_args(self, out_dir: Path | None = None, *extra: str) -> list[str]:
+        f = self.files
+        sets = [f"stage_c={f / 'stage_c'}", f"data={f / 'data.safetensors'}", f"embeddings={f / 'users.safetensors'}",
+                f"out_dir={out_dir or self.tmp / 'run'}", "max_steps=3", "batch_size=4", "lr=1e-2", "beta=100.0",
+                "checkpoint_every=1", "tensorboard=false", *extra]
+        return ["fit", "--quiet", *[a for s in sets for a in ("--set", s)]]
+
+    def node(self, name: str):
+        import importlib
+
+        return importlib.import_module(f"{self.pack.__name__}.{name}")
+
+
+def refused(fn: Callable[[], object]) -> str:
+    try:
+        fn()
+    except Exception as e:  # the pack's modules are loaded twice (as ppd_train and inside the pack): match by text
+        assert "PPDError" in [c.__name__ for c in type(e).__mro__], f"{type(e).__name__} is not a PPD error: {e}"
+        return str(e)
+    raise AssertionError("the bad input was accepted")
+
+
+def cli_refused(ctx: Ctx, *argv: str, rc: int = 2) -> str:
+    code, text = ctx.cli(*argv)
+    assert code == rc, f"exit status {code}, expected {rc}: {text}"
+    return text
+
+
+# ------------------------------------------------------------------------------------------------- builders
+def _adapter_file(ctx: Ctx, name: str = "a.safetensors", edit_meta=None, edit_tensors=None) -> Path:
+    from helpers import trained_looking_adapter
+    from safetensors.torch import load_file, save_file
+
+    from ppd_train.adapter import save_adapter
+    from ppd_train.stage_c import load_stage_c
+
+    path = ctx.tmp / name
+    save_adapter(trained_looking_adapter(load_stage_c(ctx.files / "stage_c")), path)
+    if edit_meta or edit_tensors:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata())
+        tensors = load_file(path)
+        if edit_meta:
+            d = json.loads(meta["ppd_adapter"])
+            edit_meta(d)
+            meta["ppd_adapter"] = json.dumps(d)
+        if edit_tensors:
+            edit_tensors(tensors)
+        save_file(tensors, path, metadata=meta)
+    return path
+
+
+def _load_adapter(path: Path):
+    from ppd_train.adapter import load_adapter
+
+    return load_adapter(path)
+
+
+def _pairs(ctx: Ctx, rows=None, n: int = 2, fmt: str = "jsonl") -> Path:
+    from helpers import write_pair_folder
+
+    folder = write_pair_folder(ctx.tmp / "u", n=n, fmt=fmt)
+    if rows is not None:
+        (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _load_pairs(folder: Path):
+    from ppd_train.pairs import load_pair_folder
+
+    return load_pair_folder(folder)
+
+
+def _shard(ctx: Ctx, rows, drop: tuple[str, ...] = ()) -> Path:
+    import pyarrow.parquet as pq
+    from helpers import write_pickapic
+
+    path = write_pickapic(ctx.tmp / "train-00000.parquet", rows)
+    if drop:
+        pq.write_table(pq.read_table(path).drop_columns(list(drop)), path)
+    return path
+
+
+def _row(caption: str, a: int, b: int, l0: float, l1: float, user: int = 7, **kw) -> dict:
+    from helpers import jpeg_bytes
+
+    return dict(caption=caption, jpg_0=jpeg_bytes(a), jpg_1=jpeg_bytes(b), label_0=l0, label_1=l1, user_id=user, **kw)
+
+
+def _pickapic(path: Path, users=None, problems=None):
+    from ppd_train.pairs import load_pickapic
+
+    return load_pickapic(path, users, problems)
+
+
+def _embedding(embedder: str = "test", width: int = 24, seed: int = 0):
+    from ppd_train.embedding import UserEmbedding
+
+    return UserEmbedding(torch.randn(5, width, generator=torch.Generator().manual_seed(seed)), embedder)
+
+
+# ------------------------------------------------------------------------------------------------- trainer cases
+def case_lock_busy(ctx: Ctx) -> str:
+    out = ctx.tmp / "run"
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from ppd_train.run_lock import out_dir_lock\n"
+            f"with out_dir_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)\n")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "locked"
+        text = cli_refused(ctx, *ctx.fit_args(out))
+        assert f"pid {other.pid}" in text and not (out / "adapter.safetensors").exists()
+        return text
+    finally:
+        other.kill()
+        other.wait()
+
+
+def case_lock_stale(ctx: Ctx) -> None:
+    out = ctx.tmp / "run"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    out.mkdir()
+    (out / ".ppd-train.lock").write_text(f"pid {gone.pid} on somewhere")  # left by a run killed with -9
+    rc, text = ctx.cli(*ctx.fit_args(out))
+    assert rc == 0 and "adapter ->" in text, text
+
+
+def config_case(key: str, value: str) -> Callable[[Ctx], str]:
+    def run(ctx: Ctx) -> str:
+        text = cli_refused(ctx, *ctx.fit_args(None, f"{key}={value}"))
+        assert "Traceback" not in text and not (ctx.tmp / "run" / "adapter.safetensors").exists()
+        return text
+    return run
+
+
+def case_out_dir_file(ctx: Ctx) -> str:
+    (ctx.tmp / "run").write_text("not a folder")
+    return cli_refused(ctx, *ctx.fit_args(ctx.tmp / "run"))
+
+
+def case_out_dir_unwritable(ctx: Ctx) -> str:
+    if sys.platform != "linux":
+        pytest.skip("uses /sys, where nobody may create folders")
+    return cli_refused(ctx, *ctx.fit_args(Path("/sys/ppd-run")))
+
+
+def case_disk_full(ctx: Ctx) -> str:
+    from ppd_train import safetensors_io
+
+    real = os.replace
+
+    def full(src, dst):  # the disk fills up while the third checkpoint is written
+        if "step-00000003" in str(dst):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    ctx.monkeypatch.setattr(safetensors_io.os, "replace", full)
+    text = cli_refused(ctx, *ctx.fit_args())
+    assert "step-00000002" in text
+    ctx.monkeypatch.undo()
+    return text
+
+
+def case_ctrl_c(ctx: Ctx) -> str:
+    out = ctx.tmp / "run"
+    args = ctx.fit_args(out)
+    args[args.index("max_steps=3")] = "max_steps=100000"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "ppd_train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("step-*.safetensors")) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr
+    return stderr
+
+
+def case_finished_rerun(ctx: Ctx) -> None:
+    assert ctx.cli(*ctx.fit_args())[0] == 0
+    adapter = ctx.tmp / "run" / "adapter.safetensors"
+    before = adapter.read_bytes()
+    rc, text = ctx.cli(*ctx.fit_args())
+    assert rc == 0 and adapter.read_bytes() == before and "already trained to step 3" in text, text
+
+
+def case_summary_json(ctx: Ctx) -> None:
+    from safetensors import safe_open
+
+    def summary(path: Path) -> dict:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata()["ppd_adapter"]
+        assert "NaN" not in raw and "Infinity" not in raw
+        return json.loads(raw)["training"]
+
+    assert ctx.cli(*ctx.fit_args())[0] == 0
+    adapter = ctx.tmp / "run" / "adapter.safetensors"
+    first = summary(adapter)
+    adapter.unlink()  # finished but the adapter is gone: the rerun writes it from the last checkpoint, 0 new steps
+    assert ctx.cli(*ctx.fit_args())[0] == 0
+    again = summary(adapter)
+    assert again["steps"] == 3 and again["final_loss"] == first["final_loss"] is not None
+
+
+def case_resume_other_embeddings(ctx: Ctx) -> str:
+    import shutil
+
+    from ppd_train.embedding import UserEmbedding, load_embedding_table, save_embedding_table
+
+    users = ctx.tmp / "users.safetensors"
+    shutil.copy(ctx.files / "users.safetensors", users)
+    assert ctx.cli(*ctx.fit_args(None, f"embeddings={users}"))[0] == 0
+    table, info = load_embedding_table(users)
+    save_embedding_table(users, {u: UserEmbedding(e.tokens * 1.5, e.embedder, e.meta) for u, e in table.items()},
+                         info)  # the same users embedded again, into the same file
+    return cli_refused(ctx, *ctx.fit_args(None, f"embeddings={users}", "max_steps=5"))
+
+
+def case_truncated_newest(ctx: Ctx) -> None:
+    assert ctx.cli(*ctx.fit_args())[0] == 0
+    ckpts = sorted((ctx.tmp / "run" / "checkpoints").glob("step-*.safetensors"))
+    newest = ckpts[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    (ctx.tmp / "run" / "adapter.safetensors").unlink()
+    rc, text = ctx.cli(*ctx.fit_args())
+    assert rc == 0 and "resuming from the older checkpoint step-00000002" in text, text
+
+
+def case_truncated_only(ctx: Ctx) -> str:
+    assert ctx.cli(*ctx.fit_args(None, "keep_checkpoints=1"))[0] == 0
+    (only,) = (ctx.tmp / "run" / "checkpoints").glob("step-*.safetensors")
+    only.write_bytes(only.read_bytes()[:100])
+    (ctx.tmp / "run" / "adapter.safetensors").unlink()
+    return cli_refused(ctx, *ctx.fit_args(None, "keep_checkpoints=1"))
+
+
+def case_weights_diverge(ctx: Ctx) -> str:
+    from ppd_train.dpo_data import DPOData
+    from ppd_train.embedding import load_embedding_table
+    from ppd_train.stage_c import load_stage_c
+    from ppd_train.train import TrainConfig, Trainer
+
+    data = DPOData.load(ctx.files / "data.safetensors")
+    tokens, embedder = data.user_tokens(load_embedding_table(ctx.files / "users.safetensors")[0])
+    trainer = Trainer(TrainConfig(out_dir=str(ctx.tmp / "run"), batch_size=4, tensorboard=False),
+                      load_stage_c(ctx.files / "stage_c"), data, tokens, embedder, show_progress=False)
+    for group in trainer.optimizer.param_groups:  # a schedule gone wrong: the update overflows every weight
+        group["lr"] = float("inf")
+    return refused(trainer.train_step)
+
+
+def case_dpo_data_bad_index(ctx: Ctx) -> str:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src = ctx.files / "data.safetensors"
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(src)
+    tensors["user_idx"][0] = 99  # a damaged or hand-made file: a user that is not in its user list
+    save_file(tensors, ctx.tmp / "data.safetensors", metadata=meta)
+    return cli_refused(ctx, *ctx.fit_args(None, f"data={ctx.tmp / 'data.safetensors'}"))
+
+
+def case_data_other_stage_c(ctx: Ctx) -> str:
+    from ppd_train.dpo_data import DPOData
+
+    data = DPOData.load(ctx.files / "data.safetensors")
+    data.text, data.pooled = torch.zeros(len(data.text), 77, 48), torch.zeros(len(data.text), 1, 48)  # another CLIP
+    data.save(ctx.tmp / "data.safetensors")
+    return cli_refused(ctx, *ctx.fit_args(None, f"data={ctx.tmp / 'data.safetensors'}"))
+
+
+def case_embed_zero_pairs(ctx: Ctx) -> str:
+    return cli_refused(ctx, "embed", "--pairs", str(ctx.tmp), "--out", str(ctx.tmp / "t.safetensors"), "--clip",
+                       str(ctx.tmp), "--n-pairs", "0")
+
+
+def case_eval_out_unwritable(ctx: Ctx) -> str:
+    if sys.platform != "linux":
+        pytest.skip("uses /sys, where nobody may create files")
+    assert ctx.cli(*ctx.fit_args())[0] == 0
+    (ctx.tmp / "rewards_bad_inputs.py").write_text("def mean(user_id, latents, caption_idx):\n"
+                                                   "    return latents.mean(dim=(1, 2, 3))\n")
+    ctx.monkeypatch.syspath_prepend(str(ctx.tmp))
+    f = ctx.files
+    ev = ctx.tmp / "eval.toml"
+    ev.write_text(f'stage_c = "{f / "stage_c"}"\nadapter = "{ctx.tmp / "run" / "adapter.safetensors"}"\n'
+                  f'embeddings = "{f / "users.safetensors"}"\ndata = "{f / "data.safetensors"}"\n'
+                  'reward = "rewards_bad_inputs:mean"\nsamples = 1\nsteps = 1\nout = "/sys/ppd-metrics.json"\n')
+    try:
+        return cli_refused(ctx, "eval", "--config", str(ev))
+    finally:
+        sys.modules.pop("rewards_bad_inputs", None)
+
+
+def case_log_never_nan(ctx: Ctx) -> None:
+    from ppd_train.dpo_data import DPOData
+    from ppd_train.embedding import load_embedding_table
+    from ppd_train.stage_c import load_stage_c
+    from ppd_train.train import TrainConfig, Trainer
+
+    data = DPOData.load(ctx.files / "data.safetensors")
+    tokens, embedder = data.user_tokens(load_embedding_table(ctx.files / "users.safetensors")[0])
+    cfg = TrainConfig(out_dir=str(ctx.tmp / "run"), max_steps=4, batch_size=4, log_every=1, max_nan_steps=2,
+                      tensorboard=False)
+    trainer = Trainer(cfg, load_stage_c(ctx.files / "stage_c"), data, tokens, embedder, show_progress=False)
+    trainer.cfg.beta = float("nan")  # the loss goes NaN (validate refuses such a beta: poisoned after it)
+    refused(trainer.run)
+
+    def strict(token):
+        raise AssertionError(f"{token} in train_log.jsonl")
+
+    lines = (ctx.tmp / "run" / "train_log.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line, parse_constant=strict)["loss"] is None for line in lines)
+
+
+def case_bin_only(ctx: Ctx) -> str:
+    from ppd_train.stage_c import load_stage_c
+    from ppd_train.tiny import build_tiny_stage_c
+
+    folder = ctx.tmp / "stage_c_bin"
+    build_tiny_stage_c(seed=0).save_pretrained(folder, safe_serialization=False)
+    assert list(folder.glob("*.bin"))
+    return refused(lambda: load_stage_c(folder))
+
+
+# ------------------------------------------------------------------------------------------------- file cases
+def case_temp_from_killed_save(ctx: Ctx) -> None:
+    from ppd_train.safetensors_io import atomic_save_safetensors
+
+    target = ctx.tmp / "step-00000001.safetensors"
+    code = (f"import os, sys; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path\n"
+            "from ppd_train.safetensors_io import _new_temp\n"
+            f"Path(_new_temp(Path({str(target)!r}))).write_bytes(b'x' * 100000); os._exit(9)\n")  # dies mid-save
+    subprocess.run([sys.executable, "-c", code], check=False)
+    assert len(list(ctx.tmp.glob(".*.tmp"))) == 1
+    atomic_save_safetensors({"x": torch.zeros(2)}, target, {})
+    assert not list(ctx.tmp.glob(".*.tmp")) and target.is_file()
+
+
+def case_umask(ctx: Ctx) -> None:
+    from ppd_train.embedding import save_embedding_table
+
+    old = os.umask(0o022)
+    try:
+        _embedding().save(ctx.tmp / "e.safetensors")
+        save_embedding_table(ctx.tmp / "t.safetensors", {"u": _embedding()})
+    finally:
+        os.umask(old)
+    for name in ("e.safetensors", "t.safetensors"):
+        assert stat.S_IMODE((ctx.tmp / name).stat().st_mode) == 0o644, name
+
+
+def case_adapter_nan(ctx: Ctx) -> str:
+    path = _adapter_file(ctx, edit_tensors=lambda t: t["blocks.0.to_v.weight"].view(-1)[0:1].fill_(float("nan")))
+    return refused(lambda: _load_adapter(path))
+
+
+def case_adapter_huge_meta(ctx: Ctx) -> str:
+    path = _adapter_file(ctx, edit_meta=lambda d: d.update(num_tokens=10**9))
+    return refused(lambda: _load_adapter(path))
+
+
+def case_adapter_extra_tensor(ctx: Ctx) -> str:
+    path = _adapter_file(ctx, edit_tensors=lambda t: t.update(extra=torch.zeros(3)))
+    return refused(lambda: _load_adapter(path))
+
+
+def case_adapter_truncated(ctx: Ctx) -> str:
+    path = _adapter_file(ctx)
+    path.write_bytes(path.read_bytes()[:-1000])
+    return refused(lambda: _load_adapter(path))
+
+
+def case_adapter_pickle(ctx: Ctx) -> str:
+    path = ctx.tmp / "adapter.ckpt"
+    path.write_bytes(b"\x80\x04not really")
+    return refused(lambda: _load_adapter(path))
+
+
+def case_adapter_other_stage_c(ctx: Ctx) -> str:
+    from ppd_train.adapter import StageCInfo, check_stage_c, read_adapter_config
+
+    config = read_adapter_config(_adapter_file(ctx))[0]
+    return refused(lambda: check_stage_c(config, StageCInfo((1536,) * 32, (24,) * 32), "adapter 'a'"))
+
+
+def case_embedding_other_embedder(ctx: Ctx) -> str:
+    from ppd_train.adapter import check_embedding, read_adapter_config
+
+    config = read_adapter_config(_adapter_file(ctx))[0]
+    emb = _embedding("vlm:other:direct:all")
+    return refused(lambda: check_embedding(config, tuple(emb.tokens.shape), emb.embedder))
+
+
+def case_embedding_nan(ctx: Ctx) -> str:
+    from safetensors.torch import load_file, save_file
+
+    from ppd_train.embedding import UserEmbedding
+
+    path = ctx.tmp / "e.safetensors"
+    _embedding().save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(path)
+    tensors["tokens"][0, 0] = float("inf")
+    save_file(tensors, path, metadata=meta)
+    return refused(lambda: UserEmbedding.load(path))
+
+
+# ------------------------------------------------------------------------------------------------- image cases
+def case_layers_twice(ctx: Ctx) -> str:
+    from ppd_train.embedders.vlm import parse_layers
+
+    return refused(lambda: parse_layers("-1,28", 29))
+
+
+def case_junk_png_600mb(ctx: Ctx) -> str:
+    folder = _pairs(ctx)
+    with open(folder / "good_0.png", "wb") as f:  # sparse: 600 MB on paper, nothing on disk
+        f.write(b"junk")
+        f.truncate(600 * 2**20)
+    return refused(lambda: _load_pairs(folder))
+
+
+def case_junk_png_small(ctx: Ctx) -> str:
+    folder = _pairs(ctx)
+    (folder / "good_0.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return refused(lambda: _load_pairs(folder))
+
+
+def case_huge_pixels(ctx: Ctx) -> str:
+    from PIL import Image
+
+    folder = _pairs(ctx)
+    Image.new("1", (9000, 8000)).save(folder / "good_0.png")
+    return refused(lambda: _load_pairs(folder))
+
+
+# ------------------------------------------------------------------------------------------------- pair cases
+def row(prompt="a lighthouse", chosen="good_0.png", rejected="bad_0.jpg", **kw) -> dict:
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **kw}
+
+
+def pair_case(*rows: dict) -> Callable[[Ctx], str]:
+    return lambda ctx: refused(lambda: _load_pairs(_pairs(ctx, list(rows))))
+
+
+def case_same_bytes(ctx: Ctx) -> str:
+    folder = _pairs(ctx)
+    (folder / "copy.png").write_bytes((folder / "good_0.png").read_bytes())
+    (folder / "pairs.jsonl").write_text(json.dumps(row(rejected="copy.png")) + "\n")
+    return refused(lambda: _load_pairs(folder))
+
+
+def case_both_pair_files(ctx: Ctx) -> str:
+    folder = _pairs(ctx)
+    (folder / "pairs.csv").write_text("prompt,chosen,rejected\nother,good_1.png,bad_1.jpg\n")
+    return refused(lambda: _load_pairs(folder))
+
+
+def case_exif_rotated(ctx: Ctx) -> None:
+    from helpers import random_image
+    from PIL import Image
+
+    folder = _pairs(ctx)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned; viewers show the photo rotated by 90 degrees
+    random_image(5, size=(60, 40)).save(folder / "good_0.png", exif=exif.tobytes())
+    assert _load_pairs(folder)[0].chosen.load().size == (40, 60)
+
+
+def case_csv_bom(ctx: Ctx) -> None:
+    folder = _pairs(ctx, fmt="csv")
+    (folder / "pairs.csv").write_bytes(b"\xef\xbb\xbf" + (folder / "pairs.csv").read_bytes())
+    assert [p.prompt for p in _load_pairs(folder)][0] == "a lighthouse at dusk, version 0"
+
+
+def case_csv_cp1252(ctx: Ctx) -> None:
+    folder = _pairs(ctx, fmt="csv")
+    (folder / "pairs.csv").write_bytes("prompt,chosen,rejected\ncaf\u00e9 au lait \u2013 soft,good_0.png,bad_0.jpg\n"
+                                       .encode("cp1252"))
+    assert _load_pairs(folder)[0].prompt == "caf\u00e9 au lait \u2013 soft"
+
+
+def case_csv_short_row(ctx: Ctx) -> str:
+    folder = _pairs(ctx, fmt="csv")
+    (folder / "pairs.csv").write_text("prompt,chosen,rejected\nno rejected,good_0.png\n")
+    return refused(lambda: _load_pairs(folder))
+
+
+def case_symlinks(ctx: Ctx) -> None:
+    """One policy for every PPD folder: a symlink placed inside is followed; a name cannot climb out."""
+    outside = ctx.tmp / "elsewhere"
+    outside.mkdir()
+    folder = _pairs(ctx)
+    (folder / "good_0.png").rename(outside / "good_0.png")
+    (folder / "good_0.png").symlink_to(outside / "good_0.png")
+    assert _load_pairs(folder)[0].chosen.load().size == (40, 48)
+    models = ctx.tmp / "models"
+    models.mkdir()
+    (models / "shared.safetensors").symlink_to(_adapter_file(ctx))
+    folders = ctx.node("nodes.folders")
+    assert folders.find("ppd_adapters", "shared.safetensors", "PPD adapter", [models]).is_symlink()
+
+
+# ------------------------------------------------------------------------------------------------- Pick-a-Pic cases
+def case_pickapic_nan_label(ctx: Ctx) -> None:
+    path = _shard(ctx, [_row("real", 1, 2, 1.0, 0.0), _row("nan", 3, 4, float("nan"), 0.0)])
+    (pair,) = _pickapic(path)["7"]
+    assert pair.prompt == "real"
+
+
+def case_pickapic_same_bytes(ctx: Ctx) -> None:
+    path = _shard(ctx, [_row("real", 1, 2, 1.0, 0.0), _row("same", 3, 3, 1.0, 0.0)], drop=("are_different",))
+    assert [p.prompt for p in _pickapic(path)["7"]] == ["real"]
+
+
+def case_pickapic_duplicate(ctx: Ctx) -> None:
+    path = _shard(ctx, [_row("cat", 1, 2, 1.0, 0.0), _row("cat", 1, 2, 1.0, 0.0), _row("cat", 2, 1, 0.0, 1.0)])
+    assert len(_pickapic(path)["7"]) == 1
+
+
+def case_pickapic_corrupt(ctx: Ctx) -> None:
+    rows = [_row("good", 1, 2, 1.0, 0.0), _row("bad", 3, 4, 1.0, 0.0), _row("dog", 5, 6, 0.0, 1.0, user=8)]
+    rows[1]["jpg_0"] = b"\xff\xd8\xff" + b"\x00" * 50  # a JPEG signature, then nothing
+    problems: list[str] = []
+    users = _pickapic(_shard(ctx, rows), problems=problems)
+    assert [p.prompt for p in users["7"]] == ["good"] and len(users["8"]) == 1
+    assert "row 1 (jpg_0, user 7)" in problems[0], problems
+
+
+def case_pickapic_unknown_user(ctx: Ctx) -> str:
+    path = _shard(ctx, [_row("a", 1, 2, 1.0, 0.0), _row("b", 3, 4, 1.0, 0.0, user=8)])
+    return refused(lambda: _pickapic(path, ["99"]))
+
+
+def case_pickapic_only_ties(ctx: Ctx) -> str:
+    path = _shard(ctx, [_row("a", 1, 2, 1.0, 0.0), _row("tie", 3, 4, 0.5, 0.5, user=9)])
+    return refused(lambda: _pickapic(path, ["9"]))
+
+
+def case_pickapic_row_numbers(ctx: Ctx) -> None:
+    path = _shard(ctx, [_row("a", 1, 2, 1.0, 0.0), _row("b", 3, 4, 1.0, 0.0), _row("c", 5, 6, 0.0, 1.0, user=8)])
+    (pair,) = _pickapic(path, ["8"])["8"]
+    assert pair.source == "train-00000.parquet row 2"
+
+
+def case_embed_skips_unreadable(ctx: Ctx) -> None:
+    from ppd_train.embed_dataset import embed_users
+    from ppd_train.embedders.pairdiff import PairDifferenceEmbedder
+    from ppd_train.pairs import load_users
+
+    rows = [_row(f"c{i}", 10 * i, 10 * i + 1, 1.0, 0.0, user=u) for u in (1, 2, 3) for i in range(2)]
+    cut = rows[2]["jpg_1"]
+    rows[2]["jpg_1"] = cut[: len(cut) * 2 // 3]  # user 2: an image cut short; its header passes, decoding fails
+    users = load_users([_shard(ctx, rows)])
+
+    def mean_colour(images):
+        import numpy as np
+
+        return torch.stack([torch.from_numpy(np.asarray(im.resize((4, 4)), dtype=np.float32).reshape(-1, 3).mean(0))
+                            for im in images])
+
+    table = embed_users(users, PairDifferenceEmbedder(mean_colour, "mean"), ctx.tmp / "t.safetensors", n_pairs=2,
+                        show_progress=False)
+    assert sorted(table) == ["1", "3"]
+    assert "user(s) skipped because an image of theirs cannot be read: user 2" in ctx.capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------- node cases
+def strength_case(**values) -> Callable[[Ctx], str]:
+    def run(ctx: Ctx) -> str:
+        nodes = ctx.node("nodes.adapter_nodes")
+        queued = nodes.PPDApplyAdapter.VALIDATE_INPUTS(**values)
+        assert isinstance(queued, str), queued  # shown when the prompt is queued
+        linked = {"weight": 1.0, "start_percent": 0.0, "end_percent": 1.0, **values}
+        # the same values arriving through links (None at queue time) are refused when the node runs
+        assert nodes.PPDApplyAdapter.VALIDATE_INPUTS() is True
+        assert refused(lambda: nodes.PPDApplyAdapter().apply(None, None, None, **linked)) == queued
+        return queued
+    return run
+
+
+def case_interpolate(weight) -> Callable[[Ctx], str]:
+    def run(ctx: Ctx) -> str:
+        nodes = ctx.node("nodes.embedding_nodes")
+        emb = ctx.node("ppd_train.embedding")
+        a, b = (emb.UserEmbedding(torch.randn(5, 24), "test") for _ in range(2))
+        return refused(lambda: nodes.PPDEmbeddingInterpolate().run(a, b, weight, "lerp"))
+    return run
+
+
+def case_mix_nan(ctx: Ctx) -> str:
+    nodes = ctx.node("nodes.embedding_nodes")
+    emb = ctx.node("ppd_train.embedding")
+    a, b = (emb.UserEmbedding(torch.randn(5, 24), "test") for _ in range(2))
+    return refused(lambda: nodes.PPDEmbeddingMix().run(a, float("nan"), b, 1.0, 1.0, 1.0))
+
+
+def case_mix_huge(ctx: Ctx) -> None:
+    nodes = ctx.node("nodes.embedding_nodes")
+    emb = ctx.node("ppd_train.embedding")
+    a, b = (emb.UserEmbedding(torch.randn(5, 24, generator=torch.Generator().manual_seed(i)), "t") for i in (1, 2))
+    (out,) = nodes.PPDEmbeddingMix().run(a, 1e300, b, 3e300, 1.0, 1.0)
+    torch.testing.assert_close(out.tokens, 0.25 * a.tokens + 0.75 * b.tokens)
+
+
+def case_image_batch_nan(ctx: Ctx) -> str:
+    nodes = ctx.node("nodes.pair_nodes")
+    images = torch.rand(2, 32, 32, 3)
+    images[0, 0, 0, 0] = float("nan")
+    return refused(lambda: nodes.PPDPreferencePairsFromImages().build(images, torch.rand(2, 32, 32, 3), "x", "A"))
+
+
+def case_node_nul(ctx: Ctx) -> str:
+    folders = ctx.node("nodes.folders")
+    return refused(lambda: folders.find("ppd_adapters", "a\x00.safetensors", "PPD adapter", [ctx.tmp]))
+
+
+def case_node_climb(ctx: Ctx) -> str:
+    folders = ctx.node("nodes.folders")
+    return refused(lambda: folders.find("ppd_adapters", "../../secret.safetensors", "PPD adapter", [ctx.tmp]))
+
+
+def case_long_prefix(ctx: Ctx) -> str:
+    nodes = ctx.node("nodes.embedding_nodes")
+    emb = ctx.node("ppd_train.embedding")
+    return refused(lambda: nodes.save_embedding(emb.UserEmbedding(torch.randn(5, 24), "t"), ctx.tmp, "x" * 300))
+
+
+# ------------------------------------------------------------------------------------------------- the catalogue
+CASES = [
+    # trainer: ppd-train fit
+    Case("two-fits-one-out-dir", "a second `fit` on an out_dir another fit is using", "CLI", "refused",
+         'Another ppd-train run (pid … on …) is training in …/run; two runs in one out_dir would '
+         "overwrite each other's checkpoints and adapter. Wait for it to finish, stop it, or use "
+         'another out_dir.', case_lock_busy),
+    Case("stale-lock", "a lock left by a fit killed with kill -9", "CLI", "handled",
+         "taken over (the lock dies with its process); the fit runs", case_lock_stale),
+    Case("lr-inf", "`lr = inf`", "CLI", "refused", 'Config: lr must be a finite number in '
+         '(0, 1] (typical: 1e-5). Fix it in the config file or with --set KEY=VALUE.', config_case("lr", "inf")),
+    Case("beta-negative", "`beta = -100`", "CLI", "refused", 'Config: beta must be a finite number > 0 (a negative '
+         'beta trains towards the rejected images; typical: 2500). Fix it in the config file or with --set KEY=VALUE.',
+         config_case("beta", "-100.0")),
+    Case("beta-nan", "`beta = nan`", "CLI", "refused", 'Config: beta must be a finite '
+         'number > 0 (a negative beta trains towards the rejected images; typical: '
+         '2500). Fix it in the config file or with --set KEY=VALUE.', config_case("beta", "nan")),
+    Case("log-every-0", "`log_every = 0`", "CLI", "refused", 'Config: log_every must '
+         'be >= 1 (steps between log lines). Fix it in the config file or with --set '
+         'KEY=VALUE.', config_case("log_every", "0")),
+    Case("checkpoint-every-0", "`checkpoint_every = 0`", "CLI", "refused", 'Config: checkpoint_every must be >= 1 '
+         '(steps between checkpoints). Fix it in the config file or with --set KEY=VALUE.',
+         config_case("checkpoint_every", "0")),
+    Case("proj-dim-negative", "`proj_dim = -8`", "CLI", "refused", 'Config: proj_dim must be >= 0 (0 = the Stage C '
+         'width). Fix it in the config file or with --set KEY=VALUE.',
+         config_case("proj_dim", "-8")),
+    Case("weight-decay-nan", "`weight_decay = nan`", "CLI", "refused", 'Config: weight_decay must be a finite number '
+         '>= 0. Fix it in the config file or with --set KEY=VALUE.',
+         config_case("weight_decay", "nan")),
+    Case("out-dir-is-file", "out_dir names a file", "CLI", "refused", 'out_dir …/run exists and is a file, not a '
+         'folder; set out_dir to a folder.',
+         case_out_dir_file),
+    Case("out-dir-unwritable", "out_dir where this user may not create folders", "CLI", "refused",
+         'Cannot create out_dir /sys/ppd-run (Operation not permitted); set out_dir to a '
+         'folder you can write (--set out_dir=...).', case_out_dir_unwritable),
+    Case("disk-full", "the disk fills up during a fit", "CLI", "refused",
+         'The disk holding …/run is full: stopped at step 3 (the last checkpoint is step-00000002.safetensors). Rerun '
+         'the same command to resume. Free some space first (or lower keep_checkpoints).',
+         case_disk_full),
+    Case("ctrl-c", "Ctrl+C during a fit", "CLI", "refused",
+         'Interrupted: stopped at step … (the last checkpoint is step-….safetensors). Rerun the same '
+         'command to resume.', case_ctrl_c),
+    Case("rerun-finished-fit", "the same `fit` command again after it finished", "CLI", "handled",
+         "nothing is rewritten; it says `already trained to step 3 ... adapter -> ...`", case_finished_rerun),
+    Case("summary-never-nan", "a finished fit whose adapter was deleted, rerun", "CLI", "handled",
+         "adapter rewritten from the last checkpoint with the same summary; metadata is always valid JSON (never NaN)",
+         case_summary_json),
+    Case("resume-other-embeddings", "resuming a fit after its embedding table was re-made", "CLI", "refused",
+         "…/run/checkpoints/step-00000003.safetensors was trained with other user embeddings (the embedding table "
+         "was re-made or changed). Resume with the same table, use another out_dir, or pass --force.",
+         case_resume_other_embeddings),
+    Case("truncated-newest-checkpoint", "the newest checkpoint cut short (a copy, a disk error)", "CLI", "handled",
+         "warning, then resumes from the older checkpoint", case_truncated_newest),
+    Case("truncated-only-checkpoint", "the only checkpoint cut short", "CLI", "refused",
+         "…/run/checkpoints/step-00000003.safetensors is not a readable safetensors file (…). It may be truncated (an "
+         "interrupted download or copy) or not a training checkpoint file at all; delete it and rerun the same "
+         "command: the run resumes from the checkpoint before it, or starts over when there is none.",
+         case_truncated_only),
+    Case("weights-diverge", "an update that makes the adapter's weights NaN/inf", "API", "refused",
+         "After step 1 the adapter's weights hold NaN/inf (…); the update diverged. Lower lr "
+         '(or beta), then rerun the same command: it resumes from the last checkpoint, which '
+         'is intact.', case_weights_diverge),
+    Case("dpo-data-bad-index", "a DPO data file whose pairs name a user it does not list", "CLI", "refused",
+         "DPO data: 'user_idx' holds entries outside 0..2; the file is damaged. Re-create "
+         'it with `ppd-train prepare`.', case_dpo_data_bad_index),
+    Case("data-other-stage-c", "DPO data encoded with another text encoder than the Stage C takes", "CLI", "refused",
+         '…/data.safetensors was encoded for another model than …/stage_c: CLIP text width '
+         '48 (Stage C takes 32), pooled CLIP text width 48 (Stage C takes 32). Use the '
+         "Stage C it was prepared for, or re-run `ppd-train prepare` with this model's text "
+         'encoder.', case_data_other_stage_c),
+    Case("embed-zero-pairs", "`ppd-train embed --n-pairs 0`", "CLI", "refused", 'ppd-train embed: error: argument '
+         '--n-pairs: must be >= 1, got 0',
+         case_embed_zero_pairs),
+    Case("eval-out-unwritable", "`eval` writing its metrics where this user may not write", "CLI", "refused",
+         'Permission denied: /sys/ppd-metrics.json. Choose a location you can write, or '
+         'fix its permissions.', case_eval_out_unwritable),
+    Case("log-never-nan", "steps whose loss is NaN, in train_log.jsonl", "API", "handled",
+         "logged as null: every line stays valid JSON (so do metrics.json and every file's metadata)",
+         case_log_never_nan),
+    Case("stage-c-bin-only", "a diffusers Stage C folder holding only `.bin`", "CLI", "refused",
+         '…/stage_c_bin has no .safetensors weights (it has diffusion_pytorch_model.bin: pickled '
+         'weights, which can run code); PPD loads Stage C weights from safetensors only. Download the '
+         '.safetensors version of the model, or convert it once with a tool you trust.', case_bin_only),
+    # files
+    Case("temp-of-killed-save", "a writer killed while saving (temporary file left)", "API", "handled",
+         "the next save of that file removes the dead writer's temporary", case_temp_from_killed_save),
+    Case("umask", "files written under umask 022", "API", "handled",
+         "mode 0644 (the umask applies; no forced 0600)", case_umask),
+    Case("adapter-nan", "an adapter file with NaN/inf weights", "node", "refused",
+         "…/a.safetensors: the adapter's weights hold NaN/inf (blocks.0.to_v.weight); it would "
+         'turn every image into noise. It comes from a training run that diverged: train it again '
+         'with a lower lr or beta.', case_adapter_nan),
+    Case("adapter-huge-metadata", "adapter metadata `num_tokens = 1e9`", "node", "refused",
+         '…/a.safetensors: adapter metadata is incomplete or damaged (num_tokens = '
+         '1000000000 is not a whole number between 0 and 4096). The file was edited or '
+         'damaged; export it again with ppd-train.', case_adapter_huge_meta),
+    Case("adapter-extra-tensor", "an adapter with one extra tensor", "node", "refused", '…/a.safetensors: tensors do '
+         "not match the adapter's own metadata (unexpected ['extra']). The file is damaged or was edited; export it "
+         'again.',
+         case_adapter_extra_tensor),
+    Case("adapter-truncated", "a truncated adapter file", "node", "refused", '…/a.safetensors is not a readable '
+         'safetensors file (SafetensorError: Error while deserializing header: incomplete metadata, file not fully '
+         'covered). It may be truncated (an interrupted download or copy) or not a PPD adapter file at all; download '
+         'or export it again.',
+         case_adapter_truncated),
+    Case("adapter-pickle", "an adapter as `.ckpt` / `.pt`", "node", "refused", '…/adapter.ckpt looks like a pickled '
+         'PyTorch file (.ckpt); PPD adapter files are loaded from .safetensors only, because pickles can run code. '
+         'Re-export it as .safetensors.',
+         case_adapter_pickle),
+    Case("adapter-other-stage-c", "an adapter made for another Stage C size", "node", "refused",
+         "adapter 'a' was made for Stage C custom (4 attention blocks, width 32), but "
+         'the Stage C model is Stage C lite (32 attention blocks, width 1536). Load the '
+         'Stage C checkpoint the adapter was trained on (lite vs full), or pick an '
+         'adapter for this model.', case_adapter_other_stage_c),
+    Case("embedding-other-embedder", "a user embedding from another embedder", "node", "refused",
+         "the user embedding (5 tokens x 24 from embedder 'vlm:other:direct:all') "
+         "does not fit the adapter, which reads 5 tokens x 24 from embedder 'test'. "
+         'Re-embed the user with the embedder the adapter was trained with.', case_embedding_other_embedder),
+    Case("embedding-nan", "a user-embedding file holding inf", "node", "refused", '…/e.safetensors: User embedding '
+         "from 'test' contains NaN or infinite values; re-embed the user (check the VLM runs in a dtype your device "
+         'supports).',
+         case_embedding_nan),
+    Case("vlm-layer-twice", "VLM layers `-1,28` on a 29-state VLM (one layer twice)", "node", "refused",
+         'Layer 28 is the same hidden state as an earlier one in [-1, 28]; list each layer once.', case_layers_twice),
+    # images
+    Case("junk-png-600mb", "a 600 MB junk `.png` in a pair folder", "node", "refused",
+         'u/pairs.jsonl line 1 (chosen): …/u/good_0.png is 600 MB, more than any preference '
+         'image needs (at most 256 MB); downscale or replace it.', case_junk_png_600mb),
+    Case("junk-png", "a corrupt image in a pair folder", "node", "refused",
+         'u/pairs.jsonl line 1 (chosen): …/u/good_0.png is not a readable image (OSError: '
+         'Truncated File Read). Replace the file or remove this pair.', case_junk_png_small),
+    Case("huge-image", "a 72-megapixel image", "node", "refused", 'u/pairs.jsonl line 1 (chosen): '
+         'image is 9000x8000, larger than PPD accepts (64 Mpx). Downscale it first.', case_huge_pixels),
+    # pair folders
+    Case("duplicate-rows", "the same row twice in pairs.jsonl", "node", "refused", 'u/pairs.jsonl line 2 repeats '
+         'pairs.jsonl line 1 (same prompt and images); a repeated pair would count twice. Delete one of them.',
+         pair_case(row(), row())),
+    Case("chosen-is-rejected", "chosen and rejected the same path", "node", "refused", 'u/pairs.jsonl line 1: '
+         "'chosen' and 'rejected' are the same image ('good_0.png', 'good_0.png'); a pair needs two different images. "
+         'Fix or delete the row.',
+         pair_case(row(rejected="good_0.png"))),
+    Case("chosen-is-rejected-dot", "chosen `x.png`, rejected `./x.png`", "node", "refused", 'u/pairs.jsonl line 1: '
+         "'chosen' and 'rejected' are the same image ('good_0.png', './good_0.png'); a pair needs two different "
+         'images. Fix or delete the row.',
+         pair_case(row(rejected="./good_0.png"))),
+    Case("chosen-same-bytes", "chosen and rejected two files with the same bytes", "node", "refused",
+         "u/pairs.jsonl line 1: 'chosen' and 'rejected' are the same image ('good_0.png', "
+         "'copy.png'); a pair needs two different images. Fix or delete the row.", case_same_bytes),
+    Case("prompt-null", "`\"prompt\": null`", "node", "refused", 'u/pairs.jsonl line 1: '
+         "'prompt' is None; give the prompt the two images were made for.", pair_case(row(prompt=None))),
+    Case("path-not-text", "`\"chosen\": 3`", "node", "refused",
+         'u/pairs.jsonl line 1: image path must be text, got 3; use a path relative to the pair folder …/u.',
+         pair_case(row(chosen=3))),
+    Case("path-nul", "a NUL character in an image path", "node", "refused", 'u/pairs.jsonl '
+         "line 1: image path 'good\\x00.png' contains a NUL character, "
+         'which no file name can hold; use a path relative to the pair '
+         'folder …/u.', pair_case(row(chosen="good\x00.png"))),
+    Case("path-climbs-out", "an image path `../../etc/passwd`", "node", "refused", 'u/pairs.jsonl '
+         "line 1: image path '../../etc/passwd' points outside …/u; "
+         'use a path relative to the pair folder …/u.', pair_case(row(chosen="../../etc/passwd"))),
+    Case("both-pair-files", "a pair folder with both pairs.jsonl and pairs.csv", "node", "refused",
+         '…/u has both pairs.jsonl and pairs.csv; PPD would read only one of them. Keep one '
+         '(merge the rows into it) and delete the other.', case_both_pair_files),
+    Case("exif-rotated", "a photo whose EXIF says it is rotated", "node", "handled",
+         "turned upright, as image viewers show it", case_exif_rotated),
+    Case("csv-bom", "pairs.csv saved by Excel as 'CSV UTF-8' (with a BOM)", "node", "handled",
+         "read as UTF-8; the BOM is dropped", case_csv_bom),
+    Case("csv-cp1252", "pairs.csv saved by Excel on Windows (cp1252)", "node", "handled",
+         "read as Windows-1252 when it is not UTF-8", case_csv_cp1252),
+    Case("csv-short-row", "a pairs.csv row with a missing column", "node", "refused",
+         '…/u/pairs.csv row 2 has 2 field(s) but the header has 3 (prompt, chosen, rejected); '
+         'quote fields that contain commas, and give every row all columns.', case_csv_short_row),
+    Case("symlinks", "a symlink inside a pair or model folder pointing elsewhere", "node", "handled",
+         "followed, in every PPD folder alike (as ComfyUI does); names from files may not climb out",
+         case_symlinks),
+    # Pick-a-Pic
+    Case("pickapic-nan-label", "a Pick-a-Pic row with a NaN label", "API", "handled",
+         "dropped as unlabeled (never counted as a jpg_1 win)", case_pickapic_nan_label),
+    Case("pickapic-same-bytes", "identical image bytes, no `are_different` column", "API", "handled",
+         "dropped: no preference", case_pickapic_same_bytes),
+    Case("pickapic-duplicate", "the same comparison twice for one user", "API", "handled",
+         "kept once", case_pickapic_duplicate),
+    Case("pickapic-corrupt-image", "a corrupt image in a Pick-a-Pic row", "API", "handled",
+         "row skipped and reported with the file's row and the user; other rows load", case_pickapic_corrupt),
+    Case("pickapic-unknown-user", "a `user_id` not in the shard", "node", "refused",
+         'User 99 is not in train-00000.parquet (it holds 2 users, for example 7, 8). '
+         'Check the user_id, or pick the shard that holds this user.', case_pickapic_unknown_user),
+    Case("pickapic-only-ties", "a user whose rows are all ties", "node", "refused", 'User 9 has no usable pairs in '
+         'train-00000.parquet: every row of this user is a tie, unlabeled, shows the same image twice, or has an '
+         'unreadable image. Pick another user.',
+         case_pickapic_only_ties),
+    Case("pickapic-row-numbers", "a pair of a user found after filtering by user", "API", "handled",
+         "named by the file's own row number", case_pickapic_row_numbers),
+    Case("embed-unreadable-user", "one user's image cut short, in `ppd-train embed`", "CLI", "handled",
+         "that user is skipped and listed; every other user is embedded", case_embed_skips_unreadable),
+    # nodes
+    Case("start-after-end", "`start_percent` 0.8 > `end_percent` 0.2", "node", "refused",
+         'start_percent (0.8) is after end_percent (0.2): the '
+         'user would never count. Make start_percent <= '
+         'end_percent (0 and 1 = the whole run).', strength_case(start_percent=0.8, end_percent=0.2)),
+    Case("weight-nan", "adapter `weight` NaN (through a link)", "node", "refused", "'weight' must be a finite number, "
+         "got nan. Give it a number from 0 to 3 (a linked value skips ComfyUI's own range check).",
+         strength_case(weight=float("nan"))),
+    Case("weight-huge", "adapter `weight` 1e30 (through a link)", "node", "refused",
+         "'weight' must be between 0 and 3, got 1e+30. Give it a number from 0 to 3 (a "
+         "linked value skips ComfyUI's own range check).", strength_case(weight=1e30)),
+    Case("interpolate-nan", "Embedding Interpolate `weight` NaN", "node", "refused",
+         'Interpolation weight must be a finite number, got nan. Use 0 (user A) to 1 '
+         '(user B).', case_interpolate(float("nan"))),
+    Case("interpolate-huge", "Embedding Interpolate `weight` 1e30", "node", "refused",
+         'Interpolation weight must be between 0 and 1, got 1e+30. Use 0 (user A) to 1 (user '
+         'B).', case_interpolate(1e30)),
+    Case("mix-nan", "Embedding Mix weight NaN", "node", "refused", 'Mix weight 1 must be a finite number, got nan. '
+         'Give each user a share >= 0.',
+         case_mix_nan),
+    Case("mix-huge", "Embedding Mix weights 1e300 and 3e300", "node", "handled",
+         "the same blend as 1 and 3 (no overflow, no all-zero user)", case_mix_huge),
+    Case("image-batch-nan", "an IMAGE batch holding NaN (Preference Pairs From Images)", "node", "refused",
+         'The IMAGE batch holds NaN/inf values (a node upstream produced them); fix that node, '
+         'or load the images from files.', case_image_batch_nan),
+    Case("node-nul-name", "a NUL character in a file name from a workflow", "node", "refused",
+         "File name 'a\\x00.safetensors' contains a NUL character, which no file name can hold; only "
+         "files inside ComfyUI's own folders can be used: move the file there and pick it from the "
+         'list.', case_node_nul),
+    Case("node-climb-name", "a file name `../../secret.safetensors` from a workflow", "node", "refused",
+         "File name '../../secret.safetensors' points outside …; only files inside ComfyUI's own "
+         'folders can be used: move the file there and pick it from the list.', case_node_climb),
+    Case("long-save-prefix", "a 300-character save prefix", "node", "refused", 'File name prefix is too long (300 '
+         'characters, one name); file systems refuse longer names. Keep each folder or file name under 200 characters '
+         'and the whole prefix under 1000.',
+         case_long_prefix),
+]
+
+
+def matches(template: str, text: str) -> bool:
+    """``text`` holds ``template``'s parts in order; ``…`` stands for what varies (paths, pids, step numbers)."""
+    pos = 0
+    for part in template.split("\u2026"):
+        found = text.find(part, pos)
+        if found < 0:
+            return False
+        pos = found + len(part)
+    return True
+
+
+def test_matches():
+    assert matches("a … c", "x a b c") and not matches("a … c", "c a")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from ppd_train.embedding import save_embedding_table
+    from ppd_train.synthetic import World, WorldConfig, build_dataset
+    from ppd_train.tiny import build_tiny_stage_c
+
+    folder = tmp_path_factory.mktemp("fit")
+    world = World(WorldConfig(seen_users=3, unseen_users=1, unseen_mixtures=0, pairs_per_user=4), seed=0)
+    data, embeddings, _ = build_dataset(world, seed=0)
+    data.save(folder / "data.safetensors")
+    save_embedding_table(folder / "users.safetensors", embeddings)
+    build_tiny_stage_c(seed=0).save_pretrained(folder / "stage_c")
+    return folder
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, tmp_path, capsys, monkeypatch, files, pack):
+    monkeypatch.chdir(tmp_path)
+    result = case.run(Ctx(tmp_path, capsys, monkeypatch, files, pack))
+    if case.outcome == "refused":
+        assert isinstance(result, str) and matches(case.message, result), result
+        assert "Traceback" not in result
+    else:
+        assert case.outcome == "handled" and result is None
+
+
+def render() -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "# Bad inputs: what PPD answers",
+        "",
+        "Every row is a test (`tests/test_bad_inputs.py`, the single list new cases are added to; this file is",
+        "rendered from it by `python tests/test_bad_inputs.py`, and a test keeps the two equal). *Refused*: the",
+        "command or node stops with the message shown (`…` stands for a path, pid or number), naming the file or",
+        "field and the fix. In ComfyUI it is the node's error (or the queue-time error of `VALIDATE_INPUTS`); in",
+        "`ppd-train` one line on stderr and exit status 2 (130 for Ctrl+C), never a traceback. *Handled*: the input is",
+        "valid or recoverable, and the result is right.",
+        "",
+        f"{sum(c.outcome == 'refused' for c in CASES)} refused, {sum(c.outcome == 'handled' for c in CASES)} handled.",
+        "",
+        "| input | where | outcome | message / result |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {cell(c.input)} | {c.where} | {c.outcome} | {cell(c.message)} |" for c in CASES]
+    return "\n".join(lines) + "\n"
+
+
+def test_catalogue_doc_matches_the_cases():
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert DOC.read_text() == render(), "docs/bad-inputs.md is out of date: run python tests/test_bad_inputs.py"
+
+
+if __name__ == "__main__":
+    DOC.write_text(render())
+    print(f"{len(CASES)} cases -> {DOC}")
