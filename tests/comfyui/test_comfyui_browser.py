@@ -7,7 +7,8 @@ fixture pack's tiny Stable Cascade) is queued with the Run button, B is clicked 
 disk is checked; Cancel ends the wait cleanly; queued prompts each get their own question.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` and ``selenium`` (docs/testing-comfyui.md); skipped, saying
-so, without them. ``PPD_SCREENSHOT_DIR=docs/img`` also writes the README's picker screenshot there.
+so, without them. Screenshots go to each test's tmp_path; ``PPD_SCREENSHOT_DIR=docs/img`` also writes the README's
+picker screenshot (``picker.png``) there.
 """
 
 from __future__ import annotations
@@ -142,11 +143,11 @@ def _overlaps(nodes: list[dict]) -> list[str]:
             if min(ax1, bx1) > max(ax0, bx0) and min(ay1, by1) > max(ay0, by0)]
 
 
-def _screenshot(page, path: Path, name: str) -> Path:
+def _screenshot(page, path: Path, name: str, publish: bool = False) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     out = path / f"{name}.png"
     page.save_screenshot(str(out))
-    if os.environ.get("PPD_SCREENSHOT_DIR"):
+    if publish and os.environ.get("PPD_SCREENSHOT_DIR"):
         Path(os.environ["PPD_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
         shutil.copy(out, Path(os.environ["PPD_SCREENSHOT_DIR"]) / out.name)
     return out
@@ -162,6 +163,7 @@ def test_shipped_workflow_loads_looks_right_and_queues(page, ui_server, workflow
         if n["type"] == "PPDPreferencePairLoader":  # a seed that changed on every queue would re-run the VLM
             assert "control_after_generate" not in n["widgets"], n["widgets"]
     page.execute_script("app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    time.sleep(0.5)
     _screenshot(page, tmp_path, f"workflow_{workflow.stem}")
 
     prompt = page.execute_async_script("const done = arguments[0]; app.graphToPrompt().then(p => done(p.output))")
@@ -271,7 +273,7 @@ def test_pick_b_in_the_browser_appends_the_pair(page, ui_server, collect_graph, 
     shown = _dialog(page)
     assert shown["prompt"] == collect_graph and "pair 1 of 1" in shown["title"]
     time.sleep(0.5)  # let the images paint before the screenshot
-    _screenshot(page, tmp_path, "picker")
+    _screenshot(page, tmp_path, "picker", publish=True)
     _click(page, "B")
     entry = ui_server.wait(pid, 60)
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -330,3 +332,35 @@ def test_queued_prompts_each_get_their_own_choice(page, ui_server, collect_graph
     _dialog_closed(page, q2["request_id"])
     assert ui_server.get("/ppd/picker/pending") == [] and not page.execute_script(
         "return !!document.getElementById('ppd-picker')")
+
+
+def _picker_prompt(pair_set: str) -> dict:
+    """Two plain images (red vs blue) -> the picker, in API format: what a script would queue."""
+    image = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 1}}
+    return {"red": {**image, "inputs": {**image["inputs"], "color": 0xFF0000}},
+            "blue": {**image, "inputs": {**image["inputs"], "color": 0x0000FF}},
+            "pick": {"class_type": "PPDPreferencePicker", "inputs": {
+                "images_a": ["red", 0], "images_b": ["blue", 0], "prompt": "red or blue", "pair_set": pair_set}}}
+
+
+def test_scripts_answer_through_the_route_and_sets_stay_inside_input(ui_server):
+    for bad in ("../outside", "/tmp/x", ".hidden"):
+        status, answer = ui_server.post("/prompt", {"prompt": _picker_prompt(bad)})
+        assert status == 400 and "pair_set" in json.dumps(answer["node_errors"]), (bad, answer)
+    assert not (ui_server.base / "outside").exists()
+
+    status, answer = ui_server.post("/prompt", {"prompt": _picker_prompt("scripted/red_vs_blue")})
+    assert status == 200, answer
+    (question,) = _until(lambda: ui_server.get("/ppd/picker/pending"), 60, "the picker's question")
+    assert (question["prompt"], question["index"], question["total"]) == ("red or blue", 1, 1)
+    status, err = ui_server.post("/ppd/picker/choose", {"request_id": question["request_id"], "choice": "C"})
+    assert status == 400 and "A, B, skip" in err["error"]
+    assert ui_server.post("/ppd/picker/choose", {"request_id": question["request_id"], "choice": "A"})[0] == 200
+    entry = ui_server.wait(answer["prompt_id"], 60)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    from PIL import Image
+
+    folder = ui_server.base / "input" / "scripted" / "red_vs_blue"
+    (row,) = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+    with Image.open(folder / row["chosen"]) as chosen, Image.open(folder / row["rejected"]) as rejected:
+        assert chosen.getpixel((0, 0)) == (255, 0, 0) and rejected.getpixel((0, 0)) == (0, 0, 255)
