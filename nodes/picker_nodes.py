@@ -150,7 +150,7 @@ class PPDPreferencePicker:
         return float("nan")  # every run asks again, even for the same images
 
     @classmethod
-    def VALIDATE_INPUTS(cls, pair_set=None, **_):
+    def VALIDATE_INPUTS(cls, pair_set=None):  # only pair_set: ComfyUI keeps checking the other inputs itself
         if pair_set is None:  # linked from another node: checked when it runs
             return True
         try:

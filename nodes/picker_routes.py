@@ -8,19 +8,18 @@ To cancel, use ComfyUI's own ``POST /interrupt`` (the Cancel button): the waitin
 
 from __future__ import annotations
 
+import sys
+
 from .picker_nodes import PENDING
 
 
 def register() -> bool:
     """Add the routes to the running PromptServer; False when there is none (ComfyUI modules imported in a test)."""
-    try:
-        from aiohttp import web
-        from server import PromptServer
-    except ImportError:
-        return False
-    server = getattr(PromptServer, "instance", None)
+    server_module = sys.modules.get("server")  # ComfyUI's main imports it, and starts the server, before the packs
+    server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
     if server is None:
         return False
+    from aiohttp import web
 
     @server.routes.get("/ppd/picker/pending")
     async def pending(request):

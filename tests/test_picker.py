@@ -148,3 +148,8 @@ def test_picker_inputs_are_pinned(pack):
     assert [*spec["required"], *spec["optional"]] == API["PPDPreferencePicker"]["inputs"]
     assert all(opts[0].get("tooltip") for section in ("required", "optional") for _, *opts in spec[section].values())
     assert cls.OUTPUT_NODE and cls.IS_CHANGED() != cls.IS_CHANGED()  # NaN: every run asks again
+
+
+def test_routes_register_only_on_a_running_server(pack):
+    routes = importlib.import_module(f"{pack.__name__}.nodes.picker_routes")
+    assert routes.register() is False  # no ComfyUI server in this process: nothing to add, nothing imported
