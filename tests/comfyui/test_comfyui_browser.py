@@ -75,15 +75,19 @@ def page(ui_server):
     d = webdriver.Chrome(service=Service(driver), options=options)
     d.set_script_timeout(60)
     try:
-        d.get(ui_server.url)
-        _until(lambda: d.execute_script(
-            "return !!(window.app && app.graph && window.LiteGraph && "
-            "LiteGraph.registered_node_types['PPDPreferencePicker'] && app.extensionManager)"), 90, "frontend load")
-        time.sleep(1)
-        _close_dialogs(d)
+        _open_frontend(d, ui_server.url)
         yield d
     finally:
         d.quit()
+
+
+def _open_frontend(d, url: str) -> None:
+    d.get(url)
+    _until(lambda: d.execute_script(
+        "return !!(window.app && app.graph && window.LiteGraph && "
+        "LiteGraph.registered_node_types['PPDPreferencePicker'] && app.extensionManager)"), 90, "frontend load")
+    time.sleep(1)
+    _close_dialogs(d)
 
 
 def _close_dialogs(page) -> None:
@@ -301,11 +305,21 @@ def test_pick_b_in_the_browser_appends_the_pair(page, ui_server, collect_graph, 
 def test_cancel_ends_the_wait_cleanly(page, ui_server, collect_graph):
     pid = _run(page, ui_server)
     shown = _dialog(page)
+    first_tab = page.current_window_handle
+    page.switch_to.new_window("tab")  # a tab opened while the prompt waits shows the same question
+    _open_frontend(page, ui_server.url)
+    assert _dialog(page)["request_id"] == shown["request_id"]
+    late_tab = page.current_window_handle
+    page.switch_to.window(first_tab)
     _click(page, "cancel")
     entry = ui_server.wait(pid, 60)
     kinds = [kind for kind, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds and "execution_error" not in kinds, entry["status"]
     _dialog_closed(page, shown["request_id"])
+    page.switch_to.window(late_tab)  # ... and closes it when the question ends elsewhere
+    _dialog_closed(page, shown["request_id"])
+    page.close()
+    page.switch_to.window(first_tab)
     assert ui_server.get("/ppd/picker/pending") == [] and len(_rows(ui_server)) == 1
     status, answer = ui_server.post("/ppd/picker/choose", {"request_id": shown["request_id"], "choice": "A"})
     assert status == 404 and "already answered or cancelled" in answer["error"]
