@@ -378,3 +378,21 @@ def test_scripts_answer_through_the_route_and_sets_stay_inside_input(ui_server):
     (row,) = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
     with Image.open(folder / row["chosen"]) as chosen, Image.open(folder / row["rejected"]) as rejected:
         assert chosen.getpixel((0, 0)) == (255, 0, 0) and rejected.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_a_batch_without_images_b_is_asked_pair_by_pair(ui_server):
+    prompt = _picker_prompt("scripted/batch")
+    prompt["red"]["inputs"]["batch_size"] = 4  # pairs 1st|2nd and 3rd|4th
+    del prompt["pick"]["inputs"]["images_b"]
+    status, answer = ui_server.post("/prompt", {"prompt": prompt})
+    assert status == 200, answer
+    seen = []
+    for choice in ("B", "skip"):
+        (question,) = _until(lambda: [q for q in ui_server.get("/ppd/picker/pending")
+                                      if q["request_id"] not in seen], 60, "the next pair")
+        seen.append(question["request_id"])
+        assert (question["index"], question["total"]) == (len(seen), 2)
+        assert ui_server.post("/ppd/picker/choose", {"request_id": question["request_id"], "choice": choice})[0] == 200
+    entry = ui_server.wait(answer["prompt_id"], 60)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len((ui_server.base / "input" / "scripted" / "batch" / "pairs.jsonl").read_text().splitlines()) == 1
