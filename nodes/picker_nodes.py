@@ -169,7 +169,8 @@ class PPDPreferencePicker:
                             "from (it is saved with every pair and read by the VLM).")
         pairs = pair_indices(images_a.shape[0], None if images_b is None else images_b.shape[0])
         side_b = images_a if images_b is None else images_b
-        pil_a, pil_b = comfy_images_to_pil(images_a), comfy_images_to_pil(side_b)
+        pil_a = comfy_images_to_pil(images_a)
+        pil_b = pil_a if images_b is None else comfy_images_to_pil(images_b)
         chosen, shown = [], []
         for k, (i, j) in enumerate(pairs):
             previews = [_temp_preview(pil_a[i]), _temp_preview(pil_b[j])]
@@ -187,10 +188,21 @@ class PPDPreferencePicker:
             append_pair(folder, prompt, win, lose)
             chosen.append(images_a[i:i + 1] if choice == "A" else side_b[j:j + 1])
             shown.append(previews[0 if choice == "A" else 1])
-        import torch
-
-        out = torch.cat(chosen) if chosen else ExecutionBlocker(None)
+        out = batch_images(chosen) if chosen else ExecutionBlocker(None)
         return {"ui": {"images": shown}, "result": (out, count_pairs(folder))}
+
+
+def batch_images(images: list):
+    """One IMAGE batch from ``[1, H, W, C]`` images; sizes that differ (A and B made at two sizes) are resized to the
+    first one's, since a batch has one size."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = images[0].shape[1:3]
+    same = [im if im.shape[1:3] == (h, w) else
+            F.interpolate(im.movedim(-1, 1), size=(h, w), mode="bilinear", align_corners=False).movedim(1, -1)
+            for im in images]
+    return torch.cat(same)
 
 
 def _temp_preview(img) -> dict:

@@ -153,3 +153,12 @@ def test_picker_inputs_are_pinned(pack):
 def test_routes_register_only_on_a_running_server(pack):
     routes = importlib.import_module(f"{pack.__name__}.nodes.picker_routes")
     assert routes.register() is False  # no ComfyUI server in this process: nothing to add, nothing imported
+
+
+def test_chosen_images_of_two_sizes_make_one_batch(pack):
+    import torch
+
+    m = picker(pack)
+    a, b = torch.rand(1, 8, 12, 3), torch.rand(1, 16, 24, 3)
+    out = m.batch_images([a, b])
+    assert out.shape == (2, 8, 12, 3) and torch.equal(out[0], a[0])
