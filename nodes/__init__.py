@@ -8,6 +8,7 @@ from .adapter_nodes import PPDAdapterLoader, PPDApplyAdapter, PPDStageCSampler
 from .embedder_nodes import PPDVLMLoader, PPDVLMUserEmbedder
 from .embedding_nodes import PPDEmbeddingInterpolate, PPDEmbeddingMix, PPDLoadUserEmbedding, PPDSaveUserEmbedding
 from .pair_nodes import PPDPreferencePairLoader, PPDPreferencePairsFromImages
+from .picker_nodes import PPDPreferencePicker
 
 _NODES = {
     "PPDPreferencePairLoader": (PPDPreferencePairLoader, "Preference Pair Loader"),
@@ -21,6 +22,7 @@ _NODES = {
     "PPDAdapterLoader": (PPDAdapterLoader, "PPD Adapter Loader"),
     "PPDApplyAdapter": (PPDApplyAdapter, "Apply PPD Adapter"),
     "PPDStageCSampler": (PPDStageCSampler, "PPD Stage C Sampler"),
+    "PPDPreferencePicker": (PPDPreferencePicker, "Preference Picker"),
 }
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in _NODES.items()}

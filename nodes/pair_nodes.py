@@ -93,7 +93,9 @@ class PPDPreferencePairLoader:
             "num_pairs": ("INT", tip("How many pairs describe the user (the paper uses 4).", default=4, min=1,
                                      max=64)),
             "selection": (SELECTIONS, tip("Take the first pairs, or a seeded random choice.")),
-            "seed": ("INT", tip("Seed of the random choice.", default=0, min=0, max=2**31 - 1)),
+            # no "control after generate": a seed changing on every queue would re-run everything downstream
+            "seed": ("INT", tip("Seed of the random choice (only used when selection is 'random').", default=0,
+                                min=0, max=2**31 - 1, control_after_generate=False)),
         }}
 
     @classmethod

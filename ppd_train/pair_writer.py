@@ -1,0 +1,117 @@
+"""Appending preference pairs to a pair folder, in exactly the format ``pairs.load_pair_folder`` reads.
+
+A folder may be written by several prompts (and read by the Preference Pair Loader) at any moment, so:
+- images get new names created exclusively (``O_EXCL``): an existing file is never overwritten;
+- each image is complete and flushed before the row that names it exists, so a reader never sees a row whose image
+  is missing or half written;
+- ``pairs.jsonl`` is replaced atomically (temporary file + rename) under a lock: a reader sees the old rows or the
+  old rows plus the new one, never a partial line, and two writers never lose each other's rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from PIL import Image
+
+from .pairs import PairError
+
+PAIRS_FILE = "pairs.jsonl"
+_LOCK = threading.Lock()  # writers in this process (ComfyUI runs one); the file lock covers other processes
+_NAME = re.compile(r"^pair_(\d{5,})_")
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    with _LOCK, open(folder / ".pairs.lock", "a+b") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows: the in-process lock is what ComfyUI needs
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (never replacing a file) and flush it to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _next_index(folder: Path) -> int:
+    used = [int(m.group(1)) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return max(used, default=0) + 1
+
+
+def _rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def count_pairs(folder: str | os.PathLike) -> int:
+    """Rows in the folder's ``pairs.jsonl`` (0 when there is none yet)."""
+    path = Path(folder) / PAIRS_FILE
+    return len(_rows(path.read_text(encoding="utf-8"))) if path.is_file() else 0
+
+
+def append_pair(folder: str | os.PathLike, prompt: str, chosen: Image.Image, rejected: Image.Image,
+                **extra: str | int | float) -> int:
+    """Save both images as new PNGs in ``folder`` and append one row to its ``pairs.jsonl``.
+
+    ``extra`` fields (e.g. ``user_id``) go into the row too. Returns the number of pairs in the folder afterwards.
+    """
+    folder = Path(folder)
+    if (folder / "pairs.csv").is_file() and not (folder / PAIRS_FILE).is_file():
+        raise PairError(f"{folder} holds a pairs.csv; new pairs are written to pairs.jsonl, which would hide it from "
+                        "the Preference Pair Loader. Choose another pair set name, or convert pairs.csv to "
+                        "pairs.jsonl first.")
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {"chosen": _png_bytes(chosen), "rejected": _png_bytes(rejected)}
+    with _folder_lock(folder):
+        index = _next_index(folder)
+        names: dict[str, str] = {}
+        for role, data in images.items():
+            while True:
+                name = f"pair_{index:05d}_{role}.png"
+                try:
+                    _write_new(folder / name, data)
+                    break
+                except FileExistsError:  # a file we did not number (copied in by hand): take the next number
+                    index += 1
+            names[role] = name
+        path = folder / PAIRS_FILE
+        old = path.read_text(encoding="utf-8") if path.is_file() else ""
+        if old and not old.endswith("\n"):
+            old += "\n"  # a row typed by hand without a final newline must not merge with ours
+        row = json.dumps({"prompt": prompt, **names, **extra}, ensure_ascii=False)
+        fd, tmp = tempfile.mkstemp(prefix=".pairs.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write(old + row + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return len(_rows(old)) + 1
