@@ -40,9 +40,10 @@ def test_appended_pairs_read_back_through_the_pair_loader(tmp_path):
 def test_nothing_is_overwritten_and_hand_edits_survive(tmp_path):
     folder = tmp_path / "set"
     folder.mkdir()
-    random_image(9).save(folder / "pair_00001_chosen.png")  # copied in by hand, not in pairs.jsonl
+    random_image(9).save(folder / "pair_00001_chosen.png")  # copied in by hand, not written by the picker
+    random_image(8).save(folder / "mine_rejected.png")
     (folder / "pairs.jsonl").write_text('{"prompt": "mine", "chosen": "pair_00001_chosen.png", '
-                                        '"rejected": "pair_00001_chosen.png"}')  # no final newline
+                                        '"rejected": "mine_rejected.png"}')  # no final newline
     before = (folder / "pair_00001_chosen.png").read_bytes()
     assert append_pair(folder, "new", random_image(1), random_image(2)) == 2
     assert (folder / "pair_00001_chosen.png").read_bytes() == before
