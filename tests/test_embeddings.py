@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import random_image, write_pair_folder
@@ -177,3 +179,22 @@ def test_embed_job_resumes_after_interrupt(tmp_path, tiny_llava_dir):
                     progress=interrupt)
     with pytest.raises(PPDError, match="other settings.*delete"):
         embed_users(users, embedder, tmp_path / "x.safetensors", n_pairs=3, show_progress=False)
+
+
+@pytest.mark.parametrize("w", [0.25, 0.6, 0.9])
+def test_slerp_at_interior_weights_matches_the_closed_form(w):
+    """Token 0: a quarter turn between lengths 2 and 4; token 1: 60 degrees between lengths 1 and 3. Slerp walks the
+    arc at angle w * omega from ``a`` with the length interpolated linearly."""
+    a = UserEmbedding(torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), "x")
+    b = UserEmbedding(torch.tensor([[0.0, 4.0, 0.0], [1.5, 3 ** 0.5 * 1.5, 0.0]]), "x")
+    got = interpolate(a, b, w, "slerp").tokens
+    for token, (omega, na, nb) in enumerate([(math.pi / 2, 2.0, 4.0), (math.pi / 3, 1.0, 3.0)]):
+        angle, length = w * omega, (1 - w) * na + w * nb
+        torch.testing.assert_close(got[token], torch.tensor([math.cos(angle), math.sin(angle), 0.0]) * length)
+    torch.testing.assert_close(interpolate(a, b, w).tokens, (1 - w) * a.tokens + w * b.tokens)
+    # (anti)parallel tokens have no plane to turn in: the direction falls back to the straight line
+    c = UserEmbedding(torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), "x")
+    d = UserEmbedding(torch.tensor([[1.0, 0.0, 0.0], [0.0, -4.0, 0.0]]), "x")
+    par = interpolate(c, d, w, "slerp").tokens
+    torch.testing.assert_close(par[0], torch.tensor([3.0 - 2.0 * w, 0.0, 0.0]))
+    torch.testing.assert_close(par[1], torch.tensor([0.0, 1.0 - 2.0 * w, 0.0]) * (2.0 + 2.0 * w))
