@@ -95,3 +95,27 @@ def test_pack_imports_without_comfyui():
         assert module.NODE_CLASS_MAPPINGS == {}
     finally:
         del sys.modules[spec.name]
+
+
+def test_stage_c_folders_load_frozen_in_the_asked_dtype(tiny_unet, tmp_path):
+    tiny_unet.save_pretrained(tmp_path / "pipeline" / "prior")  # a pipeline folder: Stage C sits in prior/
+    loaded = load_stage_c(tmp_path / "pipeline", dtype=torch.float64)
+    assert not loaded.training and all(p.dtype == torch.float64 and not p.requires_grad for p in loaded.parameters())
+    inputs = {k: v.double() for k, v in stage_c_inputs().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).sample.float(), tiny_unet(**stage_c_inputs()).sample, rtol=1e-3,
+                                   atol=1e-4)
+
+
+def test_single_file_that_does_not_match_its_config(tiny_unet, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from ppd_train.errors import IncompatibleError
+
+    save_file({"clip_txt_mapper.weight": torch.zeros(32, 32), "extra.weight": torch.zeros(1)},
+              tmp_path / "c.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_stage_c_config(), "_class_name": "StableCascadeUNet"}))
+    with pytest.raises(IncompatibleError, match="does not match the Stage C config"):
+        load_stage_c(tmp_path / "c.safetensors", config=tmp_path / "config.json")
