@@ -165,3 +165,41 @@ def test_processor_refuses_other_attention_layouts(tiny_unet):
                      lambda: attn(x), lambda: attn(x.flatten(2).transpose(1, 2), encoder_hidden_states=kv)):
             with pytest.raises(IncompatibleError, match="Stage C attention blocks only"):
                 call()
+
+
+def test_refusals_name_both_sides_by_default(tiny_unet):
+    from ppd_train.adapter import check_stage_c
+
+    config = trained_looking_adapter(tiny_unet, embedder="e").config
+    with pytest.raises(IncompatibleError, match=r"^the user embedding \(5 tokens x 24 from embedder 'f'\) does not fit "
+                                                r"the adapter, which reads 5 tokens x 24 from embedder 'e'"):
+        check_embedding(config, (5, 24), "f")
+    with pytest.raises(IncompatibleError, match=r"^the adapter was made for Stage C custom \(4 attention blocks, width "
+                                                r"32\), but the Stage C model is Stage C lite"):
+        check_stage_c(config, StageCInfo((1536,) * 32, (24,) * 32))
+
+
+def test_adapters_and_user_kv_move_to_the_asked_device(tiny_unet, tmp_path):
+    save_adapter(trained_looking_adapter(tiny_unet), tmp_path / "a.safetensors")
+    on_meta = load_adapter(tmp_path / "a.safetensors", device="meta")  # "meta" stands in for a GPU
+    assert all(p.device.type == "meta" for p in on_meta.parameters())
+    kv = trained_looking_adapter(tiny_unet)(torch.randn(5, 24)).to(device="meta")
+    assert {t.device.type for t in kv.keys + kv.values} == {"meta"} and kv.keys[0].dtype == torch.float32
+
+
+def test_a_damaged_adapter_file_names_what_does_not_match(tiny_unet, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "a.safetensors"
+    save_adapter(trained_looking_adapter(tiny_unet), path)
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for key in ("blocks.0.to_k.weight", "blocks.1.to_k.weight", "blocks.2.to_k.weight", "blocks.3.to_k.weight"):
+        del tensors[key]  # four missing: the message lists the first three
+    tensors["token_pos"] = torch.zeros(2, 2)
+    save_file(tensors, path, metadata=meta)
+    missing = "['blocks.0.to_k.weight', 'blocks.1.to_k.weight', 'blocks.2.to_k.weight']"
+    with pytest.raises(FileFormatError) as err:
+        load_adapter(path)
+    assert f"(missing {missing}, wrong shape ['token_pos'])" in str(err.value)

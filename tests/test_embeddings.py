@@ -251,3 +251,45 @@ def test_embedding_tables_round_trip_and_refuse_damage(tmp_path):
     save_file(tensors, tmp_path / "damaged.safetensors", metadata=metadata)
     with pytest.raises(IncompatibleError, match="user zed is listed but has no tokens"):
         load_embedding_table(tmp_path / "damaged.safetensors")
+
+
+def test_slerp_survives_rounding_past_plus_or_minus_one():
+    """Normalised (anti)parallel tokens can have a dot product of 1.0000002 or -1.0000001 in float32; the clamp keeps
+    arccos finite and the straight-line fallback takes over."""
+    a = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+    for scale in (3.0, -0.7):  # dot products just above 1 and just below -1 for this draw
+        for w in (0.25, 0.75):
+            got = interpolate(UserEmbedding(a, "x"), UserEmbedding(a * scale, "x"), w, "slerp").tokens
+            unit = a / a.norm()
+            expected = unit * (1 - w + w * (1 if scale > 0 else -1)) * a.norm() * (1 - w + w * abs(scale))
+            torch.testing.assert_close(got, expected)
+
+
+def test_user_embedding_files_are_checked(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "u.safetensors"
+    _emb(1).save(path)
+    with safe_open(str(path), "pt") as f:
+        metadata, tokens = f.metadata(), f.get_tensor("tokens")
+    assert metadata["format"] == "ppd-user-embedding"  # the file says what it is, for any safetensors reader
+    meta = json.loads(metadata["ppd_user_embedding"])
+    for change, tensors in (({"format": "other"}, {"tokens": tokens}), ({}, {"weights": tokens}),
+                            ({"format": None}, {"tokens": tokens})):
+        broken = {k: v for k, v in {**meta, **change}.items() if v is not None}
+        save_file(tensors, tmp_path / "b.safetensors", metadata={"ppd_user_embedding": json.dumps(broken)})
+        with pytest.raises(IncompatibleError, match="b.safetensors is not a PPD user embedding"):
+            UserEmbedding.load(tmp_path / "b.safetensors")
+    no_version = {k: v for k, v in meta.items() if k != "format_version"}
+    save_file({"tokens": tokens}, tmp_path / "b.safetensors", metadata={"ppd_user_embedding": json.dumps(no_version)})
+    with pytest.raises(IncompatibleError, match="user-embedding format None"):
+        UserEmbedding.load(tmp_path / "b.safetensors")
+    save_file({"tokens": torch.full((2, 3), float("nan"))}, tmp_path / "b.safetensors",
+              metadata={"ppd_user_embedding": json.dumps(meta)})
+    with pytest.raises(IncompatibleError, match="b.safetensors: User embedding from 'vlm:x:direct:all' contains NaN"):
+        UserEmbedding.load(tmp_path / "b.safetensors")
+    with pytest.raises(FileFormatError, match="user embedding file not found"):
+        UserEmbedding.load(tmp_path / "missing.safetensors")

@@ -90,6 +90,10 @@ def test_selection_keeps_the_original_order():
     assert len(embed) == 4 and len(train) == 1 and set(map(id, embed + train)) == set(map(id, pairs[:5]))
     with pytest.raises(PairError, match="anna has 4 pairs; at least 5 are needed"):
         split_user_pairs(pairs[:4], 4, who="anna")
+    with pytest.raises(PairError, match="^this user has 4 pairs"):
+        split_user_pairs(pairs[:4], 4)
+    with pytest.raises(PairError, match="^this user has 10 usable"):
+        select_pairs(pairs, 11)
 
 
 def test_pair_files_number_their_rows(tmp_path):
@@ -137,13 +141,17 @@ def test_jsonl_wins_over_csv_and_paths_are_checked(tmp_path):
 def test_pickapic_labels_filters_and_merging(tmp_path):
     rows = [dict(caption="a", jpg_0=jpeg_bytes(1), jpg_1=jpeg_bytes(2), label_0=1.0, label_1=0.0, user_id=3),
             dict(caption=None, jpg_0=jpeg_bytes(3), jpg_1=jpeg_bytes(4), label_0=0.0, label_1=1.0, user_id=3),
-            dict(caption="c", jpg_0=jpeg_bytes(5), jpg_1=jpeg_bytes(6), label_0=1.0, label_1=0.0, user_id=4)]
+            dict(caption="c", jpg_0=jpeg_bytes(5), jpg_1=jpeg_bytes(6), label_0=1.0, label_1=0.0, user_id=4),
+            dict(caption="d", jpg_0=jpeg_bytes(7), jpg_1=jpeg_bytes(8), label_0=1.0, label_1=None, user_id=4),
+            dict(caption="e", jpg_0=jpeg_bytes(7), jpg_1=jpeg_bytes(8), label_0=None, label_1=1.0, user_id=4)]
     shard = write_pickapic(tmp_path / "s.parquet", rows)
     users = load_pickapic(str(shard))  # a single path as a string
     first, second = users["3"]
     assert first.chosen.raw_bytes() == jpeg_bytes(1) and first.rejected.raw_bytes() == jpeg_bytes(2)
     assert second.chosen.raw_bytes() == jpeg_bytes(4) and second.prompt == "" and second.user_id == "3"
     assert second.source == "s.parquet row 1" and second.chosen.where == "s.parquet row 1 (jpg_1)"
+    assert second.rejected.where == "s.parquet row 1 (jpg_0)" and first.prompt == "a"
+    assert [p.prompt for p in users["4"]] == ["c"]  # a missing label is no preference
     assert list(load_pickapic([shard], user_ids=[4, "3"])) == ["3", "4"]
     with pytest.raises(PairError, match="Parquet shard not found"):
         load_pickapic(tmp_path / "none.parquet")

@@ -119,3 +119,8 @@ def test_single_file_that_does_not_match_its_config(tiny_unet, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**tiny_stage_c_config(), "_class_name": "StableCascadeUNet"}))
     with pytest.raises(IncompatibleError, match="does not match the Stage C config"):
         load_stage_c(tmp_path / "c.safetensors", config=tmp_path / "config.json")
+
+
+def test_missing_stage_c_file_is_named(tmp_path):
+    with pytest.raises(FileFormatError, match="Stage C file not found: .*nope.safetensors"):
+        load_stage_c(tmp_path / "nope.safetensors")

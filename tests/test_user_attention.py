@@ -177,3 +177,37 @@ def test_sampling_user_refusals_name_the_adapter():
         sampling_user(adapter, "a.safetensors", INFO, _embedding("other"), 1.0, 0.0, 1.0, _percent_to_sigma)
     with pytest.raises(IncompatibleError, match="does not fit PPD adapter"):
         sampling_user(adapter, "a", INFO, _embedding(shape=(TOKENS + 1, EMBED)), 1.0, 0.0, 1.0, _percent_to_sigma)
+
+
+def test_keys_and_values_are_made_in_float32_on_the_sampling_device():
+    """A bf16 adapter stays bf16 on the CPU; K_u, V_u are computed from it in float32 on the device asked for ("meta"
+    stands in for a GPU: a mixed-device computation fails there)."""
+    adapter = _adapter(1).to(torch.bfloat16)
+    tokens = _tokens(1)
+    user = SamplingUser(adapter, tokens, 1.0, 1.0, 0.0)
+    kv = user.kv(torch.device("cpu"), torch.float64)
+    assert adapter.user_proj.weight.dtype == torch.bfloat16 and adapter.user_proj.weight.device.type == "cpu"
+    k64, v64 = user_kv64(adapter, tokens, 2)  # exact float64 arithmetic on the bf16 weights
+    torch.testing.assert_close(kv.keys[2], k64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kv.values[2], v64, rtol=1e-5, atol=1e-5)
+    on_meta = user.kv(torch.device("meta"), torch.float16)
+    assert on_meta.keys[0].device.type == "meta" and on_meta.values[1].dtype == torch.float16
+    assert adapter.user_proj.weight.device.type == "cpu"
+
+
+def test_patched_attention_runs_where_the_model_runs_and_passes_options_on():
+    """The whole module on the "meta" device (a stand-in for a GPU), and ComfyUI's transformer_options reach every
+    native attention call (attention overrides and patches read them)."""
+    seen = []
+
+    def native(q, k, v, heads, transformer_options=None):
+        seen.append(transformer_options)
+        return comfy_attention(q, k, v, heads)
+
+    user = SamplingUser(_adapter(1), _tokens(1), 1.0, 10.0, 0.0)
+    module = stacked(_base().to("meta"), 0, user, native)
+    q = torch.zeros(2, 5, WIDTH, dtype=torch.float64, device="meta")
+    options = {"cond_or_uncond": [0], "sigmas": torch.tensor([1.0])}
+    out = module(q, q, q, transformer_options=options)
+    assert out.device.type == "meta" and out.shape == q.shape
+    assert len(seen) == 2 and all(o is options for o in seen)  # the block's attention and the user's
