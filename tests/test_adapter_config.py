@@ -78,6 +78,10 @@ def test_metadata_round_trip_and_damage():
     assert (d["format"], d["format_version"], d["stage_c_kind"], d["block_count"]) == ("ppd-adapter", 1, "lite", 32)
     back = AdapterConfig.from_dict(d)
     assert back == config and back.training == {"steps": 3} and back.proj_dim == 1536
+    narrow = AdapterConfig((64, 64), (2, 2), 24, 5, proj_dim=16)
+    assert AdapterConfig.from_dict(json.loads(narrow.to_json())).proj_dim == 16
+    with pytest.raises(FileFormatError, match=r"^<adapter> is not a PPD adapter"):
+        AdapterConfig.from_dict({})
     minimal = {k: v for k, v in d.items() if k not in ("embedder", "training")}
     assert AdapterConfig.from_dict(minimal).embedder == "unknown" and AdapterConfig.from_dict(minimal).training == {}
     with pytest.raises(FileFormatError, match=r"x.safetensors is not a PPD adapter \(format='lora'\)"):

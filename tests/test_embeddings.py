@@ -239,6 +239,17 @@ def test_embedding_tables_round_trip_and_refuse_damage(tmp_path):
     assert table["amy"].embedder == "vlm:x:direct:all"
     save_embedding_table(tmp_path / "again.safetensors", dict(reversed(list(users.items()))), {"source": "test"})
     assert (tmp_path / "again.safetensors").read_bytes() == path.read_bytes()  # same users, same bytes
+    reordered = {"zed": UserEmbedding(users["zed"].tokens, "vlm:x:direct:all", {"b": 2, "user_id": "u1", "a": 1}),
+                 "amy": UserEmbedding(users["amy"].tokens, "vlm:x:direct:all", {"a": 1, "user_id": "u2", "b": 2})}
+    save_embedding_table(tmp_path / "r1.safetensors", reordered)
+    reordered["zed"].meta = {"a": 1, "user_id": "u1", "b": 2}  # same content, other key order
+    save_embedding_table(tmp_path / "r2.safetensors", reordered)
+    assert (tmp_path / "r1.safetensors").read_bytes() == (tmp_path / "r2.safetensors").read_bytes()
+    with pytest.raises(FileFormatError, match="embedding table file not found"):
+        load_embedding_table(tmp_path / "missing.safetensors")
+    _emb(1).save(tmp_path / "one.safetensors")
+    with pytest.raises(FileFormatError, match=r"not a embedding table \(made by `ppd-train embed`\)"):
+        load_embedding_table(tmp_path / "one.safetensors")
     save_embedding_table(tmp_path / "bare.safetensors", users)
     assert load_embedding_table(tmp_path / "bare.safetensors")[1] == {}
     with pytest.raises(IncompatibleError, match="No embeddings to save"):

@@ -79,6 +79,7 @@ def test_selection_keeps_the_original_order():
         assert positions == sorted(positions) and len(set(positions)) == 4
     assert {tuple(pairs.index(p) for p in select_pairs(pairs, 4, "random", s)) for s in range(5)} != {(0, 1, 2, 3)}
     assert select_pairs(pairs, 10, "first") == pairs
+    assert select_pairs(pairs, 1) == pairs[:1] and len(select_pairs(pairs, 1, "random", 3)) == 1
     for n in (0, -1):
         with pytest.raises(PairError, match=f"Asked for {n} pairs"):
             select_pairs(pairs, n)
@@ -114,7 +115,7 @@ def test_pair_files_number_their_rows(tmp_path):
     csv_folder = write_pair_folder(tmp_path / "ben", n=2, fmt="csv", user_id="b-7")
     pairs = load_pair_folder(csv_folder)
     assert [p.source for p in pairs] == ["ben/pairs.csv row 2", "ben/pairs.csv row 3"]  # row 1 is the header
-    assert {p.user_id for p in pairs} == {"b-7"}
+    assert {p.user_id for p in pairs} == {"b-7"} and pairs[0].rejected.where == "ben/pairs.csv row 2 (rejected)"
     (csv_folder / "pairs.csv").write_text("prompt,chosen,rejected\n")
     with pytest.raises(PairError, match="no rows"):
         load_pair_folder(csv_folder)
@@ -176,3 +177,21 @@ def test_images_in_memory(tmp_path):
         pairs_from_images(["x"], a, b, a_wins=[True])
     (one,) = pairs_from_images(["only"], a[:1], b[:1])
     assert one.chosen.pil is a[0]
+
+
+def test_pair_files_are_utf8_and_csv_keeps_quoted_line_breaks(tmp_path):
+    import csv
+    import json
+
+    folder = write_pair_folder(tmp_path / "u", n=1)
+    prompt = "Café at dusk, 夕暮れ"
+    (folder / "pairs.jsonl").write_bytes((json.dumps({"prompt": prompt, "chosen": "good_0.png",
+                                                      "rejected": "bad_0.jpg"}, ensure_ascii=False) + "\n").encode())
+    assert load_pair_folder(folder)[0].prompt == prompt
+    (folder / "pairs.jsonl").unlink()
+    with (folder / "pairs.csv").open("w", newline="", encoding="utf-8") as f:  # csv's own \r\n line ends
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "chosen", "rejected"])
+        writer.writerow([prompt + "\r\nsecond line", "good_0.png", "bad_0.jpg"])
+    (pair,) = load_pair_folder(folder)
+    assert pair.prompt == prompt + "\r\nsecond line" and pair.source == "u/pairs.csv row 2"

@@ -50,6 +50,8 @@ def test_single_file_stage_c_round_trip(tiny_unet, tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(tiny_stage_c_config()))
     loaded = load_stage_c(path, config=config)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert all(p.dtype == torch.float64 for p in load_stage_c(path, dtype=torch.float64, config=config).parameters())
     inputs = stage_c_inputs()
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).sample, tiny_unet(**inputs).sample)
@@ -118,6 +120,9 @@ def test_single_file_that_does_not_match_its_config(tiny_unet, tmp_path):
               tmp_path / "c.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({**tiny_stage_c_config(), "_class_name": "StableCascadeUNet"}))
     with pytest.raises(IncompatibleError, match="does not match the Stage C config"):
+        load_stage_c(tmp_path / "c.safetensors", config=tmp_path / "config.json")
+    save_file({"clip_txt_mapper.weight": torch.zeros(32, 32)}, tmp_path / "c.safetensors")  # only missing weights
+    with pytest.raises(IncompatibleError, match=r"does not match the Stage C config \(missing \['"):
         load_stage_c(tmp_path / "c.safetensors", config=tmp_path / "config.json")
 
 
