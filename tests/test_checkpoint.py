@@ -65,3 +65,15 @@ def test_refuses_another_model_or_optimizer(tmp_path):
     same = _model()
     with pytest.raises(FileFormatError, match="optimizer state does not fit this adapter"):
         load_checkpoint(tmp_path / "c.safetensors", same, torch.optim.AdamW(list(same.parameters())[:2]))
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(FileFormatError, match="training checkpoint file not found"):
+        load_checkpoint(tmp_path / "step-1.safetensors", model, opt)
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(FileFormatError, match=r"not a training checkpoint \(no 'ppd_checkpoint' metadata\)"):
+        load_checkpoint(tmp_path / "other.safetensors", model, opt)
