@@ -125,7 +125,7 @@ def test_warmup_continues_across_a_resume(tmp_path, world_data):
 def test_keep_last_k_keeps_the_newest(tmp_path, world_data):
     _trainer(tmp_path, world_data, max_steps=5, checkpoint_every=1, keep_checkpoints=2).run()
     folder = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["step-00000004.safetensors", "step-00000005.safetensors"]
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-00000004.safetensors", "step-00000005.safetensors"]
     assert find_latest(folder).name == "step-00000005.safetensors"
 
 
@@ -193,15 +193,17 @@ def test_logging_and_checkpoint_cadence(tmp_path, world_data):
     trainer.run(on_step=seen.append)
     assert seen == [1, 2, 3, 4, 5]
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    log = [e for e in log if "pairs_per_s" in e]  # the training-step lines
     assert [e["step"] for e in log] == [3, 5]  # every log_every steps, and the last one
     assert all(e["pairs_per_s"] > 0 and e["skipped"] == 0.0 and e["lr"] == 1e-2 for e in log)
     folder = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == [f"step-{s:08d}.safetensors" for s in (2, 4, 5)]
+    assert sorted(p.name for p in folder.glob("step-*")) == [f"step-{s:08d}.safetensors" for s in (2, 4, 5)]
     from ppd_train.adapter import read_adapter_config
 
     summary = read_adapter_config(tmp_path / "run" / "adapter.safetensors")[0].training
     assert summary["final_loss"] == log[-1]["loss"] and summary["steps"] == 5 and summary["lr"] == 1e-2
-    assert (summary["pairs"], summary["users"], summary["batch_pairs"], summary["user_dropout"]) == (24, 4, 4, 0.0)
+    assert (summary["pairs"], summary["users"], summary["batch_pairs"], summary["user_dropout"]) == (
+        len(trainer.train), 4, 4, 0.0)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
@@ -254,7 +256,7 @@ def test_a_non_finite_step_is_reported_as_skipped(tmp_path, world_data):
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.adapter.parameters()))
 
 
-@pytest.mark.parametrize("change", [dict(max_steps=0), dict(batch_size=0), dict(grad_accum=0), dict(lr=0.0),
+@pytest.mark.parametrize("change", [dict(max_steps=-1), dict(batch_size=0), dict(grad_accum=0), dict(lr=0.0),
                                     dict(user_dropout=1.0), dict(user_dropout=-0.1), dict(t_min=0.5, t_max=0.5),
                                     dict(t_max=1.5), dict(t_min=-0.1), dict(val_fraction=1.0),
                                     dict(mixed_precision="fp8"), dict(keep_checkpoints=0)])
