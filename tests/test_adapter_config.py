@@ -207,3 +207,20 @@ def test_a_damaged_adapter_file_names_what_does_not_match(tiny_unet, tmp_path):
     with pytest.raises(FileFormatError) as err:
         load_adapter(path)
     assert f"(missing {missing}, wrong shape ['token_pos'])" in str(err.value)
+
+
+def test_adapter_files_say_what_they_are(tiny_unet, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "a.safetensors"
+    save_adapter(trained_looking_adapter(tiny_unet), path)
+    with safe_open(str(path), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert metadata["format"] == "ppd-adapter"  # for any safetensors reader
+    meta = json.loads(metadata["ppd_adapter"])
+    save_file(tensors, tmp_path / "b.safetensors", metadata={"ppd_adapter": json.dumps({**meta, "format": "lora"})})
+    with pytest.raises(FileFormatError, match=r"b.safetensors is not a PPD adapter \(format='lora'\)"):
+        load_adapter(tmp_path / "b.safetensors")
+    with pytest.raises(FileFormatError, match="PPD adapter file not found"):
+        load_adapter(tmp_path / "missing.safetensors")
