@@ -176,7 +176,8 @@ def test_images_in_memory(tmp_path):
     with pytest.raises(PairError, match="Got 1 winner flags for 2 pairs"):
         pairs_from_images(["x"], a, b, a_wins=[True])
     (one,) = pairs_from_images(["only"], a[:1], b[:1])
-    assert one.chosen.pil is a[0]
+    assert one.chosen.pil is a[0] and one.user_id == "" and one.chosen.where == "pair 1 (A)"
+    assert pairs[1].chosen.where == "pair 2 (B)"
 
 
 def test_pair_files_are_utf8_and_csv_keeps_quoted_line_breaks(tmp_path):
