@@ -304,3 +304,8 @@ def test_user_embedding_files_are_checked(tmp_path):
         UserEmbedding.load(tmp_path / "b.safetensors")
     with pytest.raises(FileFormatError, match="user embedding file not found"):
         UserEmbedding.load(tmp_path / "missing.safetensors")
+
+
+def test_tokens_are_kept_as_float32():
+    e = UserEmbedding(torch.randn(3, 8, dtype=torch.float64), "x")
+    assert e.tokens.dtype == torch.float32 and e.tokens.is_contiguous()

@@ -169,7 +169,10 @@ def test_pickapic_labels_filters_and_merging(tmp_path):
 def test_images_in_memory(tmp_path):
     a, b = [random_image(1), random_image(2)], [random_image(3), random_image(4)]
     pairs = pairs_from_images(["p", "q"], a, b, a_wins=False, user_id="me")
-    assert [p.chosen.pil for p in pairs] == b and [p.prompt for p in pairs] == ["p", "q"]
+    assert [p.chosen.pil for p in pairs] == b and [p.rejected.pil for p in pairs] == a
+    assert [p.prompt for p in pairs] == ["p", "q"]
+    mixed = pairs_from_images(["p"], a, b, a_wins=[True, False])
+    assert [(p.chosen.pil, p.rejected.pil) for p in mixed] == [(a[0], b[0]), (b[1], a[1])]
     assert pairs[1].source == "pair 2" and pairs[1].rejected.where == "pair 2 (A)" and pairs[0].user_id == "me"
     with pytest.raises(PairError, match="Got 3 captions for 2 image pairs"):
         pairs_from_images(["1", "2", "3"], a, b)

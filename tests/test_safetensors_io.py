@@ -57,12 +57,13 @@ def test_atomic_writes_keep_the_old_file_when_the_rename_fails(tmp_path, monkeyp
 
 
 def test_atomic_save_safetensors(tmp_path, renames):
-    target = tmp_path / "sub" / "t.safetensors"
+    target = tmp_path / "sub" / "deeper" / "t.safetensors"
     weight = torch.arange(6.0).view(2, 3).t().requires_grad_(True)  # non-contiguous, needs grad
     atomic_save_safetensors({"w": weight}, target, {"note": "hello"})
     tensors, meta = read_safetensors(target, "test")
     assert torch.equal(tensors["w"], weight.detach()) and meta == {"note": "hello"}
     assert [os.path.dirname(src) for src, _ in renames] == [str(target.parent)]
+    assert os.path.basename(renames[0][0]).startswith(".t.safetensors.")  # hidden while it is written
     assert sorted(p.name for p in target.parent.iterdir()) == ["t.safetensors"]
 
 
