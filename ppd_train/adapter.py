@@ -73,10 +73,10 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_widths", tuple(int(w) for w in self.block_widths))
         object.__setattr__(self, "block_heads", tuple(int(h) for h in self.block_heads))
-        if not self.proj_dim:
-            object.__setattr__(self, "proj_dim", max(self.block_widths))
         if len(self.block_widths) != len(self.block_heads) or not self.block_widths:
             raise IncompatibleError("Adapter config: block_widths and block_heads must be non-empty and equally long.")
+        if not self.proj_dim:
+            object.__setattr__(self, "proj_dim", max(self.block_widths))
         for w, h in zip(self.block_widths, self.block_heads):
             if w % h:
                 raise IncompatibleError(f"Adapter config: block width {w} is not divisible by its {h} heads.")

@@ -81,7 +81,9 @@ def _slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     omega = torch.arccos((ua * ub).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
     so = torch.sin(omega)
     direction = (torch.sin((1 - w) * omega) * ua + torch.sin(w * omega) * ub) / so
-    parallel = so.abs() < 1e-6  # (anti)parallel tokens: fall back to the linear path
+    # (anti)parallel tokens: fall back to the linear path. The clamp above keeps sin(omega) >= ~5e-4 in float32, so
+    # the threshold must sit above that to ever apply.
+    parallel = so.abs() < 1e-3
     direction = torch.where(parallel, torch.lerp(ua, ub, w), direction)
     return direction * torch.lerp(na, nb, w)
 
@@ -150,6 +152,9 @@ def load_embedding_table(path: str | os.PathLike) -> tuple[dict[str, UserEmbeddi
     """-> (user id -> embedding, the table's info dict)."""
     tensors, metadata = read_safetensors(path, "embedding table")
     meta = read_json_metadata(metadata, TABLE_KEY, path, "embedding table (made by `ppd-train embed`)")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise IncompatibleError(f"{path} uses embedding-table format {version}; update the PPD pack.")
     users = meta.get("users", {})
     out = {}
     for uid, umeta in users.items():

@@ -175,5 +175,7 @@ def test_parameter_count_for_real_stage_c():
     assert lite["block_count"] == 32
     assert lite["blocks"] == 32 * 2 * 1536 * 1536  # ~151M: the paper's "~150M"
     assert 150e6 < lite["total"] < 158e6
+    # projector for LLaVA-OneVision 7B (D = 3584, 29 tokens): LayerNorm, Linear D -> 1536 with bias, token positions
+    assert lite["projector"] == lite["total"] - lite["blocks"] == 2 * 3584 + 3584 * 1536 + 1536 + 29 * 1536
     full = adapter_parameter_count("full")
     assert full["block_count"] == 64 and 530e6 < full["total"] < 550e6

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import random_image, write_pair_folder
@@ -177,3 +179,133 @@ def test_embed_job_resumes_after_interrupt(tmp_path, tiny_llava_dir):
                     progress=interrupt)
     with pytest.raises(PPDError, match="other settings.*delete"):
         embed_users(users, embedder, tmp_path / "x.safetensors", n_pairs=3, show_progress=False)
+
+
+@pytest.mark.parametrize("w", [0.25, 0.6, 0.9])
+def test_slerp_at_interior_weights_matches_the_closed_form(w):
+    """Tokens at 90, 60 and 120 degrees (lengths 2 -> 4, 1 -> 3, 0.5 -> 0.8). Slerp walks the arc at angle w * omega
+    from ``a`` with the length interpolated linearly."""
+    a = UserEmbedding(torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.0, 0.0]]), "x")
+    b = UserEmbedding(torch.tensor([[0.0, 4.0, 0.0], [1.5, 3 ** 0.5 * 1.5, 0.0], [-0.4, 3 ** 0.5 * 0.4, 0.0]]), "x")
+    got = interpolate(a, b, w, "slerp").tokens
+    cases = [(math.pi / 2, 2.0, 4.0), (math.pi / 3, 1.0, 3.0), (2 * math.pi / 3, 0.5, 0.8)]
+    for token, (omega, na, nb) in enumerate(cases):
+        angle, length = w * omega, (1 - w) * na + w * nb
+        torch.testing.assert_close(got[token], torch.tensor([math.cos(angle), math.sin(angle), 0.0]) * length)
+    torch.testing.assert_close(interpolate(a, b, w).tokens, (1 - w) * a.tokens + w * b.tokens)
+    # (anti)parallel tokens have no plane to turn in: the direction falls back to the straight line
+    c = UserEmbedding(torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), "x")
+    d = UserEmbedding(torch.tensor([[1.0, 0.0, 0.0], [0.0, -4.0, 0.0]]), "x")
+    par = interpolate(c, d, w, "slerp").tokens
+    torch.testing.assert_close(par[0], torch.tensor([3.0 - 2.0 * w, 0.0, 0.0]))
+    torch.testing.assert_close(par[1], torch.tensor([0.0, 1.0 - 2.0 * w, 0.0]) * (2.0 + 2.0 * w))
+
+
+def test_mixes_record_who_is_in_them_and_refuse_bad_weights():
+    a, b, c = _emb(1), _emb(2), _emb(3)
+    assert a.describe() == "user embedding of u1 (3 x 8, embedder 'vlm:x:direct:all')" and a.profile == ""
+    assert UserEmbedding(a.tokens, "e").describe() == "user embedding (3 x 8, embedder 'e')"
+    mid = interpolate(a, b, 0.25, "slerp")
+    assert mid.meta == {"mix": [{"user": "u1", "weight": 0.75}, {"user": "u2", "weight": 0.25}],
+                        "mix_method": "slerp"} and mid.embedder == a.embedder
+    anonymous = interpolate(UserEmbedding(a.tokens, a.embedder), UserEmbedding(b.tokens, b.embedder), 0.5)
+    assert [m["user"] for m in anonymous.meta["mix"]] == ["a", "b"]
+    three = mix([a, b, c], [1, 1, 2])
+    torch.testing.assert_close(three.tokens, (a.tokens + b.tokens + 2 * c.tokens) / 4)
+    assert three.meta == {"mix": [{"user": "u1", "weight": 0.25}, {"user": "u2", "weight": 0.25},
+                                  {"user": "u3", "weight": 0.5}], "mix_method": "lerp"}
+    assert [m["user"] for m in mix([UserEmbedding(a.tokens, a.embedder), b], [1, 1]).meta["mix"]] == ["0", "u2"]
+    for weights, msg in (([1], "one weight per embedding"), ([0, 0], "not all zero"), ([1, -1], "non-negative")):
+        with pytest.raises(IncompatibleError, match=msg):
+            mix([a, b], weights)
+    with pytest.raises(IncompatibleError, match="one weight per embedding"):
+        mix([], [])
+    with pytest.raises(IncompatibleError, match=r"\[tokens, width\]; got shape \(8,\)"):
+        UserEmbedding(torch.zeros(8), "x")
+
+
+def test_embedding_tables_round_trip_and_refuse_damage(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ppd_train.embedding import save_embedding_table
+
+    users = {"zed": _emb(1), "amy": _emb(2)}
+    path = tmp_path / "t.safetensors"
+    save_embedding_table(path, users, {"source": "test"})
+    table, info = load_embedding_table(path)
+    assert list(table) == ["amy", "zed"] and info == {"source": "test"}  # users sorted: a stable file
+    assert torch.equal(table["zed"].tokens, users["zed"].tokens) and table["zed"].meta == {"user_id": "u1"}
+    assert table["amy"].embedder == "vlm:x:direct:all"
+    save_embedding_table(tmp_path / "again.safetensors", dict(reversed(list(users.items()))), {"source": "test"})
+    assert (tmp_path / "again.safetensors").read_bytes() == path.read_bytes()  # same users, same bytes
+    reordered = {"zed": UserEmbedding(users["zed"].tokens, "vlm:x:direct:all", {"b": 2, "user_id": "u1", "a": 1}),
+                 "amy": UserEmbedding(users["amy"].tokens, "vlm:x:direct:all", {"a": 1, "user_id": "u2", "b": 2})}
+    save_embedding_table(tmp_path / "r1.safetensors", reordered)
+    reordered["zed"].meta = {"a": 1, "user_id": "u1", "b": 2}  # same content, other key order
+    save_embedding_table(tmp_path / "r2.safetensors", reordered)
+    assert (tmp_path / "r1.safetensors").read_bytes() == (tmp_path / "r2.safetensors").read_bytes()
+    with pytest.raises(FileFormatError, match="embedding table file not found"):
+        load_embedding_table(tmp_path / "missing.safetensors")
+    _emb(1).save(tmp_path / "one.safetensors")
+    with pytest.raises(FileFormatError, match=r"not a embedding table \(made by `ppd-train embed`\)"):
+        load_embedding_table(tmp_path / "one.safetensors")
+    save_embedding_table(tmp_path / "bare.safetensors", users)
+    assert load_embedding_table(tmp_path / "bare.safetensors")[1] == {}
+    with pytest.raises(IncompatibleError, match="No embeddings to save"):
+        save_embedding_table(tmp_path / "none.safetensors", {})
+    with pytest.raises(IncompatibleError, match="different embedders"):
+        save_embedding_table(tmp_path / "mixed.safetensors", {"a": _emb(1), "b": _emb(2, embedder="other")})
+    with safe_open(str(path), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del tensors["user/zed"]
+    save_file(tensors, tmp_path / "damaged.safetensors", metadata=metadata)
+    with pytest.raises(IncompatibleError, match="user zed is listed but has no tokens"):
+        load_embedding_table(tmp_path / "damaged.safetensors")
+
+
+def test_slerp_survives_rounding_past_plus_or_minus_one():
+    """Normalised (anti)parallel tokens can have a dot product of 1.0000002 or -1.0000001 in float32; the clamp keeps
+    arccos finite and the straight-line fallback takes over."""
+    a = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+    for scale in (3.0, -0.7):  # dot products just above 1 and just below -1 for this draw
+        for w in (0.25, 0.75):
+            got = interpolate(UserEmbedding(a, "x"), UserEmbedding(a * scale, "x"), w, "slerp").tokens
+            unit = a / a.norm()
+            expected = unit * (1 - w + w * (1 if scale > 0 else -1)) * a.norm() * (1 - w + w * abs(scale))
+            torch.testing.assert_close(got, expected)
+
+
+def test_user_embedding_files_are_checked(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "u.safetensors"
+    _emb(1).save(path)
+    with safe_open(str(path), "pt") as f:
+        metadata, tokens = f.metadata(), f.get_tensor("tokens")
+    assert metadata["format"] == "ppd-user-embedding"  # the file says what it is, for any safetensors reader
+    meta = json.loads(metadata["ppd_user_embedding"])
+    for change, tensors in (({"format": "other"}, {"tokens": tokens}), ({}, {"weights": tokens}),
+                            ({"format": None}, {"tokens": tokens})):
+        broken = {k: v for k, v in {**meta, **change}.items() if v is not None}
+        save_file(tensors, tmp_path / "b.safetensors", metadata={"ppd_user_embedding": json.dumps(broken)})
+        with pytest.raises(IncompatibleError, match="b.safetensors is not a PPD user embedding"):
+            UserEmbedding.load(tmp_path / "b.safetensors")
+    no_version = {k: v for k, v in meta.items() if k != "format_version"}
+    save_file({"tokens": tokens}, tmp_path / "b.safetensors", metadata={"ppd_user_embedding": json.dumps(no_version)})
+    with pytest.raises(IncompatibleError, match="user-embedding format None"):
+        UserEmbedding.load(tmp_path / "b.safetensors")
+    save_file({"tokens": torch.full((2, 3), float("nan"))}, tmp_path / "b.safetensors",
+              metadata={"ppd_user_embedding": json.dumps(meta)})
+    with pytest.raises(IncompatibleError, match="b.safetensors: User embedding from 'vlm:x:direct:all' contains NaN"):
+        UserEmbedding.load(tmp_path / "b.safetensors")
+    with pytest.raises(FileFormatError, match="user embedding file not found"):
+        UserEmbedding.load(tmp_path / "missing.safetensors")
+
+
+def test_tokens_are_kept_as_float32():
+    e = UserEmbedding(torch.randn(3, 8, dtype=torch.float64), "x")
+    assert e.tokens.dtype == torch.float32 and e.tokens.is_contiguous()

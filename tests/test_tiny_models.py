@@ -50,6 +50,8 @@ def test_single_file_stage_c_round_trip(tiny_unet, tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(tiny_stage_c_config()))
     loaded = load_stage_c(path, config=config)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert all(p.dtype == torch.float64 for p in load_stage_c(path, dtype=torch.float64, config=config).parameters())
     inputs = stage_c_inputs()
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).sample, tiny_unet(**inputs).sample)
@@ -95,3 +97,35 @@ def test_pack_imports_without_comfyui():
         assert module.NODE_CLASS_MAPPINGS == {}
     finally:
         del sys.modules[spec.name]
+
+
+def test_stage_c_folders_load_frozen_in_the_asked_dtype(tiny_unet, tmp_path):
+    tiny_unet.save_pretrained(tmp_path / "pipeline" / "prior")  # a pipeline folder: Stage C sits in prior/
+    loaded = load_stage_c(tmp_path / "pipeline", dtype=torch.float64)
+    assert not loaded.training and all(p.dtype == torch.float64 and not p.requires_grad for p in loaded.parameters())
+    inputs = {k: v.double() for k, v in stage_c_inputs().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).sample.float(), tiny_unet(**stage_c_inputs()).sample, rtol=1e-3,
+                                   atol=1e-4)
+
+
+def test_single_file_that_does_not_match_its_config(tiny_unet, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from ppd_train.errors import IncompatibleError
+
+    save_file({"clip_txt_mapper.weight": torch.zeros(32, 32), "extra.weight": torch.zeros(1)},
+              tmp_path / "c.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_stage_c_config(), "_class_name": "StableCascadeUNet"}))
+    with pytest.raises(IncompatibleError, match="does not match the Stage C config"):
+        load_stage_c(tmp_path / "c.safetensors", config=tmp_path / "config.json")
+    save_file({"clip_txt_mapper.weight": torch.zeros(32, 32)}, tmp_path / "c.safetensors")  # only missing weights
+    with pytest.raises(IncompatibleError, match=r"does not match the Stage C config \(missing \['"):
+        load_stage_c(tmp_path / "c.safetensors", config=tmp_path / "config.json")
+
+
+def test_missing_stage_c_file_is_named(tmp_path):
+    with pytest.raises(FileFormatError, match="Stage C file not found: .*nope.safetensors"):
+        load_stage_c(tmp_path / "nope.safetensors")

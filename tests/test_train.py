@@ -63,13 +63,7 @@ def test_reference_pass_leaves_adapter_untouched(tmp_path, world_data):
     with torch.no_grad():
         assert torch.equal(ref, trainer.unet(**inputs).sample)  # adapter off == the base model
     changed = [k for k, v in trainer.adapter.state_dict().items() if not torch.equal(v, before[k])]
-    assert changed  # training moved the adapter ...
-    g = torch.Generator().manual_seed(0)
-    inp, users, _, eps = trainer._inputs(trainer.train, torch.arange(4), g, 0.0)
-    snapshot = {k: v.clone() for k, v in trainer.adapter.state_dict().items()}
-    with torch.no_grad(), trainer.binding.adapter_off():
-        trainer.unet(**inp)
-    assert all(torch.equal(v, snapshot[k]) for k, v in trainer.adapter.state_dict().items())  # ... the reference not
+    assert changed  # training moved the adapter (test_train_invariants checks the reference pass on values)
 
 
 def test_kill_and_resume_gives_the_same_adapter(tmp_path, world_data):
@@ -153,8 +147,7 @@ def test_resume_with_another_config_is_refused(tmp_path, world_data):
 
 
 def test_nan_loss_is_skipped_then_stops(tmp_path, world_data, capsys):
-    trainer = _trainer(_cfg(tmp_path, max_nan_steps=3), world_data)
-    trainer.cfg.beta = float("nan")  # validate() refuses a NaN beta: poison the loss after it
+    trainer = _trainer(_cfg(tmp_path, beta=float("nan"), max_nan_steps=3), world_data)
     before = {k: v.clone() for k, v in trainer.adapter.state_dict().items()}
     with pytest.raises(PPDError, match="NaN/inf for 3 steps in a row"):
         trainer.run()

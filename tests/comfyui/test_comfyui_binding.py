@@ -205,8 +205,8 @@ def test_released_stage_c_sizes_are_recognised(comfy, kind):
                 adapter_mod.StageCInfo((w,) * n, (h,) * n), 24, 5, embedder="vlm:llava:direct:all"))
         if other == kind:
             patched = patch.apply_adapter(patcher, _named(comfy, adapter), user, 1.0, 0.0, 1.0)
-            assert all(isinstance(patched.get_model_object(p), patch.PPDStageCAttention) for p in paths)
-            assert not isinstance(patcher.get_model_object(paths[0]), patch.PPDStageCAttention)
+            assert all(isinstance(patched.get_model_object(p), patch.UserAttention) for p in paths)
+            assert not isinstance(patcher.get_model_object(paths[0]), patch.UserAttention)
         else:
             with pytest.raises(IncompatibleError, match=f"made for Stage C {other}"):
                 patch.apply_adapter(patcher, _named(comfy, adapter), user, 1.0, 0.0, 1.0)

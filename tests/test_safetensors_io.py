@@ -1,0 +1,91 @@
+"""Atomic writes and safe reads shared by every file format: temporaries live beside the target (so the final rename
+is atomic), nothing is left behind, and each bad file gets its own clear error."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ppd_train import safetensors_io
+from ppd_train.errors import FileFormatError
+from ppd_train.safetensors_io import atomic_save_safetensors, atomic_write_bytes, read_json_metadata, read_safetensors
+
+
+@pytest.fixture()
+def renames(monkeypatch):
+    """Every rename the writers make, (source, target), passed on to the real os.replace."""
+    seen: list[tuple[str, str]] = []
+    real = os.replace
+
+    def spy(src, dst):
+        seen.append((str(src), str(dst)))
+        real(src, dst)
+
+    monkeypatch.setattr(safetensors_io.os, "replace", spy)
+    return seen
+
+
+def test_atomic_write_bytes(tmp_path, renames):
+    target = tmp_path / "new" / "deeper" / "file.bin"  # missing parent folders are made
+    atomic_write_bytes(target, b"first")
+    atomic_write_bytes(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert [os.path.dirname(src) for src, _ in renames] == [str(target.parent)] * 2  # same folder: atomic rename
+    assert all(os.path.basename(src).startswith(".file.bin.") for src, _ in renames)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]
+
+
+def test_atomic_writes_keep_the_old_file_when_the_rename_fails(tmp_path, monkeypatch):
+    target = tmp_path / "file.bin"
+    atomic_write_bytes(target, b"old")
+    atomic_save_safetensors({"x": torch.ones(2)}, tmp_path / "t.safetensors", {"k": "v"})
+
+    def full_disk(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_io.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_bytes(target, b"new")
+    with pytest.raises(OSError, match="No space"):
+        atomic_save_safetensors({"x": torch.zeros(2)}, tmp_path / "t.safetensors", {"k": "v"})
+    assert target.read_bytes() == b"old"
+    assert torch.equal(read_safetensors(tmp_path / "t.safetensors", "test")[0]["x"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin", "t.safetensors"]  # no temporary left
+
+
+def test_atomic_save_safetensors(tmp_path, renames):
+    target = tmp_path / "sub" / "deeper" / "t.safetensors"
+    weight = torch.arange(6.0).view(2, 3).t().requires_grad_(True)  # non-contiguous, needs grad
+    atomic_save_safetensors({"w": weight}, target, {"note": "hello"})
+    tensors, meta = read_safetensors(target, "test")
+    assert torch.equal(tensors["w"], weight.detach()) and meta == {"note": "hello"}
+    assert [os.path.dirname(src) for src, _ in renames] == [str(target.parent)]
+    assert os.path.basename(renames[0][0]).startswith(".t.safetensors.")  # hidden while it is written
+    assert sorted(p.name for p in target.parent.iterdir()) == ["t.safetensors"]
+
+
+def test_read_refusals_name_the_file(tmp_path):
+    for name in ("a.PT", "b.ckpt", "c.Pickle"):
+        (tmp_path / name).write_bytes(b"\x80\x04 pickle")
+        with pytest.raises(FileFormatError, match=rf"{name} looks like a pickled PyTorch file .*widget files"):
+            read_safetensors(tmp_path / name, "widget")
+    with pytest.raises(FileFormatError, match=r"widget file not found: .*nope\.safetensors"):
+        read_safetensors(tmp_path / "nope.safetensors", "widget")
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(FileFormatError, match="not found"):
+        read_safetensors(tmp_path / "dir.safetensors", "widget")
+    save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
+    assert read_safetensors(tmp_path / "plain.safetensors", "widget")[1] == {}  # no metadata at all: empty, no error
+
+
+def test_json_metadata_errors():
+    assert read_json_metadata({"k": '{"a": 1}'}, "k", "f.safetensors", "widget") == {"a": 1}
+    with pytest.raises(FileFormatError, match=r"f.safetensors is a safetensors file but not a widget \(no 'k' "):
+        read_json_metadata({}, "k", "f.safetensors", "widget")
+    with pytest.raises(FileFormatError, match="'k' metadata is not valid JSON"):
+        read_json_metadata({"k": "{broken"}, "k", "f.safetensors", "widget")
+    with pytest.raises(FileFormatError, match="'k' metadata should be a JSON object"):
+        read_json_metadata({"k": "[1, 2]"}, "k", "f.safetensors", "widget")

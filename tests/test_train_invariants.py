@@ -1,0 +1,271 @@
+"""Trainer invariants checked on values: the reference is the adapter-off model, each pair trains with its own user's
+embedding, the warm-up survives a resume, keep-last-K keeps the newest checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ppd_train.checkpoint import find_latest, prune_checkpoints
+from ppd_train.errors import PPDError
+from ppd_train.synthetic import World, WorldConfig, build_dataset
+from ppd_train.tiny import build_tiny_stage_c
+from ppd_train.train import TrainConfig, Trainer
+
+WORLD = WorldConfig(seen_users=4, unseen_users=1, unseen_mixtures=0, pairs_per_user=6, embedding_views=2)
+
+
+@pytest.fixture(scope="module")
+def world_data():
+    data, embeddings, views = build_dataset(World(WORLD, seed=0), seed=0)
+    return data, views, embeddings["seen00"].embedder
+
+
+def _trainer(tmp_path, world_data, **kw) -> Trainer:
+    data, views, embedder = world_data
+    cfg = dict(out_dir=str(tmp_path / "run"), max_steps=6, batch_size=4, lr=1e-2, beta=100.0, checkpoint_every=2,
+               keep_checkpoints=2, val_fraction=0.0, log_every=1, tensorboard=False, user_dropout=0.0)
+    cfg.update(kw)
+    return Trainer(TrainConfig(**cfg), build_tiny_stage_c(seed=0), data, views, embedder, show_progress=False)
+
+
+def _record_unet_calls(trainer: Trainer) -> list[tuple[bool, dict, torch.Tensor]]:
+    """Every Stage C forward the trainer makes: (gradients on?, inputs, output)."""
+    calls: list[tuple[bool, dict, torch.Tensor]] = []
+
+    def hook(module, args, kwargs, output):
+        calls.append((torch.is_grad_enabled(), {k: v.detach().clone() for k, v in kwargs.items()},
+                      output.sample.detach().clone()))
+
+    trainer.unet.register_forward_hook(hook, with_kwargs=True)
+    return calls
+
+
+def test_reference_is_the_base_model_and_the_loss_leaves_ln2(tmp_path, world_data):
+    """A fresh adapter adds nothing, so step 1 sits exactly at ln 2; the reference pass (no gradients) must stay the
+    base model while the adapter trains, so the loss moves off ln 2 within a few steps."""
+    trainer = _trainer(tmp_path, world_data)
+    calls = _record_unet_calls(trainer)
+    steps = [trainer.train_step() for _ in range(5)]
+    assert math.isclose(steps[0]["loss"], math.log(2), rel_tol=1e-6)
+    assert steps[0]["model_mse"] == pytest.approx(steps[0]["ref_mse"], rel=1e-6)
+    assert abs(steps[-1]["loss"] - math.log(2)) > 1e-3 and steps[-1]["model_mse"] != steps[-1]["ref_mse"]
+    base = build_tiny_stage_c(seed=0).eval()
+    refs = [(inputs, out) for grad, inputs, out in calls if not grad]
+    assert len(refs) == 5 and len(calls) == 10  # one reference and one policy pass per step
+    with torch.no_grad():
+        for inputs, out in refs:
+            torch.testing.assert_close(out, base(**inputs).sample, rtol=0, atol=1e-6)
+    # the policy pass does see the trained adapter
+    last_policy_inputs, last_policy = [(i, o) for g, i, o in calls if g][-1]
+    with torch.no_grad():
+        assert (last_policy - base(**last_policy_inputs).sample).abs().max() > 1e-4
+
+
+def test_each_pair_is_trained_with_its_own_users_embedding(tmp_path, world_data):
+    """Noise at t ~ 0 leaves each row's preferred latent recognisable: the user tokens of that row must be one of the
+    embeddings ("views") of the user who made that pair, the same for both images of the pair."""
+    data, views, _ = world_data
+    trainer = _trainer(tmp_path, world_data, t_min=0.0, t_max=1e-6, batch_size=8)
+    tokens_seen: list[torch.Tensor] = []
+    adapter = trainer.acc.unwrap_model(trainer.adapter)
+    adapter.register_forward_pre_hook(lambda module, args: tokens_seen.append(args[0].detach().clone()))
+    calls = _record_unet_calls(trainer)
+    used_views = set()
+    for _ in range(3):
+        trainer.train_step()
+    samples = [inputs["sample"] for grad, inputs, _ in calls if grad]
+    assert len(samples) == len(tokens_seen) == 3
+    flat_w = data.latents_w.flatten(1)
+    for sample, tokens in zip(samples, tokens_seen):
+        b = sample.shape[0] // 2
+        assert torch.equal(tokens[:b], tokens[b:])  # preferred and dispreferred image: the same user
+        for row in range(b):
+            pair = int((flat_w - sample[row].flatten()).norm(dim=1).argmin())
+            user = int(data.user_idx[pair])
+            match = [v for v in range(views.shape[1]) if torch.equal(tokens[row], views[user, v].float())]
+            assert match, f"row {row}: pair {pair} of user {user} got another user's embedding"
+            used_views.update(match)
+    assert used_views == set(range(views.shape[1]))  # every view of a user is drawn
+
+
+def _lrs(log_path) -> dict[int, float]:
+    lrs = {}
+    for line in log_path.read_text().splitlines():
+        entry = json.loads(line)
+        if "lr" in entry:
+            lrs[entry["step"]] = entry["lr"]  # a resumed run logs again from its checkpoint: the last entry counts
+    return lrs
+
+
+def test_warmup_continues_across_a_resume(tmp_path, world_data):
+    kw = dict(warmup_steps=4, max_steps=6, checkpoint_every=2)
+    straight = _trainer(tmp_path / "a", world_data, **kw)
+    straight.run()
+
+    def kill(step):
+        if step == 3:
+            raise KeyboardInterrupt  # the newest checkpoint is step 2, in the middle of the warm-up
+
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path / "b", world_data, **kw).run(on_step=kill)
+    resumed = _trainer(tmp_path / "b", world_data, **kw)
+    resumed.run()
+    expected = _lrs(tmp_path / "a" / "run" / "train_log.jsonl")
+    assert sorted(expected) == list(range(1, 7)) and expected[1] < expected[2] < expected[3] == expected[6]  # warm-up
+    assert _lrs(tmp_path / "b" / "run" / "train_log.jsonl") == expected
+    for (name, a), b in zip(straight.adapter.state_dict().items(), resumed.adapter.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
+
+
+def test_keep_last_k_keeps_the_newest(tmp_path, world_data):
+    _trainer(tmp_path, world_data, max_steps=5, checkpoint_every=1, keep_checkpoints=2).run()
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-00000004.safetensors", "step-00000005.safetensors"]
+    assert find_latest(folder).name == "step-00000005.safetensors"
+
+
+def test_prune_orders_steps_as_numbers_and_ignores_temporaries(tmp_path):
+    for step in (1, 9, 10, 11, 100):
+        (tmp_path / f"step-{step:08d}.safetensors").write_bytes(b"x")
+    (tmp_path / ".step-00000200.safetensors.123.tmp").write_bytes(b"partial")
+    assert find_latest(tmp_path).name == "step-00000100.safetensors"
+    prune_checkpoints(tmp_path, 3)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [f"step-{s:08d}.safetensors" for s in (10, 11, 100)]
+    prune_checkpoints(tmp_path, 1)
+    assert [p.name for p in tmp_path.glob("step-*")] == ["step-00000100.safetensors"]
+    assert find_latest(tmp_path / "missing") is None
+
+
+def test_both_images_of_a_pair_share_noise_timestep_and_caption(tmp_path, world_data):
+    """The DPO comparison is only fair with the same noise and timestep for x+ and x-: recover the noise from each
+    half of the Stage C batch and compare; the timesteps stay inside [t_min, t_max]; each row gets its pair's caption;
+    the loss the trainer reports is the DPO loss of exactly these predictions."""
+    from ppd_train.loss import dpo_loss
+    from ppd_train.schedule import alpha_bar
+
+    data, _, _ = world_data
+    trainer = _trainer(tmp_path, world_data, t_min=0.3, t_max=0.6, batch_size=6)
+    calls = _record_unet_calls(trainer)
+    reported = [trainer.train_step() for _ in range(3)]
+    flat_w, flat_l = data.latents_w.flatten(1), data.latents_l.flatten(1)
+    for step in range(3):
+        (_, ref_in, ref), (_, inputs, pred) = calls[2 * step], calls[2 * step + 1]
+        assert all(torch.equal(ref_in[k], inputs[k]) for k in inputs)  # reference and policy see the same batch
+        t, x = inputs["timestep_ratio"], inputs["sample"]
+        b = len(t) // 2
+        assert torch.equal(t[:b], t[b:]) and bool(((t >= 0.3) & (t <= 0.6)).all()) and len(set(t[:b].tolist())) > 1
+        ab = alpha_bar(t).view(-1, 1, 1, 1)
+        noises = []
+        for row in range(b):
+            # the pair whose preferred and dispreferred latents leave the same noise behind
+            scores = []
+            for pair in range(len(data)):
+                eps_w = (x[row] - ab[row].sqrt() * data.latents_w[pair]) / (1 - ab[row]).sqrt()
+                eps_l = (x[b + row] - ab[row].sqrt() * data.latents_l[pair]) / (1 - ab[row]).sqrt()
+                scores.append(float((eps_w - eps_l).abs().max()))
+            pair = min(range(len(data)), key=scores.__getitem__)
+            assert scores[pair] < 1e-4, f"row {row}: no pair leaves the same noise in both images"
+            noises.append((x[row] - ab[row].sqrt() * data.latents_w[pair]) / (1 - ab[row]).sqrt())
+            caption = int(data.caption_idx[pair])
+            for r in (row, b + row):
+                assert torch.equal(inputs["clip_text"][r], data.text[caption])
+                assert torch.equal(inputs["clip_text_pooled"][r], data.pooled[caption])
+            assert float((flat_w[pair] - flat_l[pair]).abs().max()) > 0
+        eps = torch.stack(noises)
+        stats = dpo_loss(pred[:b], pred[b:], ref[:b], ref[b:], eps, trainer.cfg.beta)
+        assert reported[step]["loss"] == pytest.approx(float(stats.loss), rel=1e-4, abs=1e-6)
+        assert reported[step]["implicit_acc"] == pytest.approx(stats.implicit_acc)
+        assert reported[step]["ref_mse"] == pytest.approx(stats.ref_mse, rel=1e-4)
+        assert reported[step]["model_mse"] == pytest.approx(stats.model_mse, rel=1e-4)
+    assert abs(reported[-1]["loss"] - math.log(2)) > 1e-4  # a step where w and l swapped would give another value
+    assert not any(p.grad is not None for p in trainer.unet.parameters())  # Stage C stays frozen
+
+
+def test_logging_and_checkpoint_cadence(tmp_path, world_data):
+    trainer = _trainer(tmp_path, world_data, max_steps=5, log_every=3, checkpoint_every=2, keep_checkpoints=10,
+                       tensorboard=True)
+    seen = []
+    trainer.run(on_step=seen.append)
+    assert seen == [1, 2, 3, 4, 5]
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    log = [e for e in log if "pairs_per_s" in e]  # the training-step lines
+    assert [e["step"] for e in log] == [3, 5]  # every log_every steps, and the last one
+    assert all(e["pairs_per_s"] > 0 and e["skipped"] == 0.0 and e["lr"] == 1e-2 for e in log)
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.glob("step-*")) == [f"step-{s:08d}.safetensors" for s in (2, 4, 5)]
+    from ppd_train.adapter import read_adapter_config
+
+    summary = read_adapter_config(tmp_path / "run" / "adapter.safetensors")[0].training
+    assert summary["final_loss"] == log[-1]["loss"] and summary["steps"] == 5 and summary["lr"] == 1e-2
+    assert (summary["pairs"], summary["users"], summary["batch_pairs"], summary["user_dropout"]) == (
+        len(trainer.train), 4, 4, 0.0)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [3, 5]
+    assert events.Scalars("loss")[-1].value == pytest.approx(log[-1]["loss"])
+
+
+def test_learning_rate_without_warmup_and_gradient_clipping(tmp_path, world_data):
+    trainer = _trainer(tmp_path / "a", world_data, warmup_steps=0)
+    assert [trainer.train_step()["lr"] for _ in range(2)] == [1e-2, 1e-2]  # full rate from the first step
+
+    def trained(**kw):
+        t = _trainer(tmp_path / str(len(kw)) / str(kw), world_data, **kw)
+        for _ in range(3):
+            t.train_step()
+        return torch.cat([p.detach().flatten() for p in t.adapter.parameters()])
+
+    fresh = torch.cat([p.detach().flatten() for p in _trainer(tmp_path / "f", world_data).adapter.parameters()])
+    free, tight = trained(max_grad_norm=0.0), trained(max_grad_norm=1e-6)
+    assert not torch.equal(free, fresh)  # max_grad_norm = 0 means no clipping, not a zero gradient
+    assert not torch.equal(free, tight)
+
+
+def test_resume_refuses_other_data_unless_forced(tmp_path, world_data):
+    _trainer(tmp_path, world_data, max_steps=2).run()
+    data, views, embedder = world_data
+    other = data.subset(torch.arange(len(data) - 1))
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=3, batch_size=4, lr=1e-2, beta=100.0,
+                      checkpoint_every=2, keep_checkpoints=2, val_fraction=0.0, log_every=1, tensorboard=False,
+                      user_dropout=0.0)
+    with pytest.raises(PPDError, match="was trained on other data"):
+        Trainer(cfg, build_tiny_stage_c(seed=0), other, views, embedder, show_progress=False).run()
+    forced = Trainer(cfg, build_tiny_stage_c(seed=0), other, views, embedder, show_progress=False)
+    assert forced.resume(force=True) and forced.step == 2
+    changed = Trainer(TrainConfig(**{**cfg.__dict__, "log_every": 2, "checkpoint_every": 3}),
+                      build_tiny_stage_c(seed=0), data, views, embedder, show_progress=False)
+    assert changed.resume() and changed.step == 2  # logging and checkpoint cadence may change freely
+    with pytest.raises(PPDError, match="changed: seed"):
+        Trainer(TrainConfig(**{**cfg.__dict__, "seed": 1}), build_tiny_stage_c(seed=0), data, views, embedder,
+                show_progress=False).resume()
+    with pytest.raises(PPDError, match="3 user embeddings for 4 users"):
+        Trainer(cfg, build_tiny_stage_c(seed=0), data, views[:3], embedder, show_progress=False)
+
+
+def test_a_non_finite_step_is_reported_as_skipped(tmp_path, world_data):
+    trainer = _trainer(tmp_path, world_data, beta=float("inf"))
+    before = [p.detach().clone() for p in trainer.adapter.parameters()]
+    assert trainer.train_step()["skipped"] == 1.0 and trainer.step == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.adapter.parameters()))
+
+
+@pytest.mark.parametrize("change", [dict(max_steps=-1), dict(batch_size=0), dict(grad_accum=0), dict(lr=0.0),
+                                    dict(user_dropout=1.0), dict(user_dropout=-0.1), dict(t_min=0.5, t_max=0.5),
+                                    dict(t_max=1.5), dict(t_min=-0.1), dict(val_fraction=1.0),
+                                    dict(mixed_precision="fp8"), dict(keep_checkpoints=0)])
+def test_config_limits(change):
+    with pytest.raises(PPDError, match="Config: "):
+        TrainConfig(**change).validate()
+
+
+def test_config_edges_that_are_allowed():
+    for ok in (dict(max_steps=1, batch_size=1, grad_accum=1, keep_checkpoints=1), dict(user_dropout=0.0),
+               dict(t_min=0.0, t_max=1.0), dict(val_fraction=0.0), dict(mixed_precision="fp16")):
+        TrainConfig(**ok).validate()
