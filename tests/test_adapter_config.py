@@ -206,7 +206,7 @@ def test_a_damaged_adapter_file_names_what_does_not_match(tiny_unet, tmp_path):
     missing = "['blocks.0.to_k.weight', 'blocks.1.to_k.weight', 'blocks.2.to_k.weight']"
     with pytest.raises(FileFormatError) as err:
         load_adapter(path)
-    assert f"(missing {missing}, wrong shape ['token_pos'])" in str(err.value)
+    assert f"(missing {missing}; wrong shape ['token_pos'])" in str(err.value)
 
 
 def test_adapter_files_say_what_they_are(tiny_unet, tmp_path):

@@ -215,8 +215,8 @@ def test_mixes_record_who_is_in_them_and_refuse_bad_weights():
     assert three.meta == {"mix": [{"user": "u1", "weight": 0.25}, {"user": "u2", "weight": 0.25},
                                   {"user": "u3", "weight": 0.5}], "mix_method": "lerp"}
     assert [m["user"] for m in mix([UserEmbedding(a.tokens, a.embedder), b], [1, 1]).meta["mix"]] == ["0", "u2"]
-    for weights, msg in (([1], "one weight per embedding"), ([0, 0], "not all zero"), ([1, -1], "non-negative")):
-        with pytest.raises(IncompatibleError, match=msg):
+    for weights, msg in (([1], "one weight per embedding"), ([0, 0], "all zero"), ([1, -1], "must be >= 0")):
+        with pytest.raises(PPDError, match=msg):
             mix([a, b], weights)
     with pytest.raises(IncompatibleError, match="one weight per embedding"):
         mix([], [])

@@ -147,7 +147,8 @@ def test_resume_with_another_config_is_refused(tmp_path, world_data):
 
 
 def test_nan_loss_is_skipped_then_stops(tmp_path, world_data, capsys):
-    trainer = _trainer(_cfg(tmp_path, beta=float("nan"), max_nan_steps=3), world_data)
+    trainer = _trainer(_cfg(tmp_path, max_nan_steps=3), world_data)
+    trainer.cfg.beta = float("nan")  # validate() refuses a NaN beta: poison the loss after it
     before = {k: v.clone() for k, v in trainer.adapter.state_dict().items()}
     with pytest.raises(PPDError, match="NaN/inf for 3 steps in a row"):
         trainer.run()
