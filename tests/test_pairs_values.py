@@ -138,6 +138,9 @@ def test_jsonl_wins_over_csv_and_paths_are_checked(tmp_path):
     (folder / "sub").mkdir()
     Image.new("RGB", (9, 9)).save(folder / "sub" / "ok.png")
     (folder / "pairs.jsonl").write_text('{"prompt": 7, "chosen": "sub/ok.png", "rejected": "bad_0.jpg"}\n')
+    with pytest.raises(PairError, match="'prompt' is 7"):  # a number is no prompt (issue 13)
+        load_pair_folder(folder)
+    (folder / "pairs.jsonl").write_text('{"prompt": "7", "chosen": "sub/ok.png", "rejected": "bad_0.jpg"}\n')
     (pair,) = load_pair_folder(folder)
     assert pair.prompt == "7" and pair.chosen.load().size == (9, 9)
 
