@@ -53,7 +53,11 @@ def run_world(name: str, cfg: DemoConfig, ns: list[int], tune: TuneConfig, max_u
     heldout = set(adapter.config.training.get("heldout_users", []))
     library = [tw.embeddings[u] for u in world.seen if u not in heldout]
     tune = TuneConfig(**{**tune.__dict__, "t_min": cfg.train.t_min, "t_max": cfg.train.t_max})
-    users = world.unseen[:max_users]
+    # as many mixtures of trained users as new users (the world lists its mixtures first)
+    mixes = [u for u in world.unseen if u.startswith("mix")]
+    new = [u for u in world.unseen if not u.startswith("mix")]
+    users = [u for pair in zip(new, mixes) for u in pair] + new[len(mixes):] + mixes[len(new):]
+    users = users[:max_users]
     group = cfg.world.n_embed_pairs
     rows = []
     for n in ns:
@@ -105,6 +109,22 @@ def _line(r: dict) -> str:
             f"  {r['seconds_median']:5.1f} s/user (max {r['seconds_max']:.1f})")
 
 
+def markdown(rows: list[dict]) -> str:
+    """One line per world and N: win rate and reward gain of each method, then (b)'s fidelity and seconds per user."""
+    head = ("| world | N | " + " | ".join(f"{m} win / gain" for m in METHODS) +
+            " | tuned drift sd / noise | s per user (b, median / max) |")
+    lines = [head, "|" + "---|" * (len(METHODS) + 4)]
+    keys = sorted({(r["world"], r["N"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    by = {(r["world"], r["N"], r["method"]): r for r in rows}
+    for world, n in keys:
+        cells = [f"{by[world, n, m]['win_rate']:.0%} / {by[world, n, m]['reward_gain']:+.2f}" for m in METHODS]
+        t = by[world, n, "tuned"]
+        lines.append(f"| {world} | {n} | " + " | ".join(cells) +
+                     f" | {t['drift_sd']:.2f} / {t['noise_ratio']:.2f} | {t['seconds_median']:.1f} / "
+                     f"{t['seconds_max']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", default="configs/sweep.toml")
@@ -114,7 +134,11 @@ def main() -> None:
     p.add_argument("--max-users", type=int, default=16, help="unseen users per world (at most)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TuneConfig key, e.g. lr=0.1")
     p.add_argument("--out", default="")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="only print the markdown table of earlier results")
     args = p.parse_args()
+    if args.table:
+        print(markdown([r for f in args.table for r in json.loads(Path(f).read_text())["rows"]]))
+        return
     from ppd_train.config import load_config
 
     tune = load_config(TuneConfig, None, args.set)
@@ -133,6 +157,7 @@ def main() -> None:
     for name in args.worlds.split(","):
         cfg = world_config(DemoConfig(), worlds[name], Path(args.runs) / name)
         rows += run_world(name, cfg, ns, tune, args.max_users, write)
+    print(markdown(rows))
 
 
 if __name__ == "__main__":
