@@ -24,7 +24,7 @@ import pytest
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
 COLLECT = next(w for w in WORKFLOWS if w.stem == "ppd_collect_preferences")
 # inputs that pick a file from a folder: the only ones a shipped workflow may fail validation on, on a bare server
-FILE_INPUTS = {"ckpt_name", "adapter_name", "embedding", "model", "source"}
+FILE_INPUTS = {"ckpt_name", "vae_name", "adapter_name", "embedding", "model", "source"}
 SET = "browser_picks"
 
 
