@@ -278,7 +278,7 @@ def tune_in_comfyui(pairs, model, clip, vae, adapter: NamedAdapter, start: UserE
             unet = unet_from_state_dict(diffusers_config(base.model_config.unet_config),
                                         base.diffusion_model.state_dict(), device, dtype)
             mm.free_memory(1e30, device)  # ComfyUI's own copy leaves the device while ours tunes
-            ppd = copy.deepcopy(adapter.adapter).to(device=device, dtype=torch.float32)
+            ppd = copy.deepcopy(adapter.adapter).to(device=device, dtype=torch.float32).requires_grad_(False)
         binding = PPDBinding(unet, ppd)
         bar = comfy.utils.ProgressBar(steps)
 
