@@ -179,8 +179,9 @@ def _inputs() -> dict:
                                           "returns something that scores worse on the held-out pairs.")),
         "steps": ("INT", tip("Most optimisation steps (stops early when held-out pairs stop improving).",
                              default=200, min=1, max=10000)),
+        # no control_after_generate: a seed that changed on every queue would re-run minutes of tuning
         "seed": ("INT", tip("Seed of the held-out split, noise and timesteps: same inputs + seed = same result.",
-                            default=0, min=0, max=0xFFFFFFFF)),
+                            default=0, min=0, max=0xFFFFFFFF, control_after_generate=False)),
         "lr": ("FLOAT", tip("Learning rate (Adam), in units of the embedding's own scale. Lower it if the loss "
                             "jumps.", default=0.05, min=0.001, max=1.0, step=0.001)),
         "batch_size": ("INT", tip("Pairs per step. Device memory grows with it: lower it on out-of-memory.",
