@@ -44,7 +44,8 @@ def embedder_tokens(world, ew: torch.Tensor, el: torch.Tensor, group: int) -> to
     return torch.stack(parts).mean(0)
 
 
-def run_world(name: str, cfg: DemoConfig, ns: list[int], tune: TuneConfig, max_users: int) -> list[dict]:
+def run_world(name: str, cfg: DemoConfig, ns: list[int], tune: TuneConfig, max_users: int,
+              on_rows=None) -> list[dict]:
     tw = train_world(cfg, log=lambda *_: None, show_progress=False)
     world = tw.world
     adapter = load_adapter(tw.adapter_path)
@@ -91,6 +92,8 @@ def run_world(name: str, cfg: DemoConfig, ns: list[int], tune: TuneConfig, max_u
                          "seconds_median": statistics.median(secs[method]), "seconds_max": max(secs[method]),
                          "val_loss_drop": statistics.fmean(gains[method]) if gains[method] else 0.0})
             print(_line(rows[-1]), flush=True)
+            if on_rows is not None:
+                on_rows(rows)
     binding.detach()
     return rows
 
@@ -118,15 +121,18 @@ def main() -> None:
     torch.set_num_threads(1)
     worlds = dict(load_sweep(args.sweep))
     ns = [int(x) for x in args.ns.split(",")]
-    rows = []
+    rows: list[dict] = []
     t0 = time.perf_counter()
+
+    def write(new: list[dict]) -> None:  # after every table row: a long run that is stopped keeps what it measured
+        if args.out:
+            result = {"tune": tune.__dict__, "rows": rows + new, "seconds": time.perf_counter() - t0,
+                      "torch": torch.__version__, "threads": torch.get_num_threads()}
+            Path(args.out).write_text(json.dumps(result, indent=2))
+
     for name in args.worlds.split(","):
         cfg = world_config(DemoConfig(), worlds[name], Path(args.runs) / name)
-        rows += run_world(name, cfg, ns, tune, args.max_users)
-    result = {"tune": tune.__dict__, "rows": rows, "seconds": time.perf_counter() - t0,
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        rows += run_world(name, cfg, ns, tune, args.max_users, write)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ class ClipTextEncoder:
         require_safetensors(self.folder, "CLIP text encoder")
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-        self.model = CLIPTextModelWithProjection.from_pretrained(
-            self.folder, dtype=dtype, local_files_only=True, use_safetensors=True).to(self.device).eval()  # type: ignore[arg-type]
+        self.model = CLIPTextModelWithProjection.from_pretrained(self.folder, use_safetensors=True,
+                                                                 local_files_only=True,
+                                                                 dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,8 @@ with ``center`` the start (the embedder's embedding of the user, else the mean o
 known users' embeddings (e.g. the training users of the adapter), ``c`` the mixing weights (few parameters, for few
 pairs) and ``delta`` a free change of every token (in units of the start's token RMS, so ``lr`` does not depend on the
 embedder's scale). ``mode`` picks what learns: ``mix`` (c), ``tokens`` (delta), ``mix+tokens`` (c first, then delta
-from the best mix); ``auto`` is ``mix+tokens`` with a library and ``tokens`` without. A share of the pairs is held
+from the best mix); ``auto`` is ``tokens`` from a start embedding and ``mix+tokens`` from a library alone (a cold
+start). A share of the pairs is held
 out: the start and every ``val_every`` steps are scored on them (DPO loss, ``val_draws`` noise draws each) and the best
 is kept, so tuning never returns something that scores worse on held-out pairs than its start; ``patience`` stops it.
 """
@@ -39,7 +40,10 @@ class TuneConfig:
     max_steps: int = 200  # per phase
     lr: float = 0.05  # Adam; delta is in units of the start's token RMS, c in units of one library user's offset
     anchor: float = 0.0  # penalty anchor * mean(((tokens - center) / rms(center))^2): pulls towards the start
-    beta: float = 0.0  # DPO beta; 0 = the adapter's own training beta
+    beta: float = 0.0  # DPO beta; 0 = beta_scale x the adapter's own training beta
+    # A weaker KL anchor than the adapter's: one user's tokens are few parameters, and at the adapter's own beta tuning
+    # gave up reward for staying close to the base model (docs/tune-user.md)
+    beta_scale: float = 0.3
     t_min: float = -1.0  # timesteps drawn in [t_min, t_max]; < 0 = the adapter's training range
     t_max: float = -1.0
     batch_size: int = 16  # pairs per step (all training pairs when there are fewer)
@@ -55,7 +59,8 @@ class TuneConfig:
                   (self.max_steps >= 0, "max_steps must be >= 0"),
                   (fin(self.lr) and 0 < self.lr <= 1, "lr must be a number in (0, 1] (typical: 0.05)"),
                   (fin(self.anchor) and self.anchor >= 0, "anchor must be >= 0"),
-                  (fin(self.beta) and self.beta >= 0, "beta must be >= 0 (0: the adapter's training beta)"),
+                  (fin(self.beta) and self.beta >= 0, "beta must be >= 0 (0: beta_scale x the adapter's beta)"),
+                  (fin(self.beta_scale) and self.beta_scale > 0, "beta_scale must be > 0"),
                   (fin(self.t_min) and fin(self.t_max) and self.t_max <= 1, "t_min/t_max must be numbers <= 1"),
                   (self.batch_size >= 1, "batch_size must be >= 1"),
                   (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
@@ -113,7 +118,7 @@ class UserTuner:
         self.binding, self.data, self.cfg, self.start = binding, data, cfg, start
         self.embedder = embs[0].embedder
         training = binding.adapter.config.training
-        self.beta = cfg.beta or float(training.get("beta", 2500.0))
+        self.beta = cfg.beta or cfg.beta_scale * float(training.get("beta", 2500.0))
         self.t_min = cfg.t_min if cfg.t_min >= 0 else float(training.get("t_min", 0.0))
         self.t_max = cfg.t_max if cfg.t_max >= 0 else float(training.get("t_max", 1.0))
         if not 0 <= self.t_min < self.t_max <= 1:
@@ -121,7 +126,9 @@ class UserTuner:
         lib = torch.stack([e.tokens for e in library]) if library else None
         center = start.tokens if start is not None else lib.mean(0)  # type: ignore[union-attr]
         self.tokens = _Tokens(center, lib)
-        self.mode = cfg.mode if cfg.mode != "auto" else ("mix+tokens" if library else "tokens")
+        # auto: with the embedder's embedding, tune its tokens (mixing in known users did worse, docs/tune-user.md);
+        # without one (cold start), mix the library first
+        self.mode = cfg.mode if cfg.mode != "auto" else ("tokens" if start is not None else "mix+tokens")
         if "mix" in self.mode and not library:
             raise PPDError(f"tune-user: mode {self.mode} mixes library users; give --library, or use mode tokens.")
         self.val_idx, self.train_idx = split_pairs(len(data), cfg.val_fraction, cfg.seed)

@@ -156,6 +156,56 @@ def _embedding(embedder: str = "test", width: int = 24, seed: int = 0):
     return UserEmbedding(torch.randn(5, width, generator=torch.Generator().manual_seed(seed)), embedder)
 
 
+# ----------------------------------------------------------------------------------------------- tune-user cases
+def tune_case(*extra: str, start: str | None = "test", out_exists: bool = False) -> Callable[[Ctx], str]:
+    """``ppd-train tune-user`` on the catalogue's synthetic data with a trained-looking adapter."""
+    def run(ctx: Ctx) -> str:
+        argv = ["tune-user", "--stage-c", str(ctx.files / "stage_c"), "--adapter", str(_adapter_file(ctx)),
+                "--out", str(ctx.tmp / "tuned.safetensors"), "--quiet", "--steps", "1"]
+        if start is not None:
+            _embedding(start).save(ctx.tmp / "start.safetensors")
+            argv += ["--embedding", str(ctx.tmp / "start.safetensors")]
+        if out_exists:
+            (ctx.tmp / "tuned.safetensors").write_bytes(b"the user's earlier result")
+        rc_text = cli_refused(ctx, *argv, *extra)
+        if out_exists:
+            assert (ctx.tmp / "tuned.safetensors").read_bytes() == b"the user's earlier result"
+        return rc_text
+    return run
+
+
+def _one_user_data(ctx: Ctx) -> str:
+    from ppd_train.dpo_data import DPOData
+    from ppd_train.tune import one_user
+
+    one_user(DPOData.load(ctx.files / "data.safetensors"), "seen00")[0].save(ctx.tmp / "one.safetensors")
+    return str(ctx.tmp / "one.safetensors")
+
+
+def case_tune_no_start(ctx: Ctx) -> str:
+    return tune_case("--data", _one_user_data(ctx), start=None)(ctx)
+
+
+def case_tune_mix_without_library(ctx: Ctx) -> str:
+    return tune_case("--data", _one_user_data(ctx), "--mode", "mix")(ctx)
+
+
+def case_tune_other_embedder(ctx: Ctx) -> str:
+    return tune_case("--data", _one_user_data(ctx), start="another-embedder")(ctx)
+
+
+def case_tune_several_users(ctx: Ctx) -> str:
+    return tune_case("--data", str(ctx.files / "data.safetensors"))(ctx)
+
+
+def case_tune_out_exists(ctx: Ctx) -> str:
+    return tune_case("--data", _one_user_data(ctx), out_exists=True)(ctx)
+
+
+def case_tune_images_without_encoders(ctx: Ctx) -> str:
+    return tune_case("--pairs", str(_pairs(ctx)))(ctx)
+
+
 # ------------------------------------------------------------------------------------------------- trainer cases
 def case_lock_busy(ctx: Ctx) -> str:
     out = ctx.tmp / "run"
@@ -774,6 +824,26 @@ CASES = [
          '…/stage_c_bin has no .safetensors weights (it has diffusion_pytorch_model.bin: pickled '
          'weights, which can run code); PPD loads Stage C weights from safetensors only. Download the '
          '.safetensors version of the model, or convert it once with a tool you trust.', case_bin_only),
+    # tune-user
+    Case("tune-several-users", "`tune-user --data` holding several users, no `--user`", "CLI", "refused",
+         "The pairs hold 3 users (seen00, seen01, seen02...); say which one to tune with --user.",
+         case_tune_several_users),
+    Case("tune-out-exists", "`tune-user --out` naming an existing file (it stays untouched)", "CLI", "refused",
+         "…/tuned.safetensors exists; choose another --out, or pass --force to replace it.",
+         case_tune_out_exists),
+    Case("tune-no-start", "`tune-user` with neither `--embedding` nor `--library`", "CLI", "refused",
+         "tune-user needs a start: a user embedding (--embedding), a library of user embeddings (--library), or "
+         "both.", case_tune_no_start),
+    Case("tune-mix-no-library", "`tune-user --mode mix` without `--library`", "CLI", "refused",
+         "tune-user: mode mix mixes library users; give --library, or use mode tokens.",
+         case_tune_mix_without_library),
+    Case("tune-other-embedder", "`tune-user` starting from another embedder's embedding", "CLI", "refused",
+         "the starting embedding (5 tokens x 24 from embedder 'another-embedder') does not fit the adapter, which "
+         "reads 5 tokens x 24 from embedder 'test'. Re-embed the user with the embedder the adapter was trained "
+         "with.", case_tune_other_embedder),
+    Case("tune-images-no-encoders", "`tune-user --pairs` (images) without `--effnet` / `--clip-text`", "CLI",
+         "refused", "--pairs are images: give --effnet and --clip-text too, the encoders `ppd-train prepare` uses (or "
+         "pass a prepared --data file).", case_tune_images_without_encoders),
     # files
     Case("temp-of-killed-save", "a writer killed while saving (temporary file left)", "API", "handled",
          "the next save of that file removes the dead writer's temporary", case_temp_from_killed_save),
