@@ -9,6 +9,7 @@ from .embedder_nodes import PPDVLMLoader, PPDVLMUserEmbedder
 from .embedding_nodes import PPDEmbeddingInterpolate, PPDEmbeddingMix, PPDLoadUserEmbedding, PPDSaveUserEmbedding
 from .pair_nodes import PPDPreferencePairLoader, PPDPreferencePairsFromImages
 from .picker_nodes import PPDPreferencePicker
+from .tune_nodes import PPDTuneUserEmbedding
 
 _NODES = {
     "PPDPreferencePairLoader": (PPDPreferencePairLoader, "Preference Pair Loader"),
@@ -23,6 +24,7 @@ _NODES = {
     "PPDApplyAdapter": (PPDApplyAdapter, "Apply PPD Adapter"),
     "PPDStageCSampler": (PPDStageCSampler, "PPD Stage C Sampler"),
     "PPDPreferencePicker": (PPDPreferencePicker, "Preference Picker"),
+    "PPDTuneUserEmbedding": (PPDTuneUserEmbedding, "Tune User Embedding"),
 }
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in _NODES.items()}

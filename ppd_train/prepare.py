@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,6 +78,16 @@ def encode_pairs(users: dict[str, list[PreferencePair]], effnet_path: str | os.P
     """Pairs -> Stage C latents (EfficientNet) and CLIP-G text: the one image path of ``prepare`` and ``tune-user``."""
     effnet = load_effnet(effnet_path, device=device, dtype=dtype)
     text_encoder = ClipTextEncoder(text_encoder_folder, device=device, dtype=dtype)
+    return encode_pairs_with(users, effnet, text_encoder.encode, image_size, batch_size, device, dtype, show_progress)
+
+
+def encode_pairs_with(users: dict[str, list[PreferencePair]], effnet: torch.nn.Module,
+                      encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]], image_size: int = 768,
+                      batch_size: int = 8, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                      show_progress: bool = True, on_batch: Callable[[int], None] | None = None) -> DPOData:
+    """:func:`encode_pairs` with the encoders already loaded (the ComfyUI node passes the VAE's EfficientNet and
+    ComfyUI's CLIP): ``encode_text(captions)`` -> (tokens ``[C, L, c]``, pooled ``[C, 1, c]``), the same ``L`` for
+    every call. ``on_batch(pairs_done)`` runs after each image batch (a progress bar, an interrupt check)."""
     flat = [(u, p) for u, pairs in users.items() for p in pairs]
     captions: dict[str, int] = {}
     ws, ls, cap_idx, user_idx = [], [], [], []
@@ -93,10 +104,12 @@ def encode_pairs(users: dict[str, list[PreferencePair]], effnet_path: str | os.P
                 cap_idx.append(captions.setdefault(p.prompt, len(captions)))
                 user_idx.append(user_ids.index(u))
             bar.update(len(chunk))
+            if on_batch is not None:
+                on_batch(start + len(chunk))
     texts = list(captions)
     tok, pooled = [], []
     for start in range(0, len(texts), batch_size):
-        t, pl = text_encoder.encode(texts[start:start + batch_size])
+        t, pl = encode_text(texts[start:start + batch_size])
         tok.append(t)
         pooled.append(pl)
     return DPOData(torch.cat(ws), torch.cat(ls), torch.tensor(cap_idx), torch.tensor(user_idx), torch.cat(tok),

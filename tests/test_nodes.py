@@ -32,7 +32,8 @@ def test_every_node_is_pinned_and_documented(pack):
 
 
 @pytest.mark.parametrize("node_id", ["PPDPreferencePairsFromImages", "PPDVLMUserEmbedder", "PPDEmbeddingInterpolate",
-                                     "PPDEmbeddingMix", "PPDSaveUserEmbedding", "PPDApplyAdapter"])
+                                     "PPDEmbeddingMix", "PPDSaveUserEmbedding", "PPDApplyAdapter",
+                                     "PPDTuneUserEmbedding"])
 def test_widget_order_is_pinned(pack, node_id):
     """Widgets are positional in saved workflows: inputs may only be appended (the others are checked against a
     running ComfyUI, whose folder lists they need)."""

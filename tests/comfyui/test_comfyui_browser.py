@@ -24,7 +24,7 @@ import pytest
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
 COLLECT = next(w for w in WORKFLOWS if w.stem == "ppd_collect_preferences")
 # inputs that pick a file from a folder: the only ones a shipped workflow may fail validation on, on a bare server
-FILE_INPUTS = {"ckpt_name", "adapter_name", "embedding", "model", "source"}
+FILE_INPUTS = {"ckpt_name", "vae_name", "adapter_name", "embedding", "model", "source"}
 SET = "browser_picks"
 
 
@@ -164,7 +164,8 @@ def test_shipped_workflow_loads_looks_right_and_queues(page, ui_server, workflow
     assert [n["type"] for n in nodes if not n["known"]] == [], "node types the frontend does not know"
     assert _overlaps(nodes) == [], "nodes cover each other when the workflow is opened"
     for n in nodes:
-        if n["type"] == "PPDPreferencePairLoader":  # a seed that changed on every queue would re-run the VLM
+        # a seed that changed on every queue would re-run the VLM / the tuning
+        if n["type"] in ("PPDPreferencePairLoader", "PPDTuneUserEmbedding"):
             assert "control_after_generate" not in n["widgets"], n["widgets"]
     page.execute_script("app.extensionManager.command.execute('Comfy.Canvas.FitView')")
     time.sleep(0.5)

@@ -120,7 +120,8 @@ def test_shipped_workflows_convert_and_validate(comfy_server, workflow):
 
     models = comfy_server.base / "models"
     for rel in ("checkpoints/stable_cascade_stage_c.safetensors", "checkpoints/stable_cascade_stage_b.safetensors",
-                "ppd_adapters/ppd_adapter.safetensors", "ppd_embeddings/ppd/user_00001.safetensors",
+                "vae/effnet_encoder.safetensors", "ppd_adapters/ppd_adapter.safetensors",
+                "ppd_embeddings/ppd/user_00001.safetensors",
                 "ppd_embeddings/ppd/anna_00001.safetensors", "ppd_embeddings/ppd/ben_00001.safetensors",
                 "LLM/llava-onevision-qwen2-7b-ov-chat-hf/config.json"):
         (models / rel).parent.mkdir(parents=True, exist_ok=True)

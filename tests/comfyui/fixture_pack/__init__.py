@@ -79,6 +79,65 @@ def load_stage(path: str, stage: str, dtype: torch.dtype = torch.float32):
                                             offload_device=mm.unet_offload_device())
 
 
+def tiny_clip(seed: int = 0):
+    """A CLIP with Stable Cascade's CLIP-G settings (last hidden state, no final LayerNorm, projected pooled output,
+    attention masks) but 2 layers of width ``TEXT_WIDTH``, built with ComfyUI's own classes and ComfyUI's bundled
+    CLIP tokenizer."""
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    config = {"hidden_size": TEXT_WIDTH, "intermediate_size": 2 * TEXT_WIDTH, "num_attention_heads": 2,
+              "num_hidden_layers": 2, "projection_dim": TEXT_WIDTH, "vocab_size": 49408, "max_position_embeddings": 77,
+              "hidden_act": "gelu", "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 49407,
+              "pad_token_id": 1}
+
+    class TinyClipG(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 - ComfyUI's signature
+            super().__init__(device=device, layer="hidden", layer_idx=-1, textmodel_json_config=dict(config),
+                             dtype=dtype, special_tokens={"start": 49406, "end": 49407, "pad": 49407},
+                             layer_norm_hidden_state=False, enable_attention_masks=True, return_projected_pooled=True,
+                             model_options={**model_options, "model_name": "clip_g"})
+
+    class TinyClipModel(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006
+            super().__init__(device=device, dtype=dtype, clip_name="g", clip_model=TinyClipG,
+                             model_options=model_options)
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.StableCascadeTokenizer, TinyClipModel)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    _seeded_(clip.cond_stage_model, seed)
+    return clip
+
+
+def stage_c_vae(seed: int = 0, calibrate: bool = True):
+    """ComfyUI's Stage C VAE (``StageC_coder``: EfficientNet encoder + previewer), as Load VAE builds it from the
+    effnet and previewer files, with seeded weights. ``calibrate`` sets the BatchNorm statistics from a few random
+    images (so latents have a sane scale); without it the encoder looks like the previewer-only VAE."""
+    from comfy.ldm.cascade.stage_c_coder import StageC_coder
+
+    torch.manual_seed(seed)
+    coder = StageC_coder()
+    _seeded_(coder.previewer, seed + 1)
+    with torch.no_grad():
+        coder.encoder.mapper[0].weight.copy_(torch.randn(coder.encoder.mapper[0].weight.shape) * 0.03)
+        if calibrate:
+            for m in coder.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.momentum = None  # cumulative average over the calibration batches
+            # images as the encoder sees them: [0, 1] pixels, ImageNet-normalised; one batch, so eval mode on it
+            # reproduces train mode layer by layer (a random deep network is chaotic otherwise)
+            mean, std = coder.encoder.mean.view(3, 1, 1), coder.encoder.std.view(3, 1, 1)
+            g = torch.Generator().manual_seed(seed + 10)
+            pixels = (0.7 * torch.rand(32, 3, 1, 1, generator=g) + 0.3 * torch.rand(32, 3, 64, 64, generator=g))
+            x = (pixels - mean) / std  # flat colours plus noise, like the tests' images
+            coder.encoder.train()
+            coder.encoder.mapper(coder.encoder.backbone(x))
+            coder.encoder.eval()
+    sd = {k: v.detach().clone() for k, v in coder.state_dict().items()}
+    return comfy.sd.VAE(sd=sd)
+
+
 class PPDTestTinyCascade:
     CATEGORY = "PPD test fixtures"
     RETURN_TYPES = ("MODEL", "MODEL", "VAE")
