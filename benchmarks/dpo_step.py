@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="fresh-process runs of each variant, interleaved")
     ap.add_argument("--ckpt", default="both", choices=["both", "yes", "no"], help="gradient checkpointing")
     ap.add_argument("--out", default="dpo_step.json")
+    ap.add_argument("--gather", action="store_true", help="report the runs logged beside --out, run nothing")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # NAME:0|1, run by the parent in a fresh process
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -109,11 +110,26 @@ def main() -> None:
     common = ["--kind", args.kind, "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps)]
     ckpts = {"both": (True, False), "yes": (True,), "no": (False,)}[args.ckpt]
     keys = [(name, ck) for ck in ckpts for name in VARIANTS]
-    runs = interleaved(keys, args.repeats,
-                       lambda key: in_fresh_process(__file__, [*common, "--variant", f"{key[0]}:{int(key[1])}"]))
+    log = f"{args.out}.runs.jsonl"  # each run as it ends: a run cut short is still read back with --gather
+
+    def one(key: tuple[str, bool]) -> dict:
+        got = in_fresh_process(__file__, [*common, "--variant", f"{key[0]}:{int(key[1])}"])
+        with open(log, "a") as f:
+            f.write(json.dumps({"variant": key[0], "checkpointing": key[1], **got}) + "\n")
+        return got
+
+    if args.gather:
+        with open(log) as f:
+            done = [json.loads(line) for line in f]
+        keys = [k for k in keys if any((d["variant"], d["checkpointing"]) == k for d in done)]
+        runs = {k: [d for d in done if (d["variant"], d["checkpointing"]) == k] for k in keys}
+    else:
+        open(log, "w").close()
+        runs = interleaved(keys, args.repeats, one)
+    args.repeats = min(len(v) for v in runs.values())
     what = "CUDA allocator peak" if cuda else "peak resident set"
     print(f"DPO step, Stage C '{args.kind}', {args.batch} pairs, latent {args.size}x{args.size}, {device} {dtype}; "
-          f"peak = {what} above the process before building; median (min-max) of {args.repeats} interleaved runs")
+          f"peak = {what} above the process before building; median (min-max) of {args.repeats}+ interleaved runs")
     print(f"{'reference':18s} {'optimizer':9s} {'ckpt':>5s} {'step s':>22s} {'optimizer step s':>22s} "
           f"{'peak MiB':>20s} {'weights':>7s} {'time/base':>9s} {'peak/base':>9s}")
     rows = []
