@@ -1,8 +1,9 @@
 """Embedding throughput: users/second and peak memory, direct vs chain-of-thought, over batch sizes.
 
 Prints a table with medians and their spread and the cost ratio cot/direct measured in the same run; writes JSON.
-Each row runs in a fresh process, the rows interleaved (direct, cot, direct, cot ...) ``--rounds`` times, so its peak memory (CUDA allocator, or peak resident set size on a CPU, above what the
-process held before loading the VLM) is its own.
+Each row runs in a fresh process, so its peak memory (CUDA allocator, or peak resident set size on a CPU, above what
+the process held before loading the VLM) is its own; the rows are interleaved (direct, cot, direct, cot ...)
+``--rounds`` times, so drift hits both modes alike.
 Without --vlm it builds a tiny LLaVA-OneVision (CPU-sized); on a GPU pass a real folder, e.g. llava-onevision 0.5B.
 
     python benchmarks/embedding_throughput.py [--vlm FOLDER] [--device cuda] [--dtype bfloat16]
