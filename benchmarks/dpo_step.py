@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one untimed)")
     ap.add_argument("--repeats", type=int, default=3, help="fresh-process runs of each variant, interleaved")
     ap.add_argument("--ckpt", default="both", choices=["both", "yes", "no"], help="gradient checkpointing")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which variants (the first is the baseline)")
     ap.add_argument("--out", default="dpo_step.json")
     ap.add_argument("--gather", action="store_true", help="report the runs logged beside --out, run nothing")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # NAME:0|1, run by the parent in a fresh process
@@ -109,8 +110,8 @@ def main() -> None:
         return
     common = ["--kind", args.kind, "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps)]
     ckpts = {"both": (True, False), "yes": (True,), "no": (False,)}[args.ckpt]
-    keys = [(name, ck) for ck in ckpts for name in VARIANTS]
-    log = f"{args.out}.runs.jsonl"  # each run as it ends: a run cut short is still read back with --gather
+    keys = [(name, ck) for ck in ckpts for name in args.variants.split(",")]
+    log = f"{args.out}.runs.jsonl"  # each run appended as it ends: runs cut short or made apart are read by --gather
 
     def one(key: tuple[str, bool]) -> dict:
         got = in_fresh_process(__file__, [*common, "--variant", f"{key[0]}:{int(key[1])}"])
@@ -124,7 +125,6 @@ def main() -> None:
         keys = [k for k in keys if any((d["variant"], d["checkpointing"]) == k for d in done)]
         runs = {k: [d for d in done if (d["variant"], d["checkpointing"]) == k] for k in keys}
     else:
-        open(log, "w").close()
         runs = interleaved(keys, args.repeats, one)
     args.repeats = min(len(v) for v in runs.values())
     what = "CUDA allocator peak" if cuda else "peak resident set"
