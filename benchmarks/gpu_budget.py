@@ -60,7 +60,7 @@ def forward_activations() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dpo", required=True, help="dpo_step.py JSON at lite width (CPU, float32)")
+    ap.add_argument("--dpo", help="dpo_step.py JSON at lite width (CPU, float32); required")
     ap.add_argument("--forward", action="store_true", help="measure the sampling forward's activations (minutes)")
     ap.add_argument("--forward-mb", type=float, help="or give that measurement (MiB, float32, lite)")
     ap.add_argument("--out", default="gpu_budget.json")
@@ -70,6 +70,8 @@ def main() -> None:
         with open(args.result, "w") as f:
             json.dump(forward_activations(), f)
         return
+    if not args.dpo:
+        ap.error("--dpo is required")
     dpo = json.load(open(args.dpo))
     if dpo["kind"] != "lite" or dpo["dtype"] != "torch.float32":
         raise SystemExit("--dpo must be a lite-width float32 run of dpo_step.py")
