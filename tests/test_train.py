@@ -152,6 +152,24 @@ def test_resume_with_another_config_is_refused(tmp_path, world_data):
     assert longer.step == 6
 
 
+def test_resume_across_optimizers(tmp_path, world_data):
+    """Another optimizer is another run; a checkpoint from before the key existed was AdamW and resumes as such."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _trainer(_cfg(tmp_path, max_steps=2), world_data).run()
+    with pytest.raises(PPDError, match="changed: optimizer"):
+        _trainer(_cfg(tmp_path, max_steps=4, optimizer="adamw8bit"), world_data).run()
+    path = find_latest(tmp_path / "run" / "checkpoints")
+    meta = json.loads(safetensors_io.read_safetensors(path, "checkpoint")[1]["ppd_checkpoint"])
+    del meta["config"]["optimizer"]  # as written before the key existed
+    save_file(load_file(path), path, {"ppd_checkpoint": json.dumps(meta)})
+    older = _trainer(_cfg(tmp_path, max_steps=4), world_data)
+    older.run()
+    assert older.step == 4
+
+
 def test_nan_loss_is_skipped_then_stops(tmp_path, world_data, capsys):
     trainer = _trainer(_cfg(tmp_path, max_nan_steps=3), world_data)
     trainer.cfg.beta = float("nan")  # validate() refuses a NaN beta: poison the loss after it
