@@ -26,6 +26,8 @@ def load(paths: list[str]) -> dict[str, list[dict]]:
         files = sorted(Path(p).glob("*.json")) if Path(p).is_dir() else [Path(p)]
         for f in files:
             result = json.loads(f.read_text())
+            if isinstance(result, list):  # not a benchmark's output (the world sweep writes a list of worlds)
+                continue
             name = result.get("benchmark")
             if name is None:
                 raise SystemExit(f"{f} has no 'benchmark' field: it was not written by a script in benchmarks/.")
@@ -55,6 +57,8 @@ def sampler(ax, results: list[dict]) -> None:
 def dpo(ax, results: list[dict]) -> None:
     labels, memory, time = [], [], []
     for r in results:
+        if "baseline" not in r:  # written before the adapters-disabled baseline (2026-11-23): other ratios
+            continue
         for row in r["rows"]:
             if row["variant"] == "adapters-disabled":  # the baseline: 1.0 by definition
                 continue
