@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-from measure import count_ops, timed  # noqa: E402  (same folder)
+from measure import count_ops, fmt, spread, timed  # noqa: E402  (same folder)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,14 +106,18 @@ def main() -> None:
             ppd.append(run(patched))
         (ops_base, syncs_base), (ops_ppd, syncs_ppd) = run(model, count_ops), run(patched, count_ops)
         rows.append({"tokens": tokens, "base_ms": 1000 * statistics.median(base),
-                     "ppd_ms": 1000 * statistics.median(ppd), "ops_base": ops_base, "ops_ppd": ops_ppd,
+                     "ppd_ms": 1000 * statistics.median(ppd),
+                     "ratio_per_repeat": spread([p / b for p, b in zip(ppd, base)]),  # the spread beside the medians
+                     "ops_base": ops_base, "ops_ppd": ops_ppd,
                      "syncs_base": syncs_base, "syncs_ppd": syncs_ppd})
     print(f"ComfyUI Stage C '{args.kind}' ({len(info.block_widths)} attention blocks), latent {args.size}x{args.size}, "
           f"batch 2 (cond + uncond), {device} {dtype}, median of {args.repeats}")
-    print(f"{'tokens':>6s} {'base ms':>8s} {'PPD ms':>8s} {'ratio':>6s} {'ops base/PPD':>13s} {'syncs':>6s}")
+    print(f"{'tokens':>6s} {'base ms':>8s} {'PPD ms':>8s} {'ratio':>6s} {'per-repeat ratio':>20s} "
+          f"{'ops base/PPD':>13s} {'syncs':>6s}")
     for r in rows:
         print(f"{r['tokens']:6d} {r['base_ms']:8.1f} {r['ppd_ms']:8.1f} {r['ppd_ms'] / r['base_ms']:6.3f} "
-              f"{r['ops_base']:6d}/{r['ops_ppd']:<6d} {r['syncs_base']}/{r['syncs_ppd']}")
+              f"{fmt(r['ratio_per_repeat'], 3):>20s} {r['ops_base']:6d}/{r['ops_ppd']:<6d} "
+              f"{r['syncs_base']}/{r['syncs_ppd']}")
     with open(args.out, "w") as f:
         json.dump({"benchmark": "comfyui_sampler_overhead",
                    "kind": args.kind, "device": str(device), "rows": rows}, f, indent=2)

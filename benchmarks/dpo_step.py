@@ -1,12 +1,21 @@
-"""One Diffusion-DPO training step: our adapter-off reference vs the usual frozen second copy of Stage C.
+"""One Diffusion-DPO training step of the adapter: the recipe a user would otherwise run, ours, and a full fine-tune's.
 
-Both recipes run the same policy pass (adapter on, with gradients) on the same inputs; they differ only in the
-reference: ours switches the adapter off on the same network, the usual recipe keeps a frozen copy of Stage C. Each
-variant runs in a fresh process; its peak memory (CUDA allocator, or peak resident set size on a CPU, above what the
-process held before building the model) and median step time are printed with ratios, with and without gradient
-checkpointing.
+Every variant runs the same policy pass (adapter on, with gradients) on the same inputs; they differ in the reference
+and the optimizer:
 
-    python benchmarks/dpo_step.py [--kind tiny|small|lite|full] [--batch 4] [--size 24]
+- **adapters disabled, AdamW** (the baseline): the same network with the adapter switched off as the reference, as
+  diffusers' Diffusion-DPO script does for adapter training with ``disable_adapters()``; float32 AdamW state. This is
+  also the trainer's default (``optimizer = "adamw"``), so our default is this recipe, ratio 1.0 by construction.
+- **adapters disabled, AdamW 8-bit**: the trainer with ``optimizer = "adamw8bit"`` (ppd_train/optim.py).
+- **second copy, AdamW**: a frozen duplicate of Stage C as the reference, which full fine-tuning needs (there the
+  policy's own weights move); for adapter-only training it computes exactly what the adapter-off pass computes.
+
+Each run of a variant is a fresh process (a CPU's peak resident set cannot be reset), and the variants are run
+interleaved (A B C A B C ...), ``--repeats`` times, so this machine's drift hits each alike. Reported: the median with
+min-max of the per-run step times, of the optimizer step alone, and of the peak memory above what the process held
+before building the model, with ratios to the baseline's medians, with and without gradient checkpointing.
+
+    python benchmarks/dpo_step.py [--kind tiny|small|lite|full] [--batch 4] [--size 24] [--repeats 3] [--ckpt yes]
 """
 
 from __future__ import annotations
@@ -17,15 +26,18 @@ import json
 import statistics
 
 import torch
-from measure import in_fresh_process, peak_memory_mib, timed  # noqa: E402
+from measure import fmt, in_fresh_process, interleaved, peak_memory_mib, spread, timed  # noqa: E402
 from sampler_overhead import build, stage_c_inputs  # noqa: E402  (same folder)
 
 from ppd_train.adapter import AdapterConfig, PPDAdapter
 from ppd_train.loss import dpo_loss
+from ppd_train.optim import make_optimizer
 from ppd_train.stage_c import PPDBinding, stage_c_info
-from ppd_train.train import adamw
 
-RECIPES = {"adapter-off": "adapter off", "second-copy": "second copy"}
+# name: (reference, optimizer); the first is the baseline the others are divided by
+VARIANTS = {"adapters-disabled": ("adapters disabled", "adamw"),
+            "adapters-disabled-8bit": ("adapters disabled", "adamw8bit"),
+            "second-copy": ("second copy", "adamw")}
 
 
 def weights_mb(*modules) -> float:
@@ -33,7 +45,8 @@ def weights_mb(*modules) -> float:
                for t in list(m.parameters()) + list(m.buffers())) / 2**20
 
 
-def run(recipe: str, kind: str, checkpointing: bool, batch: int, size: int, steps: int, device, dtype) -> dict:
+def run(recipe: str, optimizer: str, kind: str, checkpointing: bool, batch: int, size: int, steps: int, device,
+        dtype) -> dict:
     before = peak_memory_mib(device)
     unet = build(kind, device, dtype).requires_grad_(False)
     reference = copy.deepcopy(unet) if recipe == "second copy" else None
@@ -43,12 +56,14 @@ def run(recipe: str, kind: str, checkpointing: bool, batch: int, size: int, step
     torch.manual_seed(0)
     adapter = PPDAdapter(AdapterConfig.for_stage_c(info, embed_dim=896, num_tokens=29)).to(device, dtype)
     binding = PPDBinding(unet, adapter)
-    opt = adamw(adapter.parameters(), 1e-5, 0.0)  # the trainer's optimizer
+    opt = make_optimizer(optimizer, adapter.parameters(), 1e-5, 0.0)  # the trainer's optimizers
     b2 = 2 * batch
     inputs = stage_c_inputs(unet, b2, size, device, dtype)
     g = torch.Generator().manual_seed(1)
     eps = torch.randn(batch, 16, size, size, generator=g).to(device, dtype)
     users = torch.randn(b2, 29, 896, generator=g).to(device, dtype)
+    opt_times: list[float] = []
+
     def one_step() -> None:
         with torch.no_grad():
             if reference is None:
@@ -60,13 +75,13 @@ def run(recipe: str, kind: str, checkpointing: bool, batch: int, size: int, step
             pred = unet(**inputs).sample
             loss = dpo_loss(pred[:batch], pred[batch:], ref[:batch], ref[batch:], eps, 2500.0).loss
             loss.backward()
-        opt.step()
+        opt_times.append(timed(opt.step, device))
         opt.zero_grad(set_to_none=True)
 
     one_step()  # the first step includes allocation and optimizer-state creation
     times = [timed(one_step, device) for _ in range(steps)]
     binding.detach()
-    return {"recipe": recipe, "checkpointing": checkpointing, "step_s": statistics.median(times),
+    return {"step_s": statistics.median(times), "optimizer_s": statistics.median(opt_times[1:]),
             "peak_mb": peak_memory_mib(device) - before, "weights_mb": weights_mb(unet, reference, adapter)}
 
 
@@ -76,42 +91,66 @@ def main() -> None:
     ap.add_argument("--kind", default="lite" if cuda else "small", choices=["tiny", "small", "lite", "full"])
     ap.add_argument("--batch", type=int, default=4 if cuda else 2, help="pairs per step")
     ap.add_argument("--size", type=int, default=24 if cuda else 16, help="latent side (24 = 1024x1024 images)")
-    ap.add_argument("--steps", type=int, default=5 if cuda else 3)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one untimed)")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh-process runs of each variant, interleaved")
+    ap.add_argument("--ckpt", default="both", choices=["both", "yes", "no"], help="gradient checkpointing")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which variants (the first is the baseline)")
     ap.add_argument("--out", default="dpo_step.json")
-    ap.add_argument("--variant", help=argparse.SUPPRESS)  # RECIPE:0|1, run by the parent in a fresh process
+    ap.add_argument("--gather", action="store_true", help="report the runs logged beside --out, run nothing")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)  # NAME:0|1, run by the parent in a fresh process
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     if args.variant:
-        recipe, ckpt = args.variant.split(":")
-        row = run(RECIPES[recipe], args.kind, ckpt == "1", args.batch, args.size, args.steps, device, dtype)
+        name, ckpt = args.variant.split(":")
+        row = run(*VARIANTS[name], args.kind, ckpt == "1", args.batch, args.size, args.steps, device, dtype)
         with open(args.result, "w") as f:
             json.dump(row, f)
         return
     common = ["--kind", args.kind, "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps)]
-    rows = [in_fresh_process(__file__, [*common, "--variant", f"{recipe}:{int(ckpt)}"])
-            for ckpt in (True, False) for recipe in RECIPES]
+    ckpts = {"both": (True, False), "yes": (True,), "no": (False,)}[args.ckpt]
+    keys = [(name, ck) for ck in ckpts for name in args.variants.split(",")]
+    log = f"{args.out}.runs.jsonl"  # each run appended as it ends: runs cut short or made apart are read by --gather
+
+    def one(key: tuple[str, bool]) -> dict:
+        got = in_fresh_process(__file__, [*common, "--variant", f"{key[0]}:{int(key[1])}"])
+        with open(log, "a") as f:
+            f.write(json.dumps({"variant": key[0], "checkpointing": key[1], **got}) + "\n")
+        return got
+
+    if args.gather:
+        with open(log) as f:
+            done = [json.loads(line) for line in f]
+        keys = [k for k in keys if any((d["variant"], d["checkpointing"]) == k for d in done)]
+        runs = {k: [d for d in done if (d["variant"], d["checkpointing"]) == k] for k in keys}
+    else:
+        runs = interleaved(keys, args.repeats, one)
+    args.repeats = min(len(v) for v in runs.values())
     what = "CUDA allocator peak" if cuda else "peak resident set"
     print(f"DPO step, Stage C '{args.kind}', {args.batch} pairs, latent {args.size}x{args.size}, {device} {dtype}; "
-          f"peak = {what} above the process before building")
-    print(f"{'reference':12s} {'ckpt':>5s} {'step s':>8s} {'peak MiB':>9s} {'weights MiB':>11s}")
-    for r in rows:
-        print(f"{r['recipe']:12s} {str(r['checkpointing']):>5s} {r['step_s']:8.3f} {r['peak_mb']:9.0f} "
-              f"{r['weights_mb']:11.0f}")
-    ratios = []
-    for ck in (True, False):
-        ours = next(r for r in rows if r["recipe"] == "adapter off" and r["checkpointing"] == ck)
-        usual = next(r for r in rows if r["recipe"] == "second copy" and r["checkpointing"] == ck)
-        ratio = {"checkpointing": ck, "step_time": ours["step_s"] / usual["step_s"],
-                 "peak_memory": ours["peak_mb"] / usual["peak_mb"], "weights": ours["weights_mb"] / usual["weights_mb"]}
-        ratios.append(ratio)
-        print(f"checkpointing={ck}: step time ratio {ratio['step_time']:.3f}, peak memory ratio "
-              f"{ratio['peak_memory']:.3f}, weights ratio {ratio['weights']:.3f}")
+          f"peak = {what} above the process before building; median (min-max) of {args.repeats}+ interleaved runs")
+    print(f"{'reference':18s} {'optimizer':9s} {'ckpt':>5s} {'step s':>22s} {'optimizer step s':>22s} "
+          f"{'peak MiB':>20s} {'weights':>7s} {'time/base':>9s} {'peak/base':>9s}")
+    rows = []
+    for name, ck in keys:
+        recipe, optimizer = VARIANTS[name]
+        got = runs[(name, ck)]
+        row = {"variant": name, "reference": recipe, "optimizer": optimizer, "checkpointing": ck,
+               **{k: spread([r[k] for r in got]) for k in ("step_s", "optimizer_s", "peak_mb")},
+               "weights_mb": got[0]["weights_mb"]}
+        base = next((r for r in rows if r["checkpointing"] == ck), row)  # the baseline comes first
+        row["time_ratio"] = row["step_s"]["median"] / base["step_s"]["median"]
+        row["peak_ratio"] = row["peak_mb"]["median"] / base["peak_mb"]["median"]
+        row["optimizer_share"] = row["optimizer_s"]["median"] / row["step_s"]["median"]
+        rows.append(row)
+        print(f"{recipe:18s} {optimizer:9s} {str(ck):>5s} {fmt(row['step_s'], 3):>22s} "
+              f"{fmt(row['optimizer_s'], 3):>22s} {fmt(row['peak_mb'], 0):>20s} {row['weights_mb']:7.0f} "
+              f"{row['time_ratio']:9.3f} {row['peak_ratio']:9.3f}")
     with open(args.out, "w") as f:
-        json.dump({"benchmark": "dpo_step",
+        json.dump({"benchmark": "dpo_step", "baseline": "adapters disabled, AdamW",
                    "kind": args.kind, "device": str(device), "dtype": str(dtype), "batch": args.batch,
-                   "size": args.size, "memory": what, "rows": rows, "ratios": ratios}, f, indent=2)
+                   "size": args.size, "repeats": args.repeats, "memory": what, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

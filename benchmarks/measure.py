@@ -9,14 +9,38 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+def interleaved(variants: Sequence[K], repeats: int, run: Callable[[K], T]) -> dict[K, list[T]]:
+    """``run`` each variant ``repeats`` times in the order A B C A B C ..., results grouped by variant."""
+    out: dict[K, list[T]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for v in variants:
+            out[v].append(run(v))
+    return out
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Median, min and max of repeated measurements (what every benchmark reports)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt(s: dict, digits: int = 1) -> str:
+    """``median (min-max)`` of a ``spread``."""
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

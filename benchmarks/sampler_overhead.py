@@ -1,6 +1,7 @@
 """Sampler overhead: one Stage C forward with the PPD adapter vs without, same inputs, over user-token counts.
 
-Baseline and PPD are timed interleaved in the same run; printed ratios are medians over repeats. "cached" = K_u, V_u
+Baseline and PPD are timed interleaved in the same run (base, PPD, per-step, base, ...); printed: medians over repeats,
+the ratio of the medians, and the spread (min-max) of the ratio within each repeat. "cached" = K_u, V_u
 computed once per sampling run (what the sampler does); "per step" = recomputed every step, for comparison.
 Reduced widths on CPU; real Stage C lite/full widths (random weights, bf16) when CUDA is present.
 
@@ -15,7 +16,7 @@ import statistics
 
 import torch
 from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
-from measure import count_ops, timed  # noqa: E402  (same folder)
+from measure import count_ops, fmt, spread, timed  # noqa: E402  (same folder)
 
 from ppd_train.adapter import AdapterConfig, PPDAdapter
 from ppd_train.stage_c import PPDBinding, stage_c_config, stage_c_info
@@ -107,13 +108,16 @@ def main() -> None:
         times, ops = measure(unet, binding, adapter, user, inputs, weight, args.repeats, device)
         binding.detach()
         med = {k: statistics.median(v) for k, v in times.items()}
+        per_repeat = {k: spread([x / b for x, b in zip(times[k], times["base"])]) for k in ("ppd", "per_step")}
         row = {"tokens": t, "base_ms": med["base"] * 1e3, "ppd_ms": med["ppd"] * 1e3,
                "per_step_ms": med["per_step"] * 1e3, "ratio": med["ppd"] / med["base"],
-               "per_step_ratio": med["per_step"] / med["base"], "ops_base": ops["base"][0],
+               "per_step_ratio": med["per_step"] / med["base"], "ratio_per_repeat": per_repeat["ppd"],
+               "per_step_ratio_per_repeat": per_repeat["per_step"], "ops_base": ops["base"][0],
                "ops_ppd": ops["ppd"][0], "syncs_base": ops["base"][1], "syncs_ppd": ops["ppd"][1]}
         rows.append(row)
         print(f"{t:6d} {row['base_ms']:8.2f} {row['ppd_ms']:8.2f} {row['ratio']:6.3f} {row['per_step_ms']:11.2f} "
               f"{row['per_step_ratio']:6.3f} {row['ops_base']:6d}/{row['ops_ppd']:<6d} "
+              f"per-repeat ratio {fmt(per_repeat['ppd'], 3)} "
               f"{row['syncs_base']}/{row['syncs_ppd']}")
     with open(args.out, "w") as f:
         json.dump({"benchmark": "sampler_overhead",

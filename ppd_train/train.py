@@ -19,6 +19,7 @@ from .checkpoint import load_latest, prune_checkpoints, save_checkpoint
 from .dpo_data import DPOData, tensor_digest
 from .errors import PPDError
 from .guards import check_finite_parameters
+from .optim import OPTIMIZERS, make_optimizer
 from .pair_step import noised_pairs, pair_loss
 from .safetensors_io import dumps_json
 from .stage_c import PPDBinding, clip_image_dim, stage_c_info
@@ -51,6 +52,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | cosine (decays to 0 at the end of the budget)
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"  # adamw | adamw8bit (8-bit moments: 3/4 less optimizer state; ppd_train/optim.py)
     beta: float = 2500.0  # diffusers convention: -log sigmoid(-beta * diff); Salesforce's beta 5000 with 0.5
     user_dropout: float = 0.0  # share of pairs trained with the adapter off (exactly inference's "no user")
     token_noise: float = 0.0  # Gaussian noise on user tokens while training, in units of each token's own std
@@ -103,6 +105,8 @@ class TrainConfig:
                   (self.select_metric in SELECT_METRICS, f"select_metric must be one of {', '.join(SELECT_METRICS)}"),
                   (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
                   (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
+                  (self.optimizer in OPTIMIZERS,
+                   f"optimizer must be {' or '.join(OPTIMIZERS)} (adamw8bit keeps 8-bit moments: less memory)"),
                   (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")]
         for ok, msg in checks:
             if not ok:
@@ -153,18 +157,6 @@ class _Logger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel where it has one for these parameters: on Stage C lite's adapter it steps 3-6x
-    faster on a CPU than torch's other AdamW implementations and, unlike the for-each one (torch's CUDA default), holds
-    no adapter-sized temporary (benchmarks/optimizer_step.py). Same update rule and state, so checkpoints resume either
-    way; torch builds without the kernel get the default."""
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):  # no fused kernel for this device or torch version
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def heldout_user_indices(n_users: int, share: float, seed: int) -> list[int]:
@@ -232,7 +224,8 @@ class Trainer:
             self.unet.enable_gradient_checkpointing()
         self.binding = PPDBinding(self.unet, adapter)
         adapter = adapter.to(self.device)
-        self.adapter, self.optimizer = self.acc.prepare(adapter, adamw(adapter.parameters(), cfg.lr, cfg.weight_decay))
+        self.adapter, self.optimizer = self.acc.prepare(
+            adapter, make_optimizer(cfg.optimizer, adapter.parameters(), cfg.lr, cfg.weight_decay))
         self._split(data)
         self.pairs_per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         self.max_steps = budget(cfg, len(self.train), self.pairs_per_step)
@@ -428,7 +421,7 @@ class Trainer:
         if meta.get("users", self.users_hash) != self.users_hash and not force:
             raise PPDError(f"{path} was trained with other user embeddings (the embedding table was re-made or "
                            "changed). Resume with the same table, use another out_dir, or pass --force.")
-        old, new = meta["config"], self.cfg.resume_key()
+        old, new = {"optimizer": "adamw", **meta["config"]}, self.cfg.resume_key()  # before the key: AdamW
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed and not force:
             raise PPDError(f"{path} was made with another config (changed: {', '.join(changed)}). Resuming would not "

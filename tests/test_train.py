@@ -8,16 +8,17 @@ import pytest
 import torch
 from helpers import stage_c_inputs
 
-from ppd_train import safetensors_io
+from ppd_train import optim, safetensors_io
 from ppd_train.adapter import load_adapter, read_adapter_config
 from ppd_train.checkpoint import find_latest
 from ppd_train.config import ConfigError, load_config
 from ppd_train.dpo_data import DPOData
 from ppd_train.errors import PPDError
+from ppd_train.optim import adamw
 from ppd_train.stage_c import PPDBinding
 from ppd_train.synthetic import World, WorldConfig, build_dataset
 from ppd_train.tiny import build_tiny_stage_c
-from ppd_train.train import TrainConfig, Trainer, adamw, batch_indices
+from ppd_train.train import TrainConfig, Trainer, batch_indices
 
 WORLD = WorldConfig(seen_users=4, unseen_users=1, unseen_mixtures=0, pairs_per_user=6, embedding_views=2)
 
@@ -66,17 +67,22 @@ def test_reference_pass_leaves_adapter_untouched(tmp_path, world_data):
     assert changed  # training moved the adapter (test_train_invariants checks the reference pass on values)
 
 
-def test_kill_and_resume_gives_the_same_adapter(tmp_path, world_data):
-    straight = _trainer(_cfg(tmp_path / "a"), world_data).run()
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_kill_and_resume_gives_the_same_adapter(tmp_path, world_data, optimizer, monkeypatch):
+    monkeypatch.setattr(optim, "MIN_8BIT_SIZE", 1)  # the tiny adapter's tensors are small: 8-bit codes for all of them
+    straight_trainer = _trainer(_cfg(tmp_path / "a", optimizer=optimizer), world_data)
+    straight = straight_trainer.run()
+    state = next(iter(straight_trainer.optimizer.state.values()))
+    assert ("exp_avg_codes" in state) == (optimizer == "adamw8bit")
 
     def kill(step):
         if step == 5:
             raise KeyboardInterrupt  # Ctrl+C after step 5; the last checkpoint is step 4
 
     with pytest.raises(KeyboardInterrupt):
-        _trainer(_cfg(tmp_path / "b"), world_data).run(on_step=kill)
+        _trainer(_cfg(tmp_path / "b", optimizer=optimizer), world_data).run(on_step=kill)
     assert find_latest(tmp_path / "b" / "run" / "checkpoints").name == "step-00000004.safetensors"
-    resumed = _trainer(_cfg(tmp_path / "b"), world_data)
+    resumed = _trainer(_cfg(tmp_path / "b", optimizer=optimizer), world_data)
     path = resumed.run()
     a, b = _tensors(straight), _tensors(path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -146,6 +152,24 @@ def test_resume_with_another_config_is_refused(tmp_path, world_data):
     assert longer.step == 6
 
 
+def test_resume_across_optimizers(tmp_path, world_data):
+    """Another optimizer is another run; a checkpoint from before the key existed was AdamW and resumes as such."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _trainer(_cfg(tmp_path, max_steps=2), world_data).run()
+    with pytest.raises(PPDError, match="changed: optimizer"):
+        _trainer(_cfg(tmp_path, max_steps=4, optimizer="adamw8bit"), world_data).run()
+    path = find_latest(tmp_path / "run" / "checkpoints")
+    meta = json.loads(safetensors_io.read_safetensors(path, "checkpoint")[1]["ppd_checkpoint"])
+    del meta["config"]["optimizer"]  # as written before the key existed
+    save_file(load_file(path), path, {"ppd_checkpoint": json.dumps(meta)})
+    older = _trainer(_cfg(tmp_path, max_steps=4), world_data)
+    older.run()
+    assert older.step == 4
+
+
 def test_nan_loss_is_skipped_then_stops(tmp_path, world_data, capsys):
     trainer = _trainer(_cfg(tmp_path, max_nan_steps=3), world_data)
     trainer.cfg.beta = float("nan")  # validate() refuses a NaN beta: poison the loss after it
@@ -188,6 +212,8 @@ def test_bad_configs_and_data(tmp_path, world_data):
     assert cfg.lr == 1e-3 and cfg.batch_size == 8 and cfg.beta == 500.0 and cfg.mixed_precision == "bf16"
     with pytest.raises(PPDError, match="user_dropout"):
         dataclasses.replace(cfg, user_dropout=1.5).validate()
+    with pytest.raises(PPDError, match="optimizer must be adamw or adamw8bit.*--set KEY=VALUE"):
+        dataclasses.replace(cfg, optimizer="adam8bit").validate()
     _, data, embeddings, _ = world_data
     partial = {k: v for k, v in embeddings.items() if k != "seen01"}
     with pytest.raises(PPDError, match="no embedding for 1 of the 4 training users.*seen01"):
