@@ -90,8 +90,9 @@ class PPDPreferencePairLoader:
                                     "folder from extra_model_paths.yaml). Press Refresh after adding one.")),
             "user_id": ("STRING", tip("Which user (required for a Pick-a-Pic shard; optional filter for a folder).",
                                       default="")),
-            "num_pairs": ("INT", tip("How many pairs describe the user (the paper uses 4).", default=4, min=1,
-                                     max=64)),
+            # up to 4096: Tune User Embedding reads all of a user's pairs, not only the embedder's 4
+            "num_pairs": ("INT", tip("How many pairs to take: 4 describe the user to the VLM (the paper's N); for "
+                                     "Tune User Embedding, all of them.", default=4, min=1, max=4096)),
             "selection": (SELECTIONS, tip("Take the first pairs, or a seeded random choice.")),
             # no "control after generate": a seed changing on every queue would re-run everything downstream
             "seed": ("INT", tip("Seed of the random choice (only used when selection is 'random').", default=0,
