@@ -169,6 +169,16 @@ def test_processor_refuses_other_attention_layouts(tiny_unet):
                      lambda: attn(x), lambda: attn(x.flatten(2).transpose(1, 2), encoder_hidden_states=kv)):
             with pytest.raises(IncompatibleError, match="Stage C attention blocks only"):
                 call()
+        # Each normalisation the processor does not reproduce is refused on its own, not only in company.
+        for name in ("norm_q", "norm_k", "group_norm", "spatial_norm", "norm_cross"):
+            assert getattr(attn, name) in (None, False)
+            setattr(attn, name, torch.nn.Identity())
+            try:
+                with pytest.raises(IncompatibleError, match="Stage C attention blocks only"):
+                    attn(x, encoder_hidden_states=kv)
+            finally:
+                setattr(attn, name, None)
+        assert attn(x, encoder_hidden_states=kv).shape == x.shape
 
 
 def test_refusals_name_both_sides_by_default(tiny_unet):
