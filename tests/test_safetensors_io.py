@@ -4,6 +4,8 @@ is atomic), nothing is left behind, and each bad file gets its own clear error."
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -89,3 +91,27 @@ def test_json_metadata_errors():
         read_json_metadata({"k": "{broken"}, "k", "f.safetensors", "widget")
     with pytest.raises(FileFormatError, match="'k' metadata should be a JSON object"):
         read_json_metadata({"k": "[1, 2]"}, "k", "f.safetensors", "widget")
+
+
+def test_a_save_removes_only_the_temporaries_of_dead_writers(tmp_path):
+    """Temporaries of the same target left by writers on this machine whose process is gone are removed before a save;
+    those of live writers (and of this process), and those of other targets, stay; no writer is signalled."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = safetensors_io._HOST
+        dead = tmp_path / f".a.safetensors.{host}-{gone.pid}.00.tmp"
+        kept = [tmp_path / f".a.safetensors.{host}-{live.pid}.00.tmp",
+                tmp_path / f".a.safetensors.{host}-{os.getpid()}.00.tmp",
+                tmp_path / f".b.safetensors.{host}-{gone.pid}.00.tmp"]
+        for f in (dead, *kept):
+            f.write_bytes(b"x")
+        atomic_write_bytes(tmp_path / "a.safetensors", b"new")
+        assert (tmp_path / "a.safetensors").read_bytes() == b"new"
+        assert not dead.exists() and all(f.exists() for f in kept)
+        with pytest.raises(subprocess.TimeoutExpired):  # still running: asked with signal 0, never signalled
+            live.wait(timeout=0.3)
+    finally:
+        live.kill()
+        live.wait()
