@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import sys
+from pathlib import Path
 
 from .errors import PPDError
 
@@ -211,6 +212,73 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1 if args.check and missed else 0
 
 
+def _cmd_tune_user(args: argparse.Namespace) -> int:
+    import torch
+
+    from .adapter import load_adapter
+    from .embedding import UserEmbedding, load_embeddings
+    from .stage_c import PPDBinding, load_stage_c
+    from .tune import TuneConfig, UserTuner, one_user
+
+    cfg = _load(TuneConfig, args)
+    if cfg is None:
+        return 0
+    for key in ("mode", "steps", "seed"):
+        if getattr(args, key) is not None:
+            setattr(cfg, "max_steps" if key == "steps" else key, getattr(args, key))
+    cfg.validate()
+    if bool(args.pairs) == bool(args.data):
+        raise PPDError("Give the user's pairs either as --pairs (pair folders / Pick-a-Pic shards) or as --data (a "
+                       "file from `ppd-train prepare`).")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise PPDError(f"{out} exists; choose another --out, or pass --force to replace it.")
+    start = UserEmbedding.load(args.embedding) if args.embedding else None
+    library = [e for path in args.library for e in load_embeddings(path).values()]
+    adapter = load_adapter(args.adapter)
+    pairs_hash = None
+    if args.pairs:
+        from .pairs import content_hash, load_users
+        from .prepare import encode_pairs
+
+        if not (args.effnet and args.clip_text):
+            raise PPDError("--pairs are images: give --effnet and --clip-text too, the encoders `ppd-train prepare` "
+                           "uses (or pass a prepared --data file).")
+        users = load_users(args.pairs)
+        user = args.user or (next(iter(users)) if len(users) == 1 else None)
+        if user is None or user not in users:
+            raise PPDError(f"The pairs hold the users {', '.join(sorted(users)[:8])}; say which one with --user."
+                           if user is None else f"No pairs of user {user!r} (users: {', '.join(sorted(users)[:8])}).")
+        pairs_hash = content_hash(users[user])
+        data = encode_pairs({user: users[user]}, args.effnet, args.clip_text, args.image_size, device=args.device,
+                            show_progress=not args.quiet)
+    else:
+        from .dpo_data import DPOData
+
+        data = DPOData.load(args.data)
+    data, user = one_user(data, args.user)
+    unet = load_stage_c(args.stage_c, dtype=getattr(torch, args.dtype),
+                        config=args.stage_c_config).to(args.device)
+    data.check_fits(unet.config, args.data or "the pairs", args.stage_c)
+    binding = PPDBinding(unet, adapter.to(args.device))
+    tuner = UserTuner(binding, data, cfg, start, library)
+    tokens, report = tuner.run(show_progress=not args.quiet)
+    emb = tuner.embedding(tokens, report, user, start_name=Path(args.embedding).name if args.embedding else "",
+                          library_size=len(library), pairs_hash=pairs_hash)
+    emb.save(out)
+    before, after = report["val_before"], report["val_after"]
+    if before:
+        print(f"held-out pairs ({report['val_pairs']}): DPO loss {before['loss']:.5g} -> {after['loss']:.5g}, "
+              f"implicit accuracy {before['implicit_acc']:.0%} -> {after['implicit_acc']:.0%}")
+    else:
+        print("note: no held-out pairs (val_fraction 0, or a single pair): the last step is kept, unchecked")
+    print(f"tuned {user} ({report['mode']}, {report['steps']} steps, {report['seconds']:.0f} s) -> {out}")
+    if report["interrupted"]:
+        print("interrupted: the best embedding so far was written", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML or YAML config file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -272,6 +340,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="win rate and reward gain of PPD vs the base model, per user")
     _config_args(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("tune-user", help="fit one user's embedding to all their pairs (adapter and Stage C frozen)")
+    _config_args(p)
+    p.add_argument("--pairs", nargs="+", help="the user's pair folders and/or Pick-a-Pic shards (images)")
+    p.add_argument("--data", help="or: a DPO data file from `ppd-train prepare`")
+    p.add_argument("--user", help="which user, when the pairs hold several")
+    p.add_argument("--effnet", help="Stable Cascade's effnet_encoder.safetensors (with --pairs)")
+    p.add_argument("--clip-text", help="local CLIP-G text encoder folder (with --pairs)")
+    p.add_argument("--image-size", type=_positive, default=768, help="effnet input size, as for prepare")
+    p.add_argument("--stage-c", required=True, help="Stage C: diffusers folder or Stability single file")
+    p.add_argument("--stage-c-config", help="diffusers config.json, only for single files of non-standard size")
+    p.add_argument("--adapter", required=True, help="the PPD adapter (.safetensors)")
+    p.add_argument("--embedding", help="start: the user's embedding (from the embedder)")
+    p.add_argument("--library", nargs="+", default=[], help="embedding tables / files of known users to mix")
+    p.add_argument("--out", required=True, help="the tuned user embedding (.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--mode", choices=["auto", "tokens", "mix", "mix+tokens"], help="what learns (default: auto)")
+    p.add_argument("--steps", type=int, help="max steps per phase (default 200)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default="bfloat16" if _cuda() else "float32", choices=sorted(_DTYPES))
+    p.set_defaults(func=_cmd_tune_user)
 
     p = sub.add_parser("demo", help="the synthetic-user world end to end (CPU, minutes)")
     _config_args(p)

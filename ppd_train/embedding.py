@@ -162,3 +162,12 @@ def load_embedding_table(path: str | os.PathLike) -> tuple[dict[str, UserEmbeddi
             raise IncompatibleError(f"{path}: user {uid} is listed but has no tokens; the file is damaged.")
         out[uid] = UserEmbedding(tensors[f"user/{uid}"], meta["embedder"], umeta)
     return out, dict(meta.get("info", {}))
+
+
+def load_embeddings(path: str | os.PathLike) -> dict[str, UserEmbedding]:
+    """An embedding table (many users) or one user's embedding file -> user id -> embedding."""
+    tensors, metadata = read_safetensors(path, "user embedding or embedding table")
+    if TABLE_KEY in metadata:
+        return load_embedding_table(path)[0]
+    emb = UserEmbedding.load(path)
+    return {str(emb.meta.get("user_id") or os.path.splitext(os.path.basename(path))[0]): emb}

@@ -39,8 +39,9 @@ class ClipTextEncoder:
         require_safetensors(self.folder, "CLIP text encoder")
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-        self.model = CLIPTextModelWithProjection.from_pretrained(
-            self.folder, dtype=dtype, local_files_only=True, use_safetensors=True).to(self.device).eval()  # type: ignore[arg-type]
+        self.model = CLIPTextModelWithProjection.from_pretrained(self.folder, use_safetensors=True,
+                                                                 local_files_only=True,
+                                                                 dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,30 +70,11 @@ def _pairs_key(users: dict[str, list[PreferencePair]]) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare_dpo_data(users: dict[str, list[PreferencePair]], effnet_path: str | os.PathLike,
-                     text_encoder_folder: str | os.PathLike, out: str | os.PathLike,
-                     embeddings: dict[str, UserEmbedding] | None = None, image_size: int = 768,
-                     batch_size: int = 8, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                     show_progress: bool = True) -> DPOData:
-    out = Path(out)
-    if embeddings is not None:  # train only users that have an embedding, never on the pairs that made it
-        held = {u: set(e.meta.get("pair_sources", [])) for u, e in embeddings.items()}
-        users = {u: [p for p in pairs if p.source not in held[u]] for u, pairs in users.items() if u in held}
-    users = {u: pairs for u, pairs in sorted(users.items()) if pairs}
-    if not users:
-        raise PPDError("No pairs left to train on (no user has both an embedding and pairs beyond its embedding "
-                       "pairs). Check that --embeddings was made from the same dataset.")
-    key = {"preprocess": PREPROCESS_VERSION, "image_size": image_size, "effnet": _file_key(Path(effnet_path)),
-           "text_encoder": Path(text_encoder_folder).name, "pairs": _pairs_key(users)}
-    if out.is_file():
-        try:
-            cached = DPOData.load(out)
-            if cached.info.get("key") == key:
-                print(f"{out} is up to date (same pairs and preprocessing); reusing it")
-                return cached
-        except PPDError:
-            pass
-    # the encoders load only now: an up-to-date file costs no model load
+def encode_pairs(users: dict[str, list[PreferencePair]], effnet_path: str | os.PathLike,
+                 text_encoder_folder: str | os.PathLike, image_size: int = 768, batch_size: int = 8,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 show_progress: bool = True) -> DPOData:
+    """Pairs -> Stage C latents (EfficientNet) and CLIP-G text: the one image path of ``prepare`` and ``tune-user``."""
     effnet = load_effnet(effnet_path, device=device, dtype=dtype)
     text_encoder = ClipTextEncoder(text_encoder_folder, device=device, dtype=dtype)
     flat = [(u, p) for u, pairs in users.items() for p in pairs]
@@ -117,7 +99,35 @@ def prepare_dpo_data(users: dict[str, list[PreferencePair]], effnet_path: str | 
         t, pl = text_encoder.encode(texts[start:start + batch_size])
         tok.append(t)
         pooled.append(pl)
-    data = DPOData(torch.cat(ws), torch.cat(ls), torch.tensor(cap_idx), torch.tensor(user_idx), torch.cat(tok),
-                   torch.cat(pooled), user_ids, {"key": key, "captions": len(texts)})
+    return DPOData(torch.cat(ws), torch.cat(ls), torch.tensor(cap_idx), torch.tensor(user_idx), torch.cat(tok),
+                   torch.cat(pooled), user_ids, {"captions": len(texts)})
+
+
+def prepare_dpo_data(users: dict[str, list[PreferencePair]], effnet_path: str | os.PathLike,
+                     text_encoder_folder: str | os.PathLike, out: str | os.PathLike,
+                     embeddings: dict[str, UserEmbedding] | None = None, image_size: int = 768,
+                     batch_size: int = 8, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     show_progress: bool = True) -> DPOData:
+    out = Path(out)
+    if embeddings is not None:  # train only users that have an embedding, never on the pairs that made it
+        held = {u: set(e.meta.get("pair_sources", [])) for u, e in embeddings.items()}
+        users = {u: [p for p in pairs if p.source not in held[u]] for u, pairs in users.items() if u in held}
+    users = {u: pairs for u, pairs in sorted(users.items()) if pairs}
+    if not users:
+        raise PPDError("No pairs left to train on (no user has both an embedding and pairs beyond its embedding "
+                       "pairs). Check that --embeddings was made from the same dataset.")
+    key = {"preprocess": PREPROCESS_VERSION, "image_size": image_size, "effnet": _file_key(Path(effnet_path)),
+           "text_encoder": Path(text_encoder_folder).name, "pairs": _pairs_key(users)}
+    if out.is_file():
+        try:
+            cached = DPOData.load(out)
+            if cached.info.get("key") == key:
+                print(f"{out} is up to date (same pairs and preprocessing); reusing it")
+                return cached
+        except PPDError:
+            pass
+    # the encoders load only now: an up-to-date file costs no model load
+    data = encode_pairs(users, effnet_path, text_encoder_folder, image_size, batch_size, device, dtype, show_progress)
+    data.info = {"key": key, "captions": len(data.text)}
     data.save(out)
     return data

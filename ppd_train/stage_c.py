@@ -180,8 +180,8 @@ def load_stage_c(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         if not (folder / "config.json").is_file():
             raise FileFormatError(f"{path} has no config.json (nor prior/config.json): not a diffusers Stage C folder.")
         require_safetensors(folder, "Stage C")
-        unet = StableCascadeUNet.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
-                                                 use_safetensors=True)
+        unet = StableCascadeUNet.from_pretrained(folder, use_safetensors=True, local_files_only=True,
+                                                 torch_dtype=dtype)
     else:
         from diffusers.loaders.single_file_utils import convert_stable_cascade_unet_single_file_to_diffusers
 

@@ -284,9 +284,18 @@ def _plot(metrics: dict, path: Path) -> bool:
     return True
 
 
-def run_demo(cfg: DemoConfig, log=print, show_progress: bool = True) -> dict:
-    """The whole experiment; writes metrics.json, plot.png, the adapter and the base model under ``out_dir``."""
-    t0 = time.perf_counter()
+@dataclass
+class TrainedWorld:
+    world: World
+    unet: StableCascadeUNet
+    data: DPOData
+    embeddings: dict[str, UserEmbedding]  # every user's evaluation embedding (N pairs never trained on)
+    adapter_path: Path
+
+
+def train_world(cfg: DemoConfig, log=print, show_progress: bool = True) -> TrainedWorld:
+    """The world, its pre-trained base Stage C and a PPD adapter trained on its seen users, under ``out_dir``. A run
+    that already finished there is reused (the base model and the trainer's own resume)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
@@ -309,6 +318,15 @@ def run_demo(cfg: DemoConfig, log=print, show_progress: bool = True) -> dict:
         f"for model selection), at most {trainer.max_steps} steps, validation every {trainer.val_every}")
     adapter_path = trainer.run()
     trainer.detach()
+    return TrainedWorld(world, unet, data, embeddings, adapter_path)
+
+
+def run_demo(cfg: DemoConfig, log=print, show_progress: bool = True) -> dict:
+    """The whole experiment; writes metrics.json, plot.png, the adapter and the base model under ``out_dir``."""
+    t0 = time.perf_counter()
+    tw = train_world(cfg, log, show_progress)
+    world, unet, embeddings, adapter_path = tw.world, tw.unet, tw.embeddings, tw.adapter_path
+    out = Path(cfg.out_dir)
 
     from .adapter import load_adapter
 

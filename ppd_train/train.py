@@ -19,9 +19,8 @@ from .checkpoint import load_latest, prune_checkpoints, save_checkpoint
 from .dpo_data import DPOData, tensor_digest
 from .errors import PPDError
 from .guards import check_finite_parameters
-from .loss import dpo_loss
+from .pair_step import noised_pairs, pair_loss
 from .safetensors_io import dumps_json
-from .schedule import add_noise
 from .stage_c import PPDBinding, clip_image_dim, stage_c_info
 
 # Keys that may change between a run and its resume without changing the result.
@@ -291,38 +290,23 @@ class Trainer:
         """Noised pair latents (preferred rows first, then dispreferred), each pair's own user tokens, the per-row
         adapter weight (0 = dropped: the adapter is off for that pair, exactly inference's "no user") and the noise."""
         b = len(idx)
-        xw, xl = data.latents_w[idx], data.latents_l[idx]
         t = self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * torch.rand(b, generator=g)
-        eps = torch.randn(xw.shape, generator=g)
+        eps = torch.randn((b, *data.latents_w.shape[1:]), generator=g)
         keep = (torch.rand(b, generator=g) >= dropout).float()
         view = torch.randint(self.user_tokens.shape[1], (b,), generator=g)
         users = self.user_tokens[data.user_idx[idx], view]
         if noise:
             users = users + noise * users.std(dim=-1, keepdim=True) * torch.randn(users.shape, generator=g)
-        cap = data.caption_idx[idx]
-        dev = self.device
-        both = dict(sample=torch.cat([add_noise(xw, eps, t), add_noise(xl, eps, t)]).to(dev),
-                    timestep_ratio=torch.cat([t, t]).to(dev),
-                    clip_text_pooled=data.pooled[cap].repeat(2, 1, 1).to(dev),
-                    clip_text=data.text[cap].repeat(2, 1, 1).to(dev),
-                    clip_img=self.clip_img.expand(2 * b, -1, -1).to(dev))
-        return both, torch.cat([users, users]).to(dev), torch.cat([keep, keep]), eps.to(dev)
+        both = noised_pairs(data, idx, t, eps, self.clip_img, self.device)
+        return both, torch.cat([users, users]).to(self.device), torch.cat([keep, keep]), eps.to(self.device)
 
     def _loss(self, inputs: dict, users: torch.Tensor, weights: torch.Tensor, eps: torch.Tensor,
               backward_scale: float | None):
-        b = eps.shape[0]
-        with self.acc.autocast():
-            with torch.no_grad(), self.binding.adapter_off():  # the reference: same network, adapter off
-                ref = self.unet(**inputs).sample
-            kv = self.adapter(users)
-            # A dropped pair (weight 0) runs with the adapter off, as "no user" does at inference; Stage C is frozen,
-            # so its policy equals the reference and its DPO term is ln 2 with no gradient.
-            with self.binding.user(kv, weights if bool((weights == 0).any()) else 1.0):
-                pred = self.unet(**inputs).sample
-                stats = dpo_loss(pred[:b], pred[b:], ref[:b], ref[b:], eps, self.cfg.beta)
-                if backward_scale is not None and torch.isfinite(stats.loss):
-                    self.acc.backward(stats.loss * backward_scale)  # inside: checkpointed blocks recompute here
-        return stats
+        # A dropped pair (weight 0) runs with the adapter off, as "no user" does at inference; Stage C is frozen, so its
+        # policy equals the reference and its DPO term is ln 2 with no gradient.
+        backward = None if backward_scale is None else (lambda loss: self.acc.backward(loss * backward_scale))
+        return pair_loss(self.binding, inputs, eps, lambda: self.adapter(users), self.cfg.beta,
+                         weights if bool((weights == 0).any()) else 1.0, self.acc.autocast, backward)
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
         rank = self.acc.process_index
@@ -520,7 +504,8 @@ class Trainer:
                    "data_hash": self.data_hash, "pairs": len(self.train), "users": len(self.data.user_ids),
                    "heldout_users": self.heldout_ids, "lr": cfg.lr, "batch_pairs": self.pairs_per_step,
                    "user_dropout": cfg.user_dropout, "token_noise": cfg.token_noise,
-                   "final_loss": self.last.get("loss"), "selected": selected, "last": self.last}
+                   "t_min": cfg.t_min, "t_max": cfg.t_max, "final_loss": self.last.get("loss"), "selected": selected,
+                   "last": self.last}
         out = self.out_dir / "adapter.safetensors"
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.adapter)

@@ -10,42 +10,12 @@ import torch
 
 from ppd_train.cli import main
 from ppd_train.evaluate import drift_sd
-from ppd_train.sweep import load_sweep, run_sweep
 from ppd_train.synthetic import DemoConfig, World, WorldConfig
 
-# Two small worlds of other shapes than the default (the full sweep is in docs/world-sweep.md). Results are
-# deterministic on CPU for a fixed seed.
-SMALL = {"seen_users": 24, "unseen_users": 8, "unseen_mixtures": 3, "pairs_per_user": 24, "pretrain_steps": 500,
-         "eval_samples": 12, "sample_steps": 12}
-SWEEP = """
-[[worlds]]
-name = "small-k4"
-seed = 1
-world = {small}
 
-[[worlds]]
-name = "small-k3-c4"
-seed = 3
-world = {small_k3}
-"""
-# Seed 2 of the k3 world meets every target but one: its interpolation is not monotone (seen 95%, unseen 100%,
-# drift 0.43 sd), a miss of the kind docs/world-sweep.md explains for two of its nine worlds.
-
-
-def _inline(d: dict) -> str:
-    return "{ " + ", ".join(f"{k} = {v}" for k, v in d.items()) + " }"
-
-
-def _sweep_file(tmp_path):
-    path = tmp_path / "sweep.toml"
-    path.write_text(SWEEP.format(small=_inline(SMALL), small_k3=_inline({**SMALL, "k_styles": 3, "n_captions": 4})))
-    return path
-
-
-def test_small_worlds_meet_the_demo_targets(tmp_path):
+def test_small_worlds_meet_the_demo_targets(small_worlds):
+    tmp_path, sweep_file, rows = small_worlds
     threads = torch.get_num_threads()
-    rows = run_sweep(DemoConfig(), load_sweep(_sweep_file(tmp_path)), tmp_path / "sweep", log=lambda *a: None)
-    torch.set_num_threads(threads)
     table = (tmp_path / "sweep" / "sweep.md").read_text()
     assert [r["targets"] for r in rows] == ["met", "met"], table
     for r in rows:  # the targets, spelled out
@@ -60,7 +30,7 @@ def test_small_worlds_meet_the_demo_targets(tmp_path):
 
     # The same command again reuses every world's base model and finished run (nothing is retrained), and --check
     # exits 0 only because every target is met.
-    assert main(["demo", "--sweep", str(_sweep_file(tmp_path)), "--out", str(tmp_path / "sweep"), "--quiet",
+    assert main(["demo", "--sweep", str(sweep_file), "--out", str(tmp_path / "sweep"), "--quiet",
                  "--check"]) == 0
     again = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert [(r["seen win"], r["unseen win"], r["step"]) for r in again] == [

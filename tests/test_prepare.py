@@ -10,44 +10,14 @@ from helpers import write_pair_folder
 
 from ppd_train.cli import main
 from ppd_train.dpo_data import DPOData
-from ppd_train.effnet import EfficientNetEncoder, load_effnet, preprocess
+from ppd_train.effnet import load_effnet, preprocess
 from ppd_train.embedding import save_embedding_table
 from ppd_train.errors import FileFormatError
 from ppd_train.pairs import load_users
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    effnet = EfficientNetEncoder()
-    with torch.no_grad():  # non-trivial batch-norm statistics, as in trained weights
-        for m in effnet.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    save_file({k: v.contiguous() for k, v in effnet.state_dict().items()}, root / "effnet_encoder.safetensors")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["a lighthouse at dusk, version 0 1 2 3 4"] * 3, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", model_max_length=77)
-    clip = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                                      num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
-                                                      max_position_embeddings=77))
-    clip.save_pretrained(root / "clip_g")
-    tokenizer.save_pretrained(root / "clip_g")
-    return root
-
-
-def test_effnet_loads_stability_layout_without_torchvision(models, tmp_path):
-    effnet = load_effnet(models / "effnet_encoder.safetensors")
+def test_effnet_loads_stability_layout_without_torchvision(image_encoders, tmp_path):
+    effnet = load_effnet(image_encoders / "effnet_encoder.safetensors")
     assert sum(p.numel() for p in effnet.backbone.parameters()) == 21_458_488 - 1_281_000  # torchvision v2_s features
     from PIL import Image
 
@@ -63,7 +33,7 @@ def test_effnet_loads_stability_layout_without_torchvision(models, tmp_path):
         load_effnet(tmp_path / "vae.safetensors")
 
 
-def test_prepare_leaves_out_embedding_pairs_and_caches(models, tmp_path, tiny_llava_dir, capsys):
+def test_prepare_leaves_out_embedding_pairs_and_caches(image_encoders, tmp_path, tiny_llava_dir, capsys):
     from ppd_train.embed_dataset import embed_users
     from ppd_train.embedders.vlm import VLMEmbedder
 
@@ -74,9 +44,9 @@ def test_prepare_leaves_out_embedding_pairs_and_caches(models, tmp_path, tiny_ll
                         show_progress=False)
     save_embedding_table(tmp_path / "users.safetensors", table)
     def args(size: int) -> list[str]:
-        return ["prepare", "--pairs", *folders, "--effnet", str(models / "effnet_encoder.safetensors"), "--clip-text",
-                str(models / "clip_g"), "--embeddings", str(tmp_path / "users.safetensors"), "--out",
-                str(tmp_path / "dpo.safetensors"), "--image-size", str(size), "--quiet", "--device", "cpu"]
+        return ["prepare", "--pairs", *folders, "--effnet", str(image_encoders / "effnet_encoder.safetensors"),
+                "--clip-text", str(image_encoders / "clip_g"), "--embeddings", str(tmp_path / "users.safetensors"),
+                "--out", str(tmp_path / "dpo.safetensors"), "--image-size", str(size), "--quiet", "--device", "cpu"]
 
     assert main(args(64)) == 0
     data = DPOData.load(tmp_path / "dpo.safetensors")

@@ -115,3 +115,21 @@ def test_a_save_removes_only_the_temporaries_of_dead_writers(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_every_model_load_asks_for_safetensors_and_no_remote_code():
+    """Weights load from safetensors only: every ``from_pretrained`` of a model (not of a tokenizer or processor, which
+    hold no weights) passes ``use_safetensors=True`` on its own line, and nothing passes ``trust_remote_code``."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for path in [*root.glob("ppd_train/**/*.py"), *root.glob("nodes/*.py")]:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            assert "trust_remote_code" not in line, f"{path.name}:{n}"
+            weightless = re.search(r"(Tokenizer|Processor\w*)\.from_pretrained", line)
+            if re.search(r"\w+\.from_pretrained\(", line) and not weightless:
+                calls.append(f"{path.name}:{n}")
+                assert "use_safetensors=True" in line, f"{path.name}:{n}: {line.strip()}"
+    assert len(calls) >= 4, calls  # Stage C, the VLM, CLIP vision, CLIP text

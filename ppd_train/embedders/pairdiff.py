@@ -38,8 +38,8 @@ class PairDifferenceEmbedder:
         if not (folder / "config.json").is_file():
             raise PPDError(f"{folder} is not a CLIP vision checkpoint (no config.json).")
         require_safetensors(folder, "CLIP vision")
-        model = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype, local_files_only=True,
-                                                              use_safetensors=True).to(device).eval()  # type: ignore[arg-type]
+        model = CLIPVisionModelWithProjection.from_pretrained(folder, use_safetensors=True, local_files_only=True,
+                                                              dtype=dtype).to(device).eval()  # type: ignore[arg-type]
         processor = CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)
 
         @torch.inference_mode()

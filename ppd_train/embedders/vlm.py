@@ -108,8 +108,8 @@ class VLMEmbedder:
         self.dtype = dtype
         self.max_new_tokens = max_new_tokens
         self.batch_size = max(1, int(batch_size))
-        self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            self.folder, dtype=dtype, local_files_only=True, use_safetensors=True).to(self.device).eval()  # type: ignore[arg-type]
+        self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(self.folder, use_safetensors=True,
+            local_files_only=True, dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]
         self.processor = ImageOnlyLlavaOnevisionProcessor.from_pretrained(self.folder, local_files_only=True)
         self.processor.tokenizer.padding_side = "left"  # the last position must be every row's real last token
         num_states = self.model.config.text_config.num_hidden_layers + 1

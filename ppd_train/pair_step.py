@@ -1,0 +1,49 @@
+"""One Diffusion-DPO forward on a batch of preference pairs, shared by ``fit`` (the adapter learns) and ``tune-user``
+(one user's tokens learn, the adapter is frozen): the noised pair latents, the reference pass (the same Stage C with
+the adapter off), the user-conditioned pass and the loss of ``loss.py``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from .adapter import UserKV
+from .dpo_data import DPOData
+from .loss import DPOStats, dpo_loss
+from .schedule import add_noise
+from .stage_c import PPDBinding
+
+
+def noised_pairs(data: DPOData, idx: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, clip_img: torch.Tensor,
+                 device: torch.device | str) -> dict:
+    """Stage C inputs for pairs ``idx`` of ``data``: preferred rows first, then dispreferred, both noised with the same
+    ``eps`` at the same ``t``, each with its own caption."""
+    xw, xl = data.latents_w[idx], data.latents_l[idx]
+    cap = data.caption_idx[idx]
+    return dict(sample=torch.cat([add_noise(xw, eps, t), add_noise(xl, eps, t)]).to(device),
+                timestep_ratio=torch.cat([t, t]).to(device),
+                clip_text_pooled=data.pooled[cap].repeat(2, 1, 1).to(device),
+                clip_text=data.text[cap].repeat(2, 1, 1).to(device),
+                clip_img=clip_img.expand(2 * len(idx), -1, -1).to(device))
+
+
+def pair_loss(binding: PPDBinding, inputs: dict, eps: torch.Tensor, kv: Callable[[], UserKV], beta: float,
+              weights: float | torch.Tensor = 1.0,
+              autocast: Callable[[], AbstractContextManager] = nullcontext,
+              backward: Callable[[torch.Tensor], None] | None = None) -> DPOStats:
+    """The DPO loss of one batch from :func:`noised_pairs`. ``kv()`` makes the user keys/values (inside autocast, after
+    the reference pass); ``weights`` is the adapter weight, a number or one per row (0 = that pair runs with the
+    adapter off). ``backward`` (when given and the loss is finite) runs inside the user block, where checkpointed
+    Stage C blocks recompute with the user still attached."""
+    unet, b = binding.unet, eps.shape[0]
+    with autocast():
+        with torch.no_grad(), binding.adapter_off():  # the reference: same network, adapter off
+            ref = unet(**inputs).sample
+        with binding.user(kv(), weights):
+            pred = unet(**inputs).sample
+            stats = dpo_loss(pred[:b], pred[b:], ref[:b], ref[b:], eps.to(pred.device), beta)
+            if backward is not None and torch.isfinite(stats.loss):
+                backward(stats.loss)
+    return stats
