@@ -276,14 +276,20 @@ def test_an_empty_user_id_means_the_folder_and_csv_rows_count_their_fields(tmp_p
         load_pair_folder(folder)
 
 
+def img_dtype(mode: str) -> str:
+    return {"I;16": "=u2", "I;16B": ">u2", "I;16L": "<u2"}[mode]
+
+
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L"])
 def test_every_16_bit_value_maps_to_the_nearest_8_bit_one(mode):
     """Each 16-bit value v becomes round(v * 255 / 65535), in all three byte orders PIL names."""
     v = np.arange(65536, dtype=np.int64).reshape(256, 256)
-    img = Image.frombytes(mode, (256, 256), v.astype({"I;16": "=u2", "I;16B": ">u2", "I;16L": "<u2"}[mode]).tobytes())
+    img = Image.frombytes(mode, (256, 256), v.astype(img_dtype(mode)).tobytes())
     got = np.asarray(to_rgb(img))
     want = (2 * 255 * v + 65535) // (2 * 65535)  # round half up, in integers
     assert (got == want[..., None]).all()
+    dark = Image.frombytes(mode, (16, 16), np.full((16, 16), 200).astype(img_dtype(mode)).tobytes())  # all <= 255
+    assert _pixel(dark) == (1, 1, 1)  # still a 16-bit range, not stretched as if 8-bit
 
 
 def test_32_bit_images_below_zero_and_just_past_8_bits():
