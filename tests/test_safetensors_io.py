@@ -13,7 +13,13 @@ from safetensors.torch import save_file
 
 from ppd_train import safetensors_io
 from ppd_train.errors import FileFormatError
-from ppd_train.safetensors_io import atomic_save_safetensors, atomic_write_bytes, read_json_metadata, read_safetensors
+from ppd_train.safetensors_io import (
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    read_json_metadata,
+    read_safetensors,
+    require_safetensors,
+)
 
 
 @pytest.fixture()
@@ -98,7 +104,9 @@ def test_a_save_removes_only_the_temporaries_of_dead_writers(tmp_path):
     those of live writers (and of this process), and those of other targets, stay; no writer is signalled."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # the live writer restores SIGHUP's default, so a stray signal would end it even under nohup
+    live = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+                             "time.sleep(60)"])
     try:
         host = safetensors_io._HOST
         dead = tmp_path / f".a.safetensors.{host}-{gone.pid}.00.tmp"
@@ -133,3 +141,15 @@ def test_every_model_load_asks_for_safetensors_and_no_remote_code():
                 calls.append(f"{path.name}:{n}")
                 assert "use_safetensors=True" in line, f"{path.name}:{n}: {line.strip()}"
     assert len(calls) >= 4, calls  # Stage C, the VLM, CLIP vision, CLIP text
+
+
+def test_a_folder_without_safetensors_names_at_most_three_pickles(tmp_path):
+    with pytest.raises(FileFormatError) as e:
+        require_safetensors(tmp_path, "Stage C")
+    assert str(e.value).startswith(f"{tmp_path} has no .safetensors weights; PPD loads Stage C weights from")
+    for name in ("d.bin", "a.ckpt", "c.pt", "b.bin", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(FileFormatError) as e:
+        require_safetensors(tmp_path, "Stage C")
+    assert str(e.value).startswith(f"{tmp_path} has no .safetensors weights (it has a.ckpt, b.bin, c.pt: pickled "
+                                   "weights, which can run code); PPD loads Stage C weights")
