@@ -104,10 +104,11 @@ def test_a_save_removes_only_the_temporaries_of_dead_writers(tmp_path):
     those of live writers (and of this process), and those of other targets, stay; no writer is signalled."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    # the live writer restores SIGHUP's default, so a stray signal would end it even under nohup
+    # the live writer restores SIGHUP's default (a stray signal would end it even under nohup) and says when it has
     live = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
-                             "time.sleep(60)"])
+                             "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
+        assert live.stdout is not None and live.stdout.readline().strip() == "ready"
         host = safetensors_io._HOST
         dead = tmp_path / f".a.safetensors.{host}-{gone.pid}.00.tmp"
         kept = [tmp_path / f".a.safetensors.{host}-{live.pid}.00.tmp",
