@@ -91,6 +91,9 @@ def test_metadata_round_trip_and_damage():
             AdapterConfig.from_dict({k: v for k, v in d.items() if k != key}, "x.safetensors")
     with pytest.raises(FileFormatError, match="incomplete or damaged"):
         AdapterConfig.from_dict({**d, "embed_dim": "wide"}, "x.safetensors")
+    for key, value in (("embed_dim", "wide"), ("num_tokens", -1), ("proj_dim", 10**9)):  # the message names the key
+        with pytest.raises(FileFormatError, match=rf"\({key} = {value!r} is not a whole number between 0 and \d+\)"):
+            AdapterConfig.from_dict({**d, key: value}, "x.safetensors")
 
 
 def test_user_kv_and_token_layouts(tiny_unet):
