@@ -43,10 +43,10 @@ test-comfyui:
 	COMFYUI_DIR=$(COMFYUI_DIR) HF_HUB_OFFLINE=1 $(COMFYUI_PYTHON) -m pytest -q tests/comfyui tests/test_nodes.py
 
 # Mutation testing with mutmut (docs/mutation.md): about an hour on 2 cores, results kept in mutants/ (`mutmut show
-# NAME` prints one mutant). Each mutant runs only the tests that reach its function; train.py goes last, in a run of its
-# own. MUTATE="loss embedding" mutates only those modules.
+# NAME` prints one mutant). Each mutant runs only the tests that reach its function; train.py and pair_step.py (the
+# DPO step it shares with tune-user) go last, in a run of their own. MUTATE="loss embedding" mutates only those modules.
 MUTATE ?= loss safetensors_io checkpoint embedding user_attention adapter pairs stage_c
-MUTATE_LAST ?= train
+MUTATE_LAST ?= train pair_step
 MUTATE_JOBS ?= 2
 mutate: venv
 	mkdir -p mutants

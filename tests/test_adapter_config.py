@@ -91,6 +91,9 @@ def test_metadata_round_trip_and_damage():
             AdapterConfig.from_dict({k: v for k, v in d.items() if k != key}, "x.safetensors")
     with pytest.raises(FileFormatError, match="incomplete or damaged"):
         AdapterConfig.from_dict({**d, "embed_dim": "wide"}, "x.safetensors")
+    for key, value in (("embed_dim", "wide"), ("num_tokens", -1), ("proj_dim", 10**9)):  # the message names the key
+        with pytest.raises(FileFormatError, match=rf"\({key} = {value!r} is not a whole number between 0 and \d+\)"):
+            AdapterConfig.from_dict({**d, key: value}, "x.safetensors")
 
 
 def test_user_kv_and_token_layouts(tiny_unet):
@@ -169,6 +172,16 @@ def test_processor_refuses_other_attention_layouts(tiny_unet):
                      lambda: attn(x), lambda: attn(x.flatten(2).transpose(1, 2), encoder_hidden_states=kv)):
             with pytest.raises(IncompatibleError, match="Stage C attention blocks only"):
                 call()
+        # Each normalisation the processor does not reproduce is refused on its own, not only in company.
+        for name in ("norm_q", "norm_k", "group_norm", "spatial_norm", "norm_cross"):
+            assert getattr(attn, name) in (None, False)
+            setattr(attn, name, torch.nn.Identity())
+            try:
+                with pytest.raises(IncompatibleError, match="Stage C attention blocks only"):
+                    attn(x, encoder_hidden_states=kv)
+            finally:
+                setattr(attn, name, None)
+        assert attn(x, encoder_hidden_states=kv).shape == x.shape
 
 
 def test_refusals_name_both_sides_by_default(tiny_unet):

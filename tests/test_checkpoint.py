@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ppd_train.checkpoint import load_checkpoint, save_checkpoint
+from ppd_train.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from ppd_train.errors import FileFormatError
 
 
@@ -77,3 +77,18 @@ def test_files_that_are_not_checkpoints(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(FileFormatError, match=r"not a training checkpoint \(no 'ppd_checkpoint' metadata\)"):
         load_checkpoint(tmp_path / "other.safetensors", model, opt)
+
+
+def test_read_meta_gives_the_run_metadata_or_none(tmp_path):
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters())
+    _step(model, opt)
+    save_checkpoint(tmp_path / "c.safetensors", model, opt, {"step": 7, "config": {"lr": 0.5}})
+    meta = read_meta(tmp_path / "c.safetensors")
+    assert meta is not None and (meta["step"], meta["config"]) == (7, {"lr": 0.5})
+    assert meta["optimizer"]["param_groups"][0]["lr"] == 0.001  # AdamW's default, as saved
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "c.safetensors").read_bytes()[:20])
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"), {"other": "1"})
+    assert read_meta(tmp_path / "cut.safetensors") is None and read_meta(tmp_path / "plain.safetensors") is None

@@ -309,3 +309,16 @@ def test_user_embedding_files_are_checked(tmp_path):
 def test_tokens_are_kept_as_float32():
     e = UserEmbedding(torch.randn(3, 8, dtype=torch.float64), "x")
     assert e.tokens.dtype == torch.float32 and e.tokens.is_contiguous()
+
+
+def test_weights_out_of_range_are_refused_by_name():
+    """interpolate takes weights in [0, 1] only, mix any share >= 0; each refusal names the weight and the fix."""
+    a, b = _emb(1), _emb(2)
+    for w in (-0.25, 1.5):
+        with pytest.raises(PPDError, match=rf"^Interpolation weight must be between 0 and 1, got {w}\. "
+                                           r"Use 0 \(user A\) to 1 \(user B\)\.$"):
+            interpolate(a, b, w)
+    with pytest.raises(PPDError, match=r"^Mix weight 2 must be >= 0, got -1\. Give each user a share >= 0\.$"):
+        mix([a, b], [1, -1])
+    # huge shares are scaled down before they are summed: no overflow to inf/NaN
+    torch.testing.assert_close(mix([a, b], [1e300, 3e300]).tokens, interpolate(a, b, 0.75).tokens)

@@ -3,6 +3,8 @@ direction, and how sources merge."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from helpers import jpeg_bytes, random_image, write_pair_folder, write_pickapic
@@ -205,3 +207,97 @@ def test_pair_files_are_utf8_and_csv_keeps_quoted_line_breaks(tmp_path):
         writer.writerow([prompt + "\r\nsecond line", "good_0.png", "bad_0.jpg"])
     (pair,) = load_pair_folder(folder)
     assert pair.prompt == prompt + "\r\nsecond line" and pair.source == "u/pairs.csv row 2"
+
+
+def test_pickapic_skips_each_bad_row_and_reads_on(tmp_path):
+    """A missing image, a repeated comparison, are_different = False and unreadable images each drop their own row
+    only; the unreadable ones are reported once, the first five named; an unknown user's refusal names every shard
+    and the shortest user ids first."""
+    from ppd_train.pairs import ImageRef
+
+    def row(caption, a, b, user, **kw):
+        return dict(caption=caption, jpg_0=a, jpg_1=b, label_0=1.0, label_1=0.0, user_id=user, **kw)
+
+    rows = [row("g1", jpeg_bytes(1), jpeg_bytes(2), 1), row("no image", jpeg_bytes(3), None, 1),
+            row("g2", jpeg_bytes(4), jpeg_bytes(5), 1), row("g1", jpeg_bytes(1), jpeg_bytes(2), 1),
+            row("g3", jpeg_bytes(6), jpeg_bytes(7), 1),
+            row("marked same", jpeg_bytes(8), jpeg_bytes(9), 1, are_different=False)]
+    rows += [row(f"junk {i}", b"junk %d" % i, jpeg_bytes(10), 2) for i in range(6)]
+    rows += [row("h1", jpeg_bytes(11), jpeg_bytes(12), 2)]
+    a = write_pickapic(tmp_path / "a.parquet", rows)
+    b = write_pickapic(tmp_path / "b.parquet", [row(f"u{u}", jpeg_bytes(20 + u), jpeg_bytes(40 + u), u)
+                                                for u in range(3, 11)])
+    problems: list[str] = []
+    users = load_users([a, b], problems=problems)
+    assert [p.prompt for p in users["1"]] == ["g1", "g2", "g3"] and [p.prompt for p in users["2"]] == ["h1"]
+    assert sorted(users, key=int) == [str(u) for u in range(1, 11)]
+
+    def unreadable(i):
+        with pytest.raises(PairError) as e:
+            ImageRef(data=b"junk %d" % i, where=f"a.parquet row {6 + i} (jpg_0, user 2)").check()
+        return str(e.value)
+
+    def same(got, want):  # PIL's messages name a BytesIO object by its address
+        return [re.sub(" at 0x[0-9a-f]+", "", g) for g in got] == [re.sub(" at 0x[0-9a-f]+", "", w) for w in want]
+
+    assert same(problems, ["6 Pick-a-Pic row(s) skipped for unreadable images: "
+                        + "; ".join(unreadable(i) for i in range(5)) + " ..."])
+    five = write_pickapic(tmp_path / "c.parquet", rows[6:11] + rows[12:])
+    problems.clear()
+    load_pickapic(five, problems=problems)
+    assert same(problems, ["5 Pick-a-Pic row(s) skipped for unreadable images: "
+                           + "; ".join(unreadable(i).replace("a.parquet", "c.parquet").replace(f"row {6 + i}",
+                                                                                               f"row {i}")
+                                       for i in range(5))])
+    with pytest.raises(PairError, match=r"^User 99 is not in a\.parquet, b\.parquet \(it holds 10 users, for example "
+                                        r"1, 2, 3, 4, 5, 6, 7, 8\)\."):
+        load_pickapic([a, b], user_ids=["99"])
+
+
+def test_a_bad_folder_is_reported_and_the_next_one_read(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = write_pair_folder(tmp_path / "good", n=1)
+    problems: list[str] = []
+    assert list(load_users([bad, good], problems=problems)) == ["good"]
+    assert len(problems) == 1 and problems[0].startswith(f"{bad} has no pairs.jsonl or pairs.csv")
+
+
+def test_an_empty_user_id_means_the_folder_and_csv_rows_count_their_fields(tmp_path):
+    import json
+
+    folder = write_pair_folder(tmp_path / "ann", n=1)
+    row = {"prompt": "p", "chosen": "good_0.png", "rejected": "bad_0.jpg", "user_id": ""}
+    (folder / "pairs.jsonl").write_text(json.dumps(row) + "\n")
+    assert load_pair_folder(folder)[0].user_id == "ann"
+    (folder / "pairs.jsonl").unlink()
+    (folder / "pairs.csv").write_text("prompt,chosen,rejected\np,good_0.png,bad_0.jpg,extra\n")
+    with pytest.raises(PairError, match=r"row 2 has 4 field\(s\) but the header has 3 \(prompt, chosen, rejected\)"):
+        load_pair_folder(folder)
+
+
+def img_dtype(mode: str) -> str:
+    return {"I;16": "=u2", "I;16B": ">u2", "I;16L": "<u2"}[mode]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L"])
+def test_every_16_bit_value_maps_to_the_nearest_8_bit_one(mode):
+    """Each 16-bit value v becomes round(v * 255 / 65535), in all three byte orders PIL names."""
+    v = np.arange(65536, dtype=np.int64).reshape(256, 256)
+    img = Image.frombytes(mode, (256, 256), v.astype(img_dtype(mode)).tobytes())
+    got = np.asarray(to_rgb(img))
+    want = (2 * 255 * v + 65535) // (2 * 65535)  # round half up, in integers
+    assert (got == want[..., None]).all()
+    dark = Image.frombytes(mode, (16, 16), np.full((16, 16), 200).astype(img_dtype(mode)).tobytes())  # all <= 255
+    assert _pixel(dark) == (1, 1, 1)  # still a 16-bit range, not stretched as if 8-bit
+
+
+def test_32_bit_images_below_zero_and_just_past_8_bits():
+    img = Image.fromarray(np.array([[-65535, 0, 256] * 4] * 12, dtype=np.int32), "I")  # max 256 > 255: a 16-bit range
+    assert [_pixel(img, (x, 0))[0] for x in range(3)] == [0, 0, 1]
+
+
+def test_palette_with_alpha_is_composited_on_white():
+    img = Image.new("PA", (10, 10), (0, 0))
+    img.putpalette([10, 20, 30] * 256)
+    assert _pixel(img) == (255, 255, 255)

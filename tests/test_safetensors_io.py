@@ -4,6 +4,8 @@ is atomic), nothing is left behind, and each bad file gets its own clear error."
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,13 @@ from safetensors.torch import save_file
 
 from ppd_train import safetensors_io
 from ppd_train.errors import FileFormatError
-from ppd_train.safetensors_io import atomic_save_safetensors, atomic_write_bytes, read_json_metadata, read_safetensors
+from ppd_train.safetensors_io import (
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    read_json_metadata,
+    read_safetensors,
+    require_safetensors,
+)
 
 
 @pytest.fixture()
@@ -91,6 +99,33 @@ def test_json_metadata_errors():
         read_json_metadata({"k": "[1, 2]"}, "k", "f.safetensors", "widget")
 
 
+def test_a_save_removes_only_the_temporaries_of_dead_writers(tmp_path):
+    """Temporaries of the same target left by writers on this machine whose process is gone are removed before a save;
+    those of live writers (and of this process), and those of other targets, stay; no writer is signalled."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    # the live writer restores SIGHUP's default (a stray signal would end it even under nohup) and says when it has
+    live = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+                             "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout is not None and live.stdout.readline().strip() == "ready"
+        host = safetensors_io._HOST
+        dead = tmp_path / f".a.safetensors.{host}-{gone.pid}.00.tmp"
+        kept = [tmp_path / f".a.safetensors.{host}-{live.pid}.00.tmp",
+                tmp_path / f".a.safetensors.{host}-{os.getpid()}.00.tmp",
+                tmp_path / f".b.safetensors.{host}-{gone.pid}.00.tmp"]
+        for f in (dead, *kept):
+            f.write_bytes(b"x")
+        atomic_write_bytes(tmp_path / "a.safetensors", b"new")
+        assert (tmp_path / "a.safetensors").read_bytes() == b"new"
+        assert not dead.exists() and all(f.exists() for f in kept)
+        with pytest.raises(subprocess.TimeoutExpired):  # still running: asked with signal 0, never signalled
+            live.wait(timeout=0.3)
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_every_model_load_asks_for_safetensors_and_no_remote_code():
     """Weights load from safetensors only: every ``from_pretrained`` of a model (not of a tokenizer or processor, which
     hold no weights) passes ``use_safetensors=True`` on its own line, and nothing passes ``trust_remote_code``."""
@@ -107,3 +142,15 @@ def test_every_model_load_asks_for_safetensors_and_no_remote_code():
                 calls.append(f"{path.name}:{n}")
                 assert "use_safetensors=True" in line, f"{path.name}:{n}: {line.strip()}"
     assert len(calls) >= 4, calls  # Stage C, the VLM, CLIP vision, CLIP text
+
+
+def test_a_folder_without_safetensors_names_at_most_three_pickles(tmp_path):
+    with pytest.raises(FileFormatError) as e:
+        require_safetensors(tmp_path, "Stage C")
+    assert str(e.value).startswith(f"{tmp_path} has no .safetensors weights; PPD loads Stage C weights from")
+    for name in ("d.bin", "a.ckpt", "c.pt", "b.bin", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(FileFormatError) as e:
+        require_safetensors(tmp_path, "Stage C")
+    assert str(e.value).startswith(f"{tmp_path} has no .safetensors weights (it has a.ckpt, b.bin, c.pt: pickled "
+                                   "weights, which can run code); PPD loads Stage C weights")
