@@ -273,8 +273,11 @@ def case_ctrl_c(ctx: Ctx) -> str:
     args = ctx.fit_args(out)
     args[args.index("max_steps=3")] = "max_steps=100000"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and Python then installs no
+    # Ctrl+C handler in the child: give the child the default disposition, as a terminal's Ctrl+C would find it.
     proc = subprocess.Popen([sys.executable, "-m", "ppd_train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # generous: on a loaded 2-core machine importing torch alone can take a minute; Ctrl+C must come during training
     deadline = time.time() + 300
     while not list((out / "checkpoints").glob("step-*.safetensors")) and time.time() < deadline:
