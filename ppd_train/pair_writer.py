@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from .pairs import PairError
+from .safetensors_io import atomic_write_bytes
 
 PAIRS_FILE = "pairs.jsonl"
 _LOCK = threading.Lock()  # writers in this process (ComfyUI runs one); the file lock covers other processes
@@ -104,14 +104,5 @@ def append_pair(folder: str | os.PathLike, prompt: str, chosen: Image.Image, rej
         if old and not old.endswith("\n"):
             old += "\n"  # a row typed by hand without a final newline must not merge with ours
         row = json.dumps({"prompt": prompt, **names, **extra}, ensure_ascii=False)
-        fd, tmp = tempfile.mkstemp(prefix=".pairs.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(old + row + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, (old + row + "\n").encode("utf-8"))
         return len(_rows(old)) + 1

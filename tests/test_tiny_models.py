@@ -75,7 +75,8 @@ def test_tiny_llava_loads_like_a_real_checkpoint(tiny_llava_dir):
 
     from ppd_train.embedders.llava_processor import ImageOnlyLlavaOnevisionProcessor
 
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_llava_dir, local_files_only=True)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_llava_dir, use_safetensors=True,
+                                                                    local_files_only=True)
     processor = ImageOnlyLlavaOnevisionProcessor.from_pretrained(tiny_llava_dir, local_files_only=True)
     assert type(processor.image_processor).__name__ == "LlavaOnevisionImageProcessorPil"
     assert AutoTokenizer.from_pretrained(tiny_llava_dir).convert_tokens_to_ids("<image>") == model.config.image_token_id
