@@ -19,8 +19,10 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# One pytest worker per core (tests run single-threaded); tests that share a trained world share a worker.
+TEST_WORKERS ?= auto
 test: venv lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 demo: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ppd-train demo --out runs/demo

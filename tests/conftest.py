@@ -9,8 +9,32 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import SMALL_WORLDS  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast and much steadier
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``make mutate``: a mutant's run stops at its first failing test, but mutmut hands its tests over in set
+    order; run the cheapest first (modules by their recorded time, then tests by theirs), so a killed mutant costs the
+    fastest test that catches it."""
+    import json
+    from pathlib import Path
+
+    stats = Path("mutmut-stats.json")  # mutmut runs the tests from inside mutants/
+    if not os.environ.get("MUTANT_UNDER_TEST") or not stats.is_file():
+        return
+    seconds = json.loads(stats.read_text()).get("duration_by_test", {})
+    def cost(item) -> float:
+        return seconds.get(item.nodeid, 60.0)  # not in the stats: assume slow
+
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    per_module: dict[str, float] = {}
+    for item in items:
+        per_module[module(item)] = per_module.get(module(item), 0.0) + cost(item)
+    items.sort(key=lambda i: (per_module[module(i)], module(i), cost(i)))
 
 
 @pytest.fixture(scope="session")
@@ -89,45 +113,33 @@ def pack():
     return sys.modules["ppd_pack"]
 
 
-# Two small worlds of other shapes than the default (the full sweep is in docs/world-sweep.md). Results are
-# deterministic on CPU for a fixed seed.
-SMALL = {"seen_users": 24, "unseen_users": 8, "unseen_mixtures": 3, "pairs_per_user": 24, "pretrain_steps": 500,
-         "eval_samples": 12, "sample_steps": 12}
-SWEEP = """
-[[worlds]]
-name = "small-k4"
-seed = 1
-world = {small}
-
-[[worlds]]
-name = "small-k3-c4"
-seed = 3
-world = {small_k3}
-"""
-# Seed 2 of the k3 world meets every target but one: its interpolation is not monotone (seen 95%, unseen 100%,
-# drift 0.43 sd), a miss of the kind docs/world-sweep.md explains for two of its nine worlds.
-
-
-def _inline(d: dict) -> str:
-    return "{ " + ", ".join(f"{k} = {v}" for k, v in d.items()) + " }"
-
-
-def _sweep_file(folder):
+def _sweep_file(folder, name: str):
+    seed, world = SMALL_WORLDS[name]
     path = folder / "sweep.toml"
-    path.write_text(SWEEP.format(small=_inline(SMALL), small_k3=_inline({**SMALL, "k_styles": 3, "n_captions": 4})))
+    path.write_text(f'[[worlds]]\nname = "{name}"\nseed = {seed}\n'
+                    "world = { " + ", ".join(f"{k} = {v}" for k, v in world.items()) + " }\n")
     return path
 
 
 @pytest.fixture(scope="session")
-def small_worlds(tmp_path_factory):
-    """Two small synthetic worlds trained with the demo's recipe (``ppd-train demo --sweep``): (folder, sweep file,
-    the sweep's rows). Each world's base Stage C, adapter and metrics are under ``folder / "sweep" / name``."""
+def small_world(tmp_path_factory):
+    """``small_world(name)``: one of ``SMALL_WORLDS`` trained with the demo's recipe (``ppd-train demo --sweep`` with
+    a one-world sweep file), once per test process: (folder, sweep file, its sweep row). The world's base Stage C,
+    adapter and metrics are under ``folder / "sweep" / name``. Tests that use a world carry
+    ``pytest.mark.xdist_group(name)``, so one worker trains it."""
     from ppd_train.sweep import load_sweep, run_sweep
     from ppd_train.synthetic import DemoConfig
 
-    folder = tmp_path_factory.mktemp("worlds")
-    sweep_file = _sweep_file(folder)
-    threads = torch.get_num_threads()
-    rows = run_sweep(DemoConfig(), load_sweep(sweep_file), folder / "sweep", log=lambda *a: None)
-    torch.set_num_threads(threads)
-    return folder, sweep_file, rows
+    done: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in done:
+            folder = tmp_path_factory.mktemp(name)
+            sweep_file = _sweep_file(folder, name)
+            threads = torch.get_num_threads()
+            rows = run_sweep(DemoConfig(), load_sweep(sweep_file), folder / "sweep", log=lambda *a: None)
+            torch.set_num_threads(threads)
+            done[name] = (folder, sweep_file, rows[0])
+        return done[name]
+
+    return get

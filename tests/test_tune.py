@@ -32,11 +32,12 @@ def _fresh_pair_loss(binding: PPDBinding, data: DPOData, tokens: torch.Tensor, t
         return float(pair_loss(binding, inputs, eps, lambda: binding.adapter(tokens[None]), beta).loss)
 
 
-def test_tuned_embeddings_beat_their_start_on_fresh_pairs(small_worlds, tmp_path, capsys):
+@pytest.mark.xdist_group("small-k4")  # the worker that trains this world for test_demo.py
+def test_tuned_embeddings_beat_their_start_on_fresh_pairs(small_world, tmp_path, capsys):
     """Four unseen users of a trained small world, 16 pairs each, the start = the embedder's embedding of 4 of them.
     On 48 fresh pairs of each user that tuning never saw, the tuned embeddings have a lower DPO loss than their start
     on average, and no user gets worse. One of them goes through the command, end to end."""
-    folder, sweep_file, _ = small_worlds
+    folder, sweep_file, _ = small_world("small-k4")
     name, change = load_sweep(sweep_file)[0]
     cfg = world_config(DemoConfig(), change, folder / "sweep" / name)
     tw = train_world(cfg, log=lambda *a: None, show_progress=False)  # reuses the finished run
