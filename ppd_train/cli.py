@@ -124,7 +124,7 @@ def _fit(cfg, args: argparse.Namespace) -> None:
     data = DPOData.load(cfg.data)
     table, _ = load_embedding_table(cfg.embeddings)
     tokens, embedder_id = data.user_tokens(table)
-    unet = load_stage_c(cfg.stage_c, config=cfg.stage_c_config or None)
+    unet = load_stage_c(cfg.stage_c, dtype=cfg.frozen_dtype(), config=cfg.stage_c_config or None)
     data.check_fits(unet.config, cfg.data, cfg.stage_c)
     trainer = Trainer(cfg, unet, data, tokens, embedder_id, show_progress=not args.quiet)
 

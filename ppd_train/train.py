@@ -59,6 +59,9 @@ class TrainConfig:
     t_min: float = 0.0
     t_max: float = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16
+    # The frozen Stage C's weights: auto = bf16 under mixed_precision=bf16 (as diffusers' training scripts keep a
+    # frozen network: autocast rounds its weights to bf16 for every matmul anyway; half the memory), else float32.
+    stage_c_dtype: str = "auto"  # auto | float32 | bf16
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -105,6 +108,9 @@ class TrainConfig:
                   (self.select_metric in SELECT_METRICS, f"select_metric must be one of {', '.join(SELECT_METRICS)}"),
                   (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
                   (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
+                  (self.stage_c_dtype in ("auto", "float32", "bf16"), "stage_c_dtype must be auto, float32 or bf16"),
+                  (self.stage_c_dtype != "bf16" or self.mixed_precision == "bf16",
+                   "stage_c_dtype = bf16 needs mixed_precision = bf16 (bf16 weights compute under bf16 autocast)"),
                   (self.optimizer in OPTIMIZERS,
                    f"optimizer must be {' or '.join(OPTIMIZERS)} (adamw8bit keeps 8-bit moments: less memory)"),
                   (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")]
@@ -112,8 +118,15 @@ class TrainConfig:
             if not ok:
                 raise PPDError(f"Config: {msg}. Fix it in the config file or with --set KEY=VALUE.")
 
+    def frozen_dtype(self) -> torch.dtype:
+        """The dtype the frozen Stage C is held in (``stage_c_dtype`` resolved)."""
+        bf16 = self.stage_c_dtype == "bf16" or (self.stage_c_dtype == "auto" and self.mixed_precision == "bf16")
+        return torch.bfloat16 if bf16 else torch.float32
+
     def resume_key(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in RESUME_FREE_KEYS}
+        key = {k: v for k, v in asdict(self).items() if k not in RESUME_FREE_KEYS}
+        key["stage_c_dtype"] = str(self.frozen_dtype()).removeprefix("torch.")  # what ran, not how it was asked
+        return key
 
 
 def _order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -219,7 +232,8 @@ class Trainer:
                                                         num_tokens=user_tokens.shape[-2], proj_dim=cfg.proj_dim,
                                                         embedder=embedder_id)
         adapter = PPDAdapter(self.adapter_config)
-        self.unet = unet.to(self.device).eval().requires_grad_(False)  # eval: no dropout, policy == ref at init
+        # eval: no dropout, policy == ref at init. `fit` loads Stage C in this dtype already (no float32 copy first).
+        self.unet = unet.to(self.device, cfg.frozen_dtype()).eval().requires_grad_(False)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.binding = PPDBinding(self.unet, adapter)
@@ -421,7 +435,9 @@ class Trainer:
         if meta.get("users", self.users_hash) != self.users_hash and not force:
             raise PPDError(f"{path} was trained with other user embeddings (the embedding table was re-made or "
                            "changed). Resume with the same table, use another out_dir, or pass --force.")
-        old, new = {"optimizer": "adamw", **meta["config"]}, self.cfg.resume_key()  # before the key: AdamW
+        # checkpoints from before a key ran with its old behaviour: AdamW, a float32 Stage C
+        old = {"optimizer": "adamw", "stage_c_dtype": "float32", **meta["config"]}
+        new = self.cfg.resume_key()
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed and not force:
             raise PPDError(f"{path} was made with another config (changed: {', '.join(changed)}). Resuming would not "

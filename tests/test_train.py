@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -117,6 +118,28 @@ def test_checkpointing_accumulation_and_bf16_resume_exactly(tmp_path, world_data
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["blocks.0.to_v.weight"].abs().sum() > 0 and torch.isfinite(a["blocks.0.to_v.weight"]).all()
     assert read_adapter_config(straight)[0].training["batch_pairs"] == 8
+
+
+@pytest.mark.parametrize("precision, asked, held", [("bf16", "auto", torch.bfloat16),
+                                                     ("bf16", "float32", torch.float32),
+                                                     ("no", "auto", torch.float32)])
+def test_the_frozen_stage_c_is_bf16_under_bf16_autocast(tmp_path, world_data, precision, asked, held, request):
+    """Under mixed_precision=bf16 the frozen Stage C is held in bf16 (half its memory; autocast computes its matmuls
+    in bf16 anyway), the adapter stays float32 and learns; stage_c_dtype=float32 keeps it float32. A checkpoint from
+    before the key (float32 Stage C) resumes only where the Stage C is still float32."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    cfg = _cfg(tmp_path, mixed_precision=precision, stage_c_dtype=asked, max_steps=2)
+    trainer = _trainer(cfg, world_data)
+    assert {p.dtype for p in trainer.unet.parameters()} == {held}
+    before = [p.detach().clone() for p in trainer.adapter.parameters()]
+    assert {p.dtype for p in before} == {torch.float32}
+    stats = trainer.train_step()
+    assert math.isfinite(stats["loss"]) and stats["skipped"] == 0.0
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.adapter.parameters()))
+    assert cfg.resume_key()["stage_c_dtype"] == str(held).removeprefix("torch.")
 
 
 def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, world_data, monkeypatch):

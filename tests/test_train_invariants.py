@@ -260,7 +260,8 @@ def test_a_non_finite_step_is_reported_as_skipped(tmp_path, world_data):
 @pytest.mark.parametrize("change", [dict(max_steps=-1), dict(batch_size=0), dict(grad_accum=0), dict(lr=0.0),
                                     dict(user_dropout=1.0), dict(user_dropout=-0.1), dict(t_min=0.5, t_max=0.5),
                                     dict(t_max=1.5), dict(t_min=-0.1), dict(val_fraction=1.0),
-                                    dict(mixed_precision="fp8"), dict(keep_checkpoints=0)])
+                                    dict(mixed_precision="fp8"), dict(keep_checkpoints=0),
+                                    dict(stage_c_dtype="fp16"), dict(stage_c_dtype="bf16")])
 def test_config_limits(change):
     with pytest.raises(PPDError, match="Config: "):
         TrainConfig(**change).validate()
@@ -268,5 +269,7 @@ def test_config_limits(change):
 
 def test_config_edges_that_are_allowed():
     for ok in (dict(max_steps=1, batch_size=1, grad_accum=1, keep_checkpoints=1), dict(user_dropout=0.0),
-               dict(t_min=0.0, t_max=1.0), dict(val_fraction=0.0), dict(mixed_precision="fp16")):
+               dict(t_min=0.0, t_max=1.0), dict(val_fraction=0.0), dict(mixed_precision="fp16"),
+               dict(mixed_precision="bf16", stage_c_dtype="bf16"),
+               dict(mixed_precision="bf16", stage_c_dtype="float32")):
         TrainConfig(**ok).validate()
