@@ -232,8 +232,9 @@ class Trainer:
                                                         num_tokens=user_tokens.shape[-2], proj_dim=cfg.proj_dim,
                                                         embedder=embedder_id)
         adapter = PPDAdapter(self.adapter_config)
-        # eval: no dropout, policy == ref at init. `fit` loads Stage C in this dtype already (no float32 copy first).
-        self.unet = unet.to(self.device, cfg.frozen_dtype()).eval().requires_grad_(False)
+        self.unet = unet.to(self.device).eval().requires_grad_(False)  # eval: no dropout, policy == ref at init
+        if self.unet.dtype != cfg.frozen_dtype():  # `fit` loads it in that dtype already (no float32 copy first)
+            self.unet.to(cfg.frozen_dtype())
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.binding = PPDBinding(self.unet, adapter)

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from ppd_train.adapter import load_adapter
 from ppd_train.cli import main
@@ -53,6 +54,34 @@ def test_fit_then_eval_from_config_files(files, capsys, monkeypatch):
     assert main(["eval", "--config", str(ev)]) == 2
     assert "cannot be imported" in capsys.readouterr().err
     sys.modules.pop("rewards", None)
+
+
+def test_fit_in_bf16_loads_the_frozen_stage_c_in_bf16(files, monkeypatch, request):
+    """Under mixed_precision=bf16 `fit` loads Stage C straight into bf16 (never a float32 copy first) and still writes a
+    float32 adapter that learned."""
+    from accelerate.state import AcceleratorState
+
+    from ppd_train import stage_c
+    from ppd_train.adapter import read_adapter_config
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one precision per process: a fresh state here
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    loaded, real = [], stage_c.load_stage_c
+
+    def load(*a, **k):  # the real loader; the dtype as loaded (the Trainer would cast a float32 one later)
+        unet = real(*a, **k)
+        loaded.append(next(unet.parameters()).dtype)
+        return unet
+
+    monkeypatch.setattr(stage_c, "load_stage_c", load)
+    assert main(["fit", "--set", f"stage_c={files / 'stage_c'}", "--set", f"data={files / 'data.safetensors'}",
+                 "--set", f"embeddings={files / 'users.safetensors'}", "--set", f"out_dir={files / 'bf16'}",
+                 "--set", "mixed_precision=bf16", "--set", "max_steps=2", "--set", "batch_size=4",
+                 "--set", "lr=1e-2", "--set", "beta=100", "--set", "tensorboard=false", "--quiet"]) == 0
+    assert loaded == [torch.bfloat16]
+    tensors = read_adapter_config(files / "bf16" / "adapter.safetensors")[1]
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "to_v" in k)
 
 
 def test_fit_refuses_missing_embeddings(files, capsys):
