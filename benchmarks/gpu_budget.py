@@ -3,9 +3,10 @@
 Nothing here needs a GPU. The table is the sum of per-component sizes:
 
 - **weights**: parameter counts of Stage C and of the PPD adapter, counted exactly on the meta device (no memory);
-  ``ppd-train fit`` keeps the frozen Stage C in float32 (``load_stage_c``'s default) and the adapter's parameters and
-  gradients in float32 under bf16 autocast; the optimizer state is 8 bytes per adapter parameter for AdamW and
-  2 + 8/256 for ``adamw8bit`` (ppd_train/optim.py).
+  under ``mixed_precision = "bf16"`` ``ppd-train fit`` holds the frozen Stage C in bf16 (``stage_c_dtype = "auto"``,
+  as diffusers' training scripts hold a frozen network; ``total_gib_fp32_stage_c`` is the same row with
+  ``stage_c_dtype = "float32"``) and the adapter's parameters and gradients in float32; the optimizer state is
+  8 bytes per adapter parameter for AdamW and 2 + 8/256 for ``adamw8bit`` (ppd_train/optim.py).
 - **activations**: measured on the CPU at lite width in float32 by ``dpo_step.py`` (peak minus weights, gradients and
   optimizer state, 1 pair = 2 images at 24x24 latents = 1024 px) and by ``--forward`` here (one no-grad Stage C
   forward, batch 2 = one image with CFG). bf16 stores them in half the bytes; full Stage C is scaled by its width x
@@ -100,13 +101,17 @@ def main() -> None:
     for kind, (n_unet, n_adapter) in sizes.items():
         for ck, act_mb in sorted(act.items(), reverse=True):
             for opt, state in STATE_BYTES.items():
-                parts = {"stage_c": n_unet * 4 / GIB, "adapter": n_adapter * 4 / GIB,
+                parts = {"stage_c": n_unet * 2 / GIB, "adapter": n_adapter * 4 / GIB,
                          "gradients": n_adapter * 4 / GIB, "optimizer": n_adapter * state / GIB,
                          "activations": act_mb * SCALE[kind] / 2 * MIB / GIB, "overhead": OVERHEAD_GIB}
                 rows.append({"task": "train", "kind": kind, "checkpointing": ck, "optimizer": opt, "parts": parts,
                              "total_gib": sum(parts.values()),
-                             # the lever fit does not take yet: the frozen Stage C loaded in bf16
-                             "total_gib_bf16_stage_c": sum(parts.values()) - parts["stage_c"] / 2})
+                             "total_gib_fp32_stage_c": sum(parts.values()) + parts["stage_c"]})
+                if opt != "adamw":  # against the same recipe with AdamW: what the option saves
+                    base = rows[-len(STATE_BYTES)]
+                    rows[-1]["vs_adamw"] = rows[-1]["total_gib"] / base["total_gib"]
+                    rows[-1]["vs_adamw_without_overhead"] = ((rows[-1]["total_gib"] - OVERHEAD_GIB)
+                                                             / (base["total_gib"] - OVERHEAD_GIB))
         if forward_mb is not None:
             parts = {"stage_c": n_unet * 2 / GIB, "activations": forward_mb * SCALE[kind] / 2 * MIB / GIB,
                      "overhead": OVERHEAD_GIB}
@@ -115,7 +120,9 @@ def main() -> None:
     print(f"{'task':6s} {'Stage C':7s} {'ckpt':>5s} {'optimizer':9s} {'GiB':>6s}  {head}")
     for r in rows:
         fits = " ".join(f"{fit(r['total_gib'], c):>6s}" for c in CARDS)
-        bf16 = f" (bf16 Stage C: {r['total_gib_bf16_stage_c']:.1f})" if "total_gib_bf16_stage_c" in r else ""
+        bf16 = f" (float32 Stage C: {r['total_gib_fp32_stage_c']:.1f})" if "total_gib_fp32_stage_c" in r else ""
+        if "vs_adamw" in r:
+            bf16 += f" {r['vs_adamw']:.3f}x AdamW ({r['vs_adamw_without_overhead']:.3f}x without the overhead)"
         print(f"{r['task']:6s} {r['kind']:7s} {str(r.get('checkpointing', '')):>5s} {r.get('optimizer', ''):9s} "
               f"{r['total_gib']:6.1f}  {fits}   " + ", ".join(f"{k} {v:.2f}" for k, v in r["parts"].items()) + bf16)
     with open(args.out, "w") as f:
