@@ -176,7 +176,8 @@ def test_resume_with_another_config_is_refused(tmp_path, world_data):
 
 
 def test_resume_across_optimizers(tmp_path, world_data):
-    """Another optimizer is another run; a checkpoint from before the key existed was AdamW and resumes as such."""
+    """Another optimizer is another run; a checkpoint from before the keys existed was AdamW with a float32 Stage C
+    and resumes as such."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -186,7 +187,7 @@ def test_resume_across_optimizers(tmp_path, world_data):
         _trainer(_cfg(tmp_path, max_steps=4, optimizer="adamw8bit"), world_data).run()
     path = find_latest(tmp_path / "run" / "checkpoints")
     meta = json.loads(safetensors_io.read_safetensors(path, "checkpoint")[1]["ppd_checkpoint"])
-    del meta["config"]["optimizer"]  # as written before the key existed
+    del meta["config"]["optimizer"], meta["config"]["stage_c_dtype"]  # as written before the keys existed
     save_file(load_file(path), path, {"ppd_checkpoint": json.dumps(meta)})
     older = _trainer(_cfg(tmp_path, max_steps=4), world_data)
     older.run()
