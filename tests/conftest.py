@@ -14,6 +14,21 @@ from helpers import SMALL_WORLDS  # noqa: E402
 torch.set_num_threads(1)  # tiny models: one thread is as fast and much steadier
 
 
+@pytest.fixture(autouse=True)
+def _library_logs_to_this_stderr():
+    """diffusers and transformers bind their log handler to the sys.stderr of their first import. A process that
+    imported them before this session (mutmut's fork server) leaves it on a stream that may be closed by now, and a
+    warning then prints "--- Logging error ---" with a traceback into a test's output. Point it at today's stderr."""
+    import logging
+    import sys
+
+    for name in ("diffusers", "transformers"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.stream, handler.flush = sys.stderr, sys.stderr.flush  # type: ignore[method-assign]
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     """Under ``make mutate``: a mutant's run stops at its first failing test, but mutmut hands its tests over in set
     order; run the cheapest first (modules by their recorded time, then tests by theirs), so a killed mutant costs the
