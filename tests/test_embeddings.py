@@ -322,3 +322,19 @@ def test_weights_out_of_range_are_refused_by_name():
         mix([a, b], [1, -1])
     # huge shares are scaled down before they are summed: no overflow to inf/NaN
     torch.testing.assert_close(mix([a, b], [1e300, 3e300]).tokens, interpolate(a, b, 0.75).tokens)
+
+
+def test_load_embeddings_keys_one_users_file_by_its_user_or_its_file_name(tmp_path):
+    """One user's file: keyed by the user id it records, else by the file's name without ``.safetensors``; a file that
+    is not safetensors is named in the refusal as what it should have been."""
+    from ppd_train.embedding import load_embeddings
+
+    tokens = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    UserEmbedding(tokens, "test", {"user_id": "ann"}).save(tmp_path / "picks.safetensors")
+    UserEmbedding(tokens, "test", {}).save(tmp_path / "bob.safetensors")
+    assert list(load_embeddings(tmp_path / "picks.safetensors")) == ["ann"]
+    (key, emb), = load_embeddings(tmp_path / "bob.safetensors").items()
+    assert key == "bob" and torch.equal(emb.tokens, tokens)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(FileFormatError, match="user embedding or embedding table"):
+        load_embeddings(tmp_path / "junk.safetensors")

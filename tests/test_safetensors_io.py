@@ -154,3 +154,26 @@ def test_a_folder_without_safetensors_names_at_most_three_pickles(tmp_path):
         require_safetensors(tmp_path, "Stage C")
     assert str(e.value).startswith(f"{tmp_path} has no .safetensors weights (it has a.ckpt, b.bin, c.pt: pickled "
                                    "weights, which can run code); PPD loads Stage C weights")
+
+
+def test_a_writer_that_cannot_be_asked_counts_as_alive(monkeypatch):
+    """A process of another user (kill(pid, 0) -> EPERM) still runs: its temporary must be kept, not swept."""
+    def no_permission(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(safetensors_io.os, "kill", no_permission)
+    assert safetensors_io._pid_alive(1) is True
+
+
+def test_a_failed_write_reports_its_own_error_when_the_temporary_is_already_gone(tmp_path, monkeypatch):
+    """The error that stopped a write reaches the caller, even when cleaning up finds no temporary (it was renamed
+    before a late failure, or swept by another process)."""
+    real = os.replace
+
+    def replace_then_fail(src, dst):
+        real(src, dst)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(safetensors_io.os, "replace", replace_then_fail)
+    with pytest.raises(OSError, match="Input/output error"):
+        safetensors_io.atomic_write_bytes(tmp_path / "f.bin", b"data")

@@ -130,3 +130,24 @@ def test_single_file_that_does_not_match_its_config(tiny_unet, tmp_path):
 def test_missing_stage_c_file_is_named(tmp_path):
     with pytest.raises(FileFormatError, match="Stage C file not found: .*nope.safetensors"):
         load_stage_c(tmp_path / "nope.safetensors")
+
+
+
+@pytest.mark.parametrize("width, refused", [(1536, False), (2048, False), (1280, True)])
+def test_a_single_files_size_is_read_from_its_text_mapper(tmp_path, width, refused):
+    """Lite (1536) and full (2048) are told apart by the rows of ``clip_txt_mapper.weight``, never its 1280 columns
+    (CLIP's width). Built on the meta device: the released sizes without their gigabytes; the file holds only the
+    mapper, so a recognised size goes on to the weights' own mismatch."""
+    import re
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from ppd_train.errors import IncompatibleError
+
+    path = tmp_path / "stage_c.safetensors"
+    save_file({"clip_txt_mapper.weight": torch.zeros(width, 1280)}, path)
+    message = "neither lite (1536) nor full (2048)" if refused else "does not match the Stage C config (missing"
+    with torch.device("meta"), warnings.catch_warnings(), pytest.raises(IncompatibleError, match=re.escape(message)):
+        warnings.simplefilter("ignore")  # copying into meta parameters is a no-op, and torch says so
+        load_stage_c(path)

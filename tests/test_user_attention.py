@@ -211,3 +211,19 @@ def test_patched_attention_runs_where_the_model_runs_and_passes_options_on():
     out = module(q, q, q, transformer_options=options)
     assert out.device.type == "meta" and out.shape == q.shape
     assert len(seen) == 2 and all(o is options for o in seen)  # the block's attention and the user's
+
+
+def test_patched_attention_in_bf16_stays_bf16_and_near_the_reference():
+    """A bf16 model (as ComfyUI runs Stage C): the user's keys and values come in the query's dtype, so the block's
+    output stays bf16 and near the float64 reference of the same weights."""
+    base64 = _base()
+    user = SamplingUser(_adapter(1), _tokens(1), 1.0, 10.0, 0.0)
+    module = stacked(_base().to(torch.bfloat16), 0, user, comfy_attention)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 5, WIDTH, generator=g, dtype=torch.float64)
+    options = {"cond_or_uncond": [0], "sigmas": torch.tensor([1.0])}
+    with torch.no_grad():
+        got = module(q.bfloat16(), q.bfloat16(), q.bfloat16(), transformer_options=options)
+        want = _reference_output(base64, 0, [user], q, q, q, options)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.05)
