@@ -179,3 +179,22 @@ def test_parameter_count_for_real_stage_c():
     assert lite["projector"] == lite["total"] - lite["blocks"] == 2 * 3584 + 3584 * 1536 + 1536 + 29 * 1536
     full = adapter_parameter_count("full")
     assert full["block_count"] == 64 and 530e6 < full["total"] < 550e6
+
+
+def test_one_span_of_rows_is_added_in_place_and_others_gather_in_the_models_dtype():
+    """The hot path: one run of rows with one weight (all rows, or CFG's conditional chunk) adds into ``out`` in place,
+    with no gather; other patterns build a new tensor, in ``out``'s dtype (bf16 here)."""
+    g = torch.Generator().manual_seed(0)
+    attend = torch.nn.functional.scaled_dot_product_attention
+    q = torch.randn(4, 6, 8, generator=g)
+    k_u, v_u = torch.randn(1, 3, 8, generator=g), torch.randn(1, 3, 8, generator=g)
+    for weight in (1.0, torch.tensor([0.0, 0.0, 0.7, 0.7]), torch.tensor([0.5, 0.5, 0.0, 0.0])):
+        out = torch.randn(4, 6, 8, generator=g)
+        assert apply_user_attention(out, q, k_u, v_u, weight, attend) is out
+    for weight in (torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([1.0, 0.5, 0.0, 0.0])):
+        out = torch.randn(4, 6, 8, generator=g).bfloat16()
+        got = apply_user_attention(out, q.bfloat16(), k_u.bfloat16(), v_u.bfloat16(), weight, attend)
+        assert got is not out and got.dtype == torch.bfloat16
+        want = out.double() + weight.double().view(-1, 1, 1) * attend(q, k_u.expand(4, -1, -1),
+                                                                       v_u.expand(4, -1, -1)).double()
+        torch.testing.assert_close(got.double(), want, rtol=0.02, atol=0.02)

@@ -96,6 +96,23 @@ def test_metadata_round_trip_and_damage():
             AdapterConfig.from_dict({**d, key: value}, "x.safetensors")
 
 
+def test_metadata_limits_are_inclusive_and_damage_names_its_kind():
+    """0 and the documented maximum are valid sizes (proj_dim 0 = the widest block), so is the largest block count; a
+    field of the wrong type is reported with its exception's type."""
+    from ppd_train.adapter import MAX_BLOCKS, MAX_WIDTH
+
+    d = json.loads(AdapterConfig((64, 64), (2, 2), 24, 5, proj_dim=16).to_json())
+    assert AdapterConfig.from_dict({**d, "proj_dim": 0}).proj_dim == 64
+    assert AdapterConfig.from_dict({**d, "embed_dim": MAX_WIDTH}).embed_dim == MAX_WIDTH
+    many = {**d, "block_widths": [64] * MAX_BLOCKS, "block_heads": [2] * MAX_BLOCKS}
+    assert len(AdapterConfig.from_dict(many).block_widths) == MAX_BLOCKS
+    with pytest.raises(FileFormatError, match=f"{MAX_BLOCKS + 1} blocks"):
+        AdapterConfig.from_dict({**many, "block_widths": [64] * (MAX_BLOCKS + 1),
+                                 "block_heads": [2] * (MAX_BLOCKS + 1)})
+    with pytest.raises(FileFormatError, match=r"incomplete or damaged \(TypeError\("):
+        AdapterConfig.from_dict({**d, "block_widths": 64}, "x.safetensors")
+
+
 def test_user_kv_and_token_layouts(tiny_unet):
     adapter = trained_looking_adapter(tiny_unet)
     tokens = torch.randn(5, 24)

@@ -113,3 +113,16 @@ def test_cli_inspect_and_size(tiny_unet, tmp_path, capsys):
     assert "Stage C lite: 32 blocks" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "nope.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_an_adapter_holding_nan_is_not_saved(tiny_unet, tmp_path):
+    """A diverged adapter never reaches disk, not even over an older good file."""
+    adapter = trained_looking_adapter(tiny_unet)
+    save_adapter(adapter, tmp_path / "a.safetensors")
+    good = (tmp_path / "a.safetensors").read_bytes()
+    with torch.no_grad():
+        adapter.blocks[0].to_v.weight[0, 0] = float("nan")
+    with pytest.raises(FileFormatError, match=r"Not saving .*a\.safetensors: the adapter's weights hold NaN/inf"):
+        save_adapter(adapter, tmp_path / "a.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]

@@ -48,3 +48,5 @@ def test_per_sample_errors_against_a_float64_reference():
     share = sum(x < 0 for x in d) / 4
     assert 0 < share < 1 and stats.implicit_acc == share
     assert math.isclose(stats.reward_margin, -sum(d) / 4, rel_tol=1e-5)
+    # per-pair margins (validation's implicit accuracy is their sign): -d, positive where the preferred image gained
+    torch.testing.assert_close(stats.margins.double(), -torch.tensor(d, dtype=torch.float64), rtol=1e-5, atol=1e-7)
