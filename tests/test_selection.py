@@ -3,6 +3,7 @@ user dropout as the real "no user" (adapter off)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -111,6 +112,26 @@ def test_select_on_a_loss_picks_the_lowest(tmp_path, world_data):
     best = min(vals, key=lambda v: v["val_pairs_loss"])
     summary = read_adapter_config(tmp_path / "run" / "adapter.safetensors")[0].training
     assert summary["selected"]["step"] == best["step"] and summary["selected"]["metric"] == "val_pairs_loss"
+
+
+def test_without_selection_the_last_adapter_is_saved_and_its_summary_says_so(tmp_path, world_data):
+    """select_metric = "last": adapter.safetensors is the final adapter, and the summary names that choice and the
+    run (steps, data, users, recipe) as the nodes and `ppd-train inspect` show it."""
+    trainer = _trainer(tmp_path, world_data, max_steps=4, select_metric="last")
+    trainer.run()
+    summary = read_adapter_config(tmp_path / "run" / "adapter.safetensors")[0].training
+    assert summary["selected"] == {"metric": "last", "step": 4, "value": None}
+    cfg = trainer.cfg
+    assert (summary["steps"], summary["max_steps"], summary["stopped_early"]) == (4, 4, False)
+    assert (summary["beta"], summary["lr"], summary["batch_pairs"]) == (cfg.beta, cfg.lr, cfg.batch_size)
+    assert (summary["user_dropout"], summary["token_noise"], summary["t_min"], summary["t_max"]) == (
+        cfg.user_dropout, cfg.token_noise, cfg.t_min, cfg.t_max)
+    assert summary["data_hash"] == trainer.data_hash and summary["pairs"] == len(trainer.train)
+    assert summary["users"] == len(trainer.data.user_ids) and summary["embedder"] == "pairdiff:synthetic-phi"
+    assert summary["final_loss"] == trainer.last["loss"] and summary["last"] == json.loads(json.dumps(trainer.last))
+    final = trainer.acc.unwrap_model(trainer.adapter).state_dict()
+    chosen = _tensors(tmp_path / "run" / "adapter.safetensors")
+    assert all(torch.equal(chosen[k], final[k]) for k in final)
 
 
 def test_early_stopping_stops_and_a_rerun_does_not_train_on(tmp_path, world_data, capsys):
