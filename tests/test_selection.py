@@ -117,7 +117,8 @@ def test_select_on_a_loss_picks_the_lowest(tmp_path, world_data):
 def test_without_selection_the_last_adapter_is_saved_and_its_summary_says_so(tmp_path, world_data):
     """select_metric = "last": adapter.safetensors is the final adapter, and the summary names that choice and the
     run (steps, data, users, recipe) as the nodes and `ppd-train inspect` show it."""
-    trainer = _trainer(tmp_path, world_data, max_steps=4, select_metric="last")
+    trainer = _trainer(tmp_path, world_data, max_steps=4, select_metric="last", user_dropout=0.25, token_noise=0.1,
+                       t_min=0.1, t_max=0.8)
     trainer.run()
     summary = read_adapter_config(tmp_path / "run" / "adapter.safetensors")[0].training
     assert summary["selected"] == {"metric": "last", "step": 4, "value": None}
