@@ -25,7 +25,7 @@ def _library_logs_to_this_stderr():
     for name in ("diffusers", "transformers"):
         for handler in logging.getLogger(name).handlers:
             if type(handler) is logging.StreamHandler:
-                handler.stream, handler.flush = sys.stderr, sys.stderr.flush  # type: ignore[method-assign]
+                handler.stream, handler.flush = sys.stderr, sys.stderr.flush
     yield
 
 
