@@ -130,9 +130,34 @@ def test_without_selection_the_last_adapter_is_saved_and_its_summary_says_so(tmp
     assert summary["data_hash"] == trainer.data_hash and summary["pairs"] == len(trainer.train)
     assert summary["users"] == len(trainer.data.user_ids) and summary["embedder"] == "pairdiff:synthetic-phi"
     assert summary["final_loss"] == trainer.last["loss"] and summary["last"] == json.loads(json.dumps(trainer.last))
+    assert summary["base_model"] == cfg.stage_c
+    assert read_adapter_config(tmp_path / "run" / "adapter_last.safetensors")[0].training == summary
     final = trainer.acc.unwrap_model(trainer.adapter).state_dict()
     chosen = _tensors(tmp_path / "run" / "adapter.safetensors")
     assert all(torch.equal(chosen[k], final[k]) for k in final)
+
+
+@pytest.mark.parametrize("metric, values, best", [
+    ("val_pairs_implicit_acc", [0.5, 0.75, 0.6, 0.75, 0.7], 0.75),  # higher is better; the first of a tie
+    ("val_users_loss", [0.69, 0.6, 0.65, 0.6, 0.7], 0.6),  # lower is better
+])
+def test_selection_keeps_the_first_best_and_counts_the_rounds_since(tmp_path, world_data, metric, values, best):
+    """The selection rule itself, fed a known sequence of validations: the best by the metric's direction (ties keep
+    the earlier adapter), saved when it is found; validations before select_after and other metrics are ignored."""
+    trainer = _trainer(tmp_path, world_data, max_steps=20, select_metric=metric)
+    trainer.step = 4  # before a quarter of the budget: not counted
+    trainer._select({metric: values[1]})
+    assert trainer.best is None and not trainer._best_path.exists()
+    for i, value in enumerate(values):
+        trainer.step = 2 * i + 6
+        with torch.no_grad():  # adapter i at validation i, to see which one was saved
+            for p in trainer.adapter.parameters():
+                p.fill_(float(i))
+        trainer._select({metric: value})
+    first_best = values.index(best)
+    assert trainer.best == {"step": 2 * first_best + 6, "value": best}
+    assert trainer.bad_rounds == len(values) - 1 - first_best
+    assert all(torch.all(t == first_best) for t in _tensors(trainer._best_path).values())
 
 
 def test_early_stopping_stops_and_a_rerun_does_not_train_on(tmp_path, world_data, capsys):
