@@ -298,6 +298,7 @@ def case_finished_rerun(ctx: Ctx) -> None:
     before = adapter.read_bytes()
     rc, text = ctx.cli(*ctx.fit_args())
     assert rc == 0 and adapter.read_bytes() == before and "already trained to step 3" in text, text
+    assert "Raise max_steps to train on" in text, text
 
 
 def case_summary_json(ctx: Ctx) -> None:

@@ -173,6 +173,7 @@ def test_early_stopping_stops_and_a_rerun_does_not_train_on(tmp_path, world_data
     again = _trainer(tmp_path, world_data, **kw)
     again.run()
     assert again.step == 14  # the finished run is found, not continued
+    assert "Raise patience (it stopped early) to train on" in capsys.readouterr().out
     assert read_adapter_config(tmp_path / "run" / "adapter.safetensors")[0].training == summary
 
 

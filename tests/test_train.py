@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import stage_c_inputs
 
-from ppd_train import optim, safetensors_io
+from ppd_train import optim, safetensors_io, train
 from ppd_train.adapter import load_adapter, read_adapter_config
 from ppd_train.checkpoint import find_latest
 from ppd_train.config import ConfigError, load_config
@@ -19,7 +22,7 @@ from ppd_train.optim import adamw
 from ppd_train.stage_c import PPDBinding
 from ppd_train.synthetic import World, WorldConfig, build_dataset
 from ppd_train.tiny import build_tiny_stage_c
-from ppd_train.train import TrainConfig, Trainer, batch_indices
+from ppd_train.train import TrainConfig, Trainer, _Logger, batch_indices
 
 WORLD = WorldConfig(seen_users=4, unseen_users=1, unseen_mixtures=0, pairs_per_user=6, embedding_views=2)
 
@@ -88,6 +91,47 @@ def test_kill_and_resume_gives_the_same_adapter(tmp_path, world_data, optimizer,
     a, b = _tensors(straight), _tensors(path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(list((tmp_path / "b" / "run" / "checkpoints").glob("step-*"))) == 2  # keep-last-K
+
+
+def test_a_resumed_run_shows_its_progress_from_the_resumed_step(tmp_path, world_data, capsys, monkeypatch):
+    """The progress bar of a resumed run starts at the resumed step and counts steps to the budget (none is shown
+    with show_progress off); each log line leads with its step, its speed counts only this session's steps and its
+    epoch is the pairs seen over the training pairs."""
+    def kill(step):
+        if step == 3:
+            raise KeyboardInterrupt  # the last checkpoint is step 2
+
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(_cfg(tmp_path), world_data).run(on_step=kill)
+    assert "PPD fit" not in capsys.readouterr().err
+    clock = iter(0.25 * i for i in range(1000))  # a quarter second per reading: a known elapsed time
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    _, data, embeddings, views = world_data
+    trainer = Trainer(_cfg(tmp_path), build_tiny_stage_c(seed=0), data, views, embeddings["seen00"].embedder,
+                      show_progress=True)
+    trainer.run()
+    bar = capsys.readouterr().err
+    assert "PPD fit:  33%" in bar and "| 2/6 [" in bar and "PPD fit: 100%" in bar and "| 6/6 [" in bar, bar
+    assert re.search(r"(step/s|s/step)\]", bar), bar
+    lines = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    assert all(line.startswith('{"step": ') for line in lines)
+    assert lines[0].startswith('{"step": 1, "loss": ')
+    resumed = [json.loads(line) for line in lines if '"loss"' in line][-4:]
+    assert [v["step"] for v in resumed] == [3, 4, 5, 6]
+    for v in resumed:  # (step - 2) steps of this session in 0.25 s each
+        assert v["pairs_per_s"] == pytest.approx(trainer.pairs_per_step / 0.25)
+        assert v["epoch"] == pytest.approx(v["step"] * trainer.pairs_per_step / len(trainer.train))
+
+
+def test_only_the_main_process_logs(tmp_path):
+    """Under `accelerate launch` the other processes write no log line and open no TensorBoard writer."""
+    other = _Logger(tmp_path, tensorboard=True, main=False)
+    other.log(1, {"loss": 0.5})
+    other.close()
+    assert other.writer is None and list(tmp_path.iterdir()) == []
+    main = _Logger(tmp_path, tensorboard=False, main=True)
+    main.log(1, {"loss": 0.5})
+    assert main.writer is None and [p.name for p in tmp_path.iterdir()] == ["train_log.jsonl"]
 
 
 def test_optimizer_is_fused_where_torch_has_the_kernel(tmp_path, world_data):
