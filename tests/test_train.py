@@ -112,7 +112,7 @@ def test_a_resumed_run_shows_its_progress_from_the_resumed_step(tmp_path, world_
     trainer.run()
     bar = capsys.readouterr().err
     assert "PPD fit:  33%" in bar and "| 2/6 [" in bar and "PPD fit: 100%" in bar and "| 6/6 [" in bar, bar
-    assert re.search(r"(step/s|s/step)\]", bar), bar
+    assert re.search(r"(step/s|s/step), acc=\d\.\d\d, loss=\d\.\d{4}\]", bar), bar
     lines = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
     assert all(line.startswith('{"step": ') for line in lines)
     assert lines[0].startswith('{"step": 1, "loss": ')
@@ -231,11 +231,20 @@ def test_resume_across_optimizers(tmp_path, world_data):
         _trainer(_cfg(tmp_path, max_steps=4, optimizer="adamw8bit"), world_data).run()
     path = find_latest(tmp_path / "run" / "checkpoints")
     meta = json.loads(safetensors_io.read_safetensors(path, "checkpoint")[1]["ppd_checkpoint"])
+    tensors = load_file(path)
+    unknown = {**meta, "config": {k: v for k, v in meta["config"].items() if k != "beta"}}
+    save_file(tensors, path, {"ppd_checkpoint": json.dumps(unknown)})
+    with pytest.raises(PPDError, match="changed: beta"):  # a key the checkpoint does not record cannot be vouched for
+        _trainer(_cfg(tmp_path, max_steps=4), world_data).resume()
     del meta["config"]["optimizer"], meta["config"]["stage_c_dtype"]  # as written before the keys existed
-    save_file(load_file(path), path, {"ppd_checkpoint": json.dumps(meta)})
+    for key in ("users", "best", "bad_rounds", "last"):  # and before selection and the embedding check
+        del meta[key]
+    save_file(tensors, path, {"ppd_checkpoint": json.dumps(meta)})
     older = _trainer(_cfg(tmp_path, max_steps=4), world_data)
+    assert older.resume() and (older.step, older.best, older.bad_rounds, older.last) == (2, None, 0, {})
     older.run()
     assert older.step == 4
+    assert not _trainer(_cfg(tmp_path / "fresh"), world_data).resume()  # nothing to resume from
 
 
 def test_nan_loss_is_skipped_then_stops(tmp_path, world_data, capsys):

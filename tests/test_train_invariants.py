@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -273,3 +274,116 @@ def test_config_edges_that_are_allowed():
                dict(mixed_precision="bf16", stage_c_dtype="bf16"),
                dict(mixed_precision="bf16", stage_c_dtype="float32")):
         TrainConfig(**ok).validate()
+
+
+def _spy(monkeypatch, trainer: Trainer, name: str) -> list[tuple[tuple, object]]:
+    """Record each call of one of the trainer's own methods, (arguments, result); the method still runs."""
+    calls: list[tuple[tuple, object]] = []
+    real = getattr(trainer, name)
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(((*args, *kwargs.values()), out))
+        return out
+
+    monkeypatch.setattr(trainer, name, spy)
+    return calls
+
+
+def test_an_accumulated_step_is_the_mean_of_its_micro_batches(tmp_path, world_data, monkeypatch):
+    """grad_accum = 2: the gradient the optimizer gets, and the logged loss, are the means over the two micro-batches,
+    each computed here on its own by an untouched twin of the adapter."""
+    kw = dict(batch_size=2, grad_accum=2, max_grad_norm=0.0)
+    trainer, twin = _trainer(tmp_path / "a", world_data, **kw), _trainer(tmp_path / "b", world_data, **kw)
+    grads: dict[str, torch.Tensor] = {}
+    trainer.optimizer.optimizer.register_step_pre_hook(lambda *_: grads.update(
+        {n: p.grad.clone() for n, p in trainer.adapter.named_parameters()}))
+    micro = _spy(monkeypatch, trainer, "_loss")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        totals = trainer.train_step()
+    assert [str(w.message) for w in caught] == []  # e.g. no float() of a tensor that needs grad
+    assert len(micro) == 2
+    losses = []
+    for (inputs, users, weights, eps, _), _ in micro:
+        stats = twin._loss(inputs, users, weights, eps, backward_scale=None)
+        (stats.loss / 2).backward()
+        losses.append(float(stats.loss.detach()))
+    for name, p in twin.adapter.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-9)
+    assert totals["loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
+    assert totals["loss"] == pytest.approx(sum(float(stats.loss) for _, stats in micro) / 2, rel=1e-6)
+
+
+def test_every_training_pair_is_drawn_once_per_epoch(tmp_path, world_data, monkeypatch):
+    trainer = _trainer(tmp_path, world_data, batch_size=3, grad_accum=2)
+    calls = _spy(monkeypatch, trainer, "_inputs")
+    n = len(trainer.train)
+    per_epoch = n // 6
+    assert n % 6 == 0 and per_epoch >= 2
+    for _ in range(2 * per_epoch):
+        trainer.train_step()
+    drawn = torch.cat([args[1] for args, _ in calls])
+    assert sorted(drawn[:n].tolist()) == sorted(drawn[n:].tolist()) == list(range(n))
+    assert not torch.equal(drawn[:n], drawn[n:])  # each epoch in its own order
+    assert trainer.cursor == 2 * n
+
+
+@pytest.mark.parametrize("dropout, noise", [(0.5, 0.0), (0.0, 0.2)])
+def test_the_configured_dropout_and_token_noise_reach_the_training_pairs(tmp_path, world_data, monkeypatch,
+                                                                         dropout, noise):
+    data, views, _ = world_data
+    trainer = _trainer(tmp_path, world_data, user_dropout=dropout, token_noise=noise, batch_size=8)
+    calls = _spy(monkeypatch, trainer, "_inputs")
+    for _ in range(3):
+        trainer.train_step()
+    weights = torch.cat([out[2] for _, out in calls])
+    users = torch.cat([out[1] for _, out in calls])
+    table = views.float().flatten(0, 1)  # every view of every user
+    exact = torch.tensor([any(torch.equal(row, v) for v in table) for row in users])
+    assert bool((weights == 0).any()) == (dropout > 0) and bool((weights == 1).any())
+    assert bool(exact.all()) == (noise == 0) and not bool(exact.any()) == (noise > 0)
+
+
+def test_a_non_finite_micro_batch_skips_the_whole_step(tmp_path, world_data, monkeypatch):
+    """With grad_accum = 2, a NaN in the first micro-batch skips the step even though the second one is finite: the
+    optimizer never steps on half a batch."""
+    trainer = _trainer(tmp_path, world_data, batch_size=2, grad_accum=2)
+    real = trainer._inputs
+    seen = []
+
+    def poison_first(*args, **kwargs):
+        both, users, weights, eps = real(*args, **kwargs)
+        seen.append(1)
+        if len(seen) == 1:
+            both = {**both, "sample": torch.full_like(both["sample"], float("nan"))}
+        return both, users, weights, eps
+
+    monkeypatch.setattr(trainer, "_inputs", poison_first)
+    before = [p.detach().clone() for p in trainer.adapter.parameters()]
+    assert trainer.train_step()["skipped"] == 1.0 and trainer.nan_run == 1 and len(seen) == 2
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.adapter.parameters()))
+
+
+def test_the_loss_runs_each_pair_at_its_weight(tmp_path, world_data):
+    """Weights of 1 are the full user (the DPO margins of the user-on against the adapter-off predictions); a batch
+    in which every pair is dropped runs with the adapter off: margins 0, loss ln 2."""
+    from ppd_train.loss import dpo_loss
+
+    trainer = _trainer(tmp_path, world_data, lr=5e-2)
+    for _ in range(3):  # a trained adapter, so "on" differs from "off"
+        trainer.train_step()
+    g = torch.Generator().manual_seed(5)
+    inputs, users, weights, eps = trainer._inputs(trainer.train, torch.arange(4), g, dropout=0.0)
+    assert bool((weights == 1).all())
+    with torch.no_grad():
+        with trainer.binding.user(trainer.adapter(users), 1.0):
+            on = trainer.unet(**inputs).sample
+        with trainer.binding.adapter_off():
+            off = trainer.unet(**inputs).sample
+        expected = dpo_loss(on[:4], on[4:], off[:4], off[4:], eps, trainer.cfg.beta).margins
+        full = trainer._loss(inputs, users, weights, eps, backward_scale=None)
+        dropped = trainer._loss(inputs, users, torch.zeros_like(weights), eps, backward_scale=None)
+    assert expected.abs().min() > 0
+    torch.testing.assert_close(full.margins, expected, rtol=1e-5, atol=1e-7)
+    assert torch.all(dropped.margins == 0) and math.isclose(float(dropped.loss), math.log(2), rel_tol=1e-6)
