@@ -41,9 +41,15 @@ def pair_loss(binding: PPDBinding, inputs: dict, eps: torch.Tensor, kv: Callable
     with autocast():
         with torch.no_grad(), binding.adapter_off():  # the reference: same network, adapter off
             ref = unet(**inputs).sample
-        with binding.user(kv(), weights):
+        user_kv = kv()
+        with binding.user(user_kv, weights):
             pred = unet(**inputs).sample
             stats = dpo_loss(pred[:b], pred[b:], ref[:b], ref[b:], eps.to(pred.device), beta)
             if backward is not None and torch.isfinite(stats.loss):
-                backward(stats.loss)
+                loss = stats.loss
+                if not loss.requires_grad and user_kv.keys[0].requires_grad:
+                    # every pair dropped: the loss is the constant ln 2 and the adapter is not in its graph; its
+                    # gradient is exactly 0, and backward still runs (every process must, under DDP)
+                    loss = loss + 0.0 * sum(t.sum() for t in (*user_kv.keys, *user_kv.values))
+                backward(loss)
     return stats

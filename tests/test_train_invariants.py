@@ -387,3 +387,22 @@ def test_the_loss_runs_each_pair_at_its_weight(tmp_path, world_data):
     assert expected.abs().min() > 0
     torch.testing.assert_close(full.margins, expected, rtol=1e-5, atol=1e-7)
     assert torch.all(dropped.margins == 0) and math.isclose(float(dropped.loss), math.log(2), rel_tol=1e-6)
+
+
+def test_a_step_whose_every_pair_is_dropped_trains_on_with_a_zero_gradient(tmp_path, world_data, monkeypatch):
+    """user_dropout can drop every pair of a micro-batch (likely with small batches): its loss is the constant ln 2,
+    the adapter is off for all rows, and the step goes on with a zero gradient instead of failing in backward."""
+    trainer = _trainer(tmp_path, world_data, batch_size=2, user_dropout=0.5)
+    real = trainer._inputs
+
+    def drop_all(*args, **kwargs):
+        both, users, weights, eps = real(*args, **kwargs)
+        return both, users, torch.zeros_like(weights), eps
+
+    monkeypatch.setattr(trainer, "_inputs", drop_all)
+    grads: list[torch.Tensor] = []
+    trainer.optimizer.optimizer.register_step_pre_hook(lambda *_: grads.extend(
+        p.grad.clone() for p in trainer.adapter.parameters()))
+    values = trainer.train_step()
+    assert values["skipped"] == 0.0 and math.isclose(values["loss"], math.log(2), rel_tol=1e-6)
+    assert grads and all(bool((g == 0).all()) for g in grads)
