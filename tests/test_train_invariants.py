@@ -406,3 +406,81 @@ def test_a_step_whose_every_pair_is_dropped_trains_on_with_a_zero_gradient(tmp_p
     values = trainer.train_step()
     assert values["skipped"] == 0.0 and math.isclose(values["loss"], math.log(2), rel_tol=1e-6)
     assert grads and all(bool((g == 0).all()) for g in grads)
+
+
+@pytest.mark.parametrize("schedule, max_steps, warmup, expected", [
+    ("cosine", 11, 3, {0: 1 / 3, 1: 2 / 3, 2: 1.0, 3: 1.0, 5: 0.5 * (1 + math.cos(math.pi / 4)), 7: 0.5, 11: 0.0}),
+    ("cosine", 4, 0, {0: 1.0, 2: 0.5, 4: 0.0}),
+    ("cosine", 4, 3, {2: 1.0, 3: 1.0, 4: 0.0}),  # one step of decay
+    ("constant", 4, 0, {0: 1.0, 4: 1.0}),
+    ("constant", 8, 4, {0: 0.25, 3: 1.0, 8: 1.0}),
+])
+def test_learning_rate_schedule_values(tmp_path, world_data, schedule, max_steps, warmup, expected):
+    """Linear warm-up to the full rate, then constant or a cosine that reaches 0 at the end of the budget."""
+    trainer = _trainer(tmp_path, world_data, lr_schedule=schedule, max_steps=max_steps, warmup_steps=warmup)
+    assert {s: trainer.lr_factor(s) for s in expected} == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_split_is_a_function_of_the_seed_only(tmp_path, world_data):
+    """Runs that differ in the adapter or the recipe validate on the same pairs (so a sweep compares like with like);
+    another seed is another split."""
+    def split(**kw):
+        t = _trainer(tmp_path / str(len(kw)) / str(sorted(kw.items())), world_data, val_fraction=0.25, **kw)
+        return t.train.latents_w, t.val_pairs.latents_w
+
+    base = split()
+    for kw in (dict(proj_dim=16), dict(lr=1e-3, beta=10.0)):
+        assert all(torch.equal(a, b) for a, b in zip(base, split(**kw)))
+    assert not torch.equal(base[1], split(seed=1)[1])
+
+
+def test_a_steps_draws_come_from_its_own_generator(tmp_path, world_data):
+    """Timesteps, noise, dropout and token noise of a batch depend only on its generator, never on torch's global
+    random state (so a resumed run draws what the straight run drew)."""
+    trainer = _trainer(tmp_path, world_data)
+
+    def draw(global_seed):
+        torch.manual_seed(global_seed)
+        return trainer._inputs(trainer.train, torch.arange(8), torch.Generator().manual_seed(3), 0.5, 0.2)
+
+    (a_in, *a), (b_in, *b) = draw(0), draw(1)
+    assert all(torch.equal(a_in[k], b_in[k]) for k in a_in) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_token_noise_is_relative_to_each_tokens_own_scale(tmp_path, world_data):
+    """token_noise = s adds Gaussian noise of s times each token's standard deviation: tokens of every scale get the
+    same relative noise (embedding tables of real VLMs differ in scale by user and by token)."""
+    data, views, embedder = world_data
+    t_count = views.shape[-2]
+    scale = torch.arange(1, views.shape[0] + 1).view(-1, 1, 1, 1) * torch.arange(1, t_count + 1).view(1, 1, -1, 1)
+    trainer = Trainer(TrainConfig(out_dir=str(tmp_path / "run"), max_steps=6, batch_size=4, val_fraction=0.0,
+                                  tensorboard=False), build_tiny_stage_c(seed=0), data, views.float() * scale,
+                      embedder, show_progress=False)
+    idx = torch.arange(len(trainer.train))
+    g = torch.Generator().manual_seed(0)
+    clean = trainer._inputs(trainer.train, idx, torch.Generator().manual_seed(0), 0.0, 0.0)[1]
+    noised = trainer._inputs(trainer.train, idx, g, 0.0, 0.2)[1]
+    ratio = (noised - clean).std(dim=-1) / clean.std(dim=-1)  # [2B, T]
+    assert ratio.mean(0).tolist() == pytest.approx([0.2] * t_count, rel=0.15)  # at every token position
+    assert ratio.mean(1).min() > 0.1 and ratio.mean(1).max() < 0.3  # and for every user
+
+
+def test_validation_uses_each_users_exact_embedding(tmp_path, world_data, monkeypatch):
+    data, views, _ = world_data
+    trainer = _trainer(tmp_path, world_data, val_fraction=0.25, user_dropout=0.5, token_noise=0.2)
+    calls = _spy(monkeypatch, trainer, "_inputs")
+    trainer.validate()
+    assert calls
+    table = views.float().flatten(0, 1)
+    for _, (_, users, weights, _) in calls:
+        assert bool((weights == 1).all())
+        assert all(any(torch.equal(row, v) for v in table) for row in users)
+
+
+def test_a_good_step_ends_a_run_of_skipped_ones(tmp_path, world_data):
+    trainer = _trainer(tmp_path, world_data)
+    trainer.cfg.beta = float("inf")  # validate() refuses it: poison the loss after the checks
+    trainer.train_step()
+    assert trainer.nan_run == 1
+    trainer.cfg.beta = 100.0
+    assert trainer.train_step()["skipped"] == 0.0 and trainer.nan_run == 0
