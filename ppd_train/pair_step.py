@@ -30,7 +30,7 @@ def noised_pairs(data: DPOData, idx: torch.Tensor, t: torch.Tensor, eps: torch.T
 
 
 def pair_loss(binding: PPDBinding, inputs: dict, eps: torch.Tensor, kv: Callable[[], UserKV], beta: float,
-              weights: float | torch.Tensor = 1.0,
+              weights: float | torch.Tensor,
               autocast: Callable[[], AbstractContextManager] = nullcontext,
               backward: Callable[[torch.Tensor], None] | None = None) -> DPOStats:
     """The DPO loss of one batch from :func:`noised_pairs`. ``kv()`` makes the user keys/values (inside autocast, after

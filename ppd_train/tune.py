@@ -146,10 +146,10 @@ class UserTuner:
         adapter = self.binding.adapter
         if backward:
             return pair_loss(self.binding, inputs, eps, lambda: adapter(self.tokens()[None].to(self.device)),
-                             self.beta)
+                             self.beta, 1.0)
         with torch.no_grad():
             return pair_loss(self.binding, inputs, eps, lambda: adapter(self.tokens()[None].to(self.device)),
-                             self.beta)
+                             self.beta, 1.0)
 
     def score(self, idx: torch.Tensor) -> dict:
         """DPO loss and implicit accuracy (sign of each pair's mean margin) of the current tokens on pairs ``idx``,

@@ -29,7 +29,7 @@ def _fresh_pair_loss(binding: PPDBinding, data: DPOData, tokens: torch.Tensor, t
     eps = torch.randn((len(idx), *data.latents_w.shape[1:]), generator=g)
     inputs = noised_pairs(data, idx, t, eps, torch.zeros(1, 1, clip_image_dim(binding.unet)), "cpu")
     with torch.no_grad():
-        return float(pair_loss(binding, inputs, eps, lambda: binding.adapter(tokens[None]), beta).loss)
+        return float(pair_loss(binding, inputs, eps, lambda: binding.adapter(tokens[None]), beta, 1.0).loss)
 
 
 @pytest.mark.xdist_group("small-k4")  # the worker that trains this world for test_demo.py
