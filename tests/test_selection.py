@@ -42,6 +42,7 @@ def test_heldout_users_rule():
     assert len(heldout_user_indices(48, 0.1, seed=0)) == 5  # round(4.8)
     assert len(heldout_user_indices(4, 0.1, seed=0)) == 1  # at least one from 3 users on
     assert len(heldout_user_indices(2, 0.5, seed=0)) == 1  # round(1.0)
+    assert len(heldout_user_indices(2, 0.9, seed=0)) == 1  # round(1.8), but never every user
     assert heldout_user_indices(1, 0.5, seed=0) == []  # never every user
     assert heldout_user_indices(48, 0.0, seed=0) == []
     assert heldout_user_indices(48, 0.1, seed=0) != heldout_user_indices(48, 0.1, seed=1)
@@ -55,6 +56,7 @@ def test_budget_rule():
     assert budget(TrainConfig(max_epochs=2.5), 1000, 10) == 250
     assert budget(TrainConfig(max_steps=70), 1000, 10) == 70
     assert budget(TrainConfig(max_steps=70, max_epochs=0.5), 1000, 10) == 50  # whichever ends first
+    assert budget(TrainConfig(max_steps=1), 1000, 10) == budget(TrainConfig(max_epochs=0.001), 1000, 10) == 1
 
 
 def test_heldout_users_are_never_trained_on(tmp_path, world_data):
@@ -209,6 +211,10 @@ def test_selecting_on_users_without_heldout_users_says_so(tmp_path, world_data, 
     trainer = _trainer(tmp_path, world_data, heldout_users=0.0)
     assert trainer.val_users is None and trainer.select_metric == "val_pairs_implicit_acc"
     assert "needs held-out users" in capsys.readouterr().out
+    neither = _trainer(tmp_path / "b", world_data, heldout_users=0.0, val_fraction=0.0)
+    assert neither.select_metric == "last" and "selecting on last instead" in capsys.readouterr().out
+    pairs = _trainer(tmp_path / "c", world_data, val_fraction=0.0, select_metric="val_pairs_loss")
+    assert pairs.select_metric == "last" and "needs held-out pairs" in capsys.readouterr().out
 
 
 def test_dropped_pairs_run_with_the_adapter_off(tmp_path, world_data):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -158,6 +159,8 @@ def test_both_images_of_a_pair_share_noise_timestep_and_caption(tmp_path, world_
         (_, ref_in, ref), (_, inputs, pred) = calls[2 * step], calls[2 * step + 1]
         assert all(torch.equal(ref_in[k], inputs[k]) for k in inputs)  # reference and policy see the same batch
         t, x = inputs["timestep_ratio"], inputs["sample"]
+        b2 = x.shape[0]  # no image prompt: a zero CLIP image embedding per row, as at inference
+        assert inputs["clip_img"].shape[0] == b2 and not inputs["clip_img"].any()
         b = len(t) // 2
         assert torch.equal(t[:b], t[b:]) and bool(((t >= 0.3) & (t <= 0.6)).all()) and len(set(t[:b].tolist())) > 1
         ab = alpha_bar(t).view(-1, 1, 1, 1)
@@ -258,22 +261,50 @@ def test_a_non_finite_step_is_reported_as_skipped(tmp_path, world_data):
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.adapter.parameters()))
 
 
-@pytest.mark.parametrize("change", [dict(max_steps=-1), dict(batch_size=0), dict(grad_accum=0), dict(lr=0.0),
-                                    dict(user_dropout=1.0), dict(user_dropout=-0.1), dict(t_min=0.5, t_max=0.5),
-                                    dict(t_max=1.5), dict(t_min=-0.1), dict(val_fraction=1.0),
-                                    dict(mixed_precision="fp8"), dict(keep_checkpoints=0),
-                                    dict(stage_c_dtype="fp16"), dict(stage_c_dtype="bf16")])
-def test_config_limits(change):
-    with pytest.raises(PPDError, match="Config: "):
+@pytest.mark.parametrize("change, key", [
+    (dict(max_steps=-1), "max_steps"), (dict(max_epochs=-1.0), "max_epochs"), (dict(max_epochs=math.inf), "max_epochs"),
+    (dict(batch_size=0), "batch_size"), (dict(grad_accum=0), "grad_accum"), (dict(lr=0.0), "lr"),
+    (dict(lr=1.5), "lr"), (dict(beta=0.0), "beta"), (dict(weight_decay=math.inf), "weight_decay"),
+    (dict(max_grad_norm=math.inf), "max_grad_norm"), (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(max_nan_steps=0), "max_nan_steps"), (dict(user_dropout=1.0), "user_dropout"),
+    (dict(user_dropout=-0.1), "user_dropout"), (dict(t_min=0.5, t_max=0.5), "t_min < t_max"),
+    (dict(t_max=1.5), "t_max <= 1"), (dict(t_min=-0.1), "0 <= t_min"), (dict(val_fraction=1.0), "val_fraction"),
+    (dict(heldout_users=1.0), "heldout_users"), (dict(mixed_precision="fp8"), "mixed_precision"),
+    (dict(keep_checkpoints=0), "keep_checkpoints"), (dict(stage_c_dtype="fp16"), "stage_c_dtype"),
+    (dict(stage_c_dtype="bf16"), "stage_c_dtype = bf16 needs"), (dict(proj_dim=-1), "proj_dim"),
+    (dict(log_every=0), "log_every"), (dict(checkpoint_every=0), "checkpoint_every"), (dict(val_every=-1), "val_every"),
+    (dict(patience=-1), "patience"), (dict(val_draws=0), "val_draws"), (dict(select_after=1.0), "select_after"),
+    (dict(token_noise=math.inf), "token_noise"), (dict(token_noise=-0.1), "token_noise"),
+    (dict(select_metric="best"), "select_metric must be one of val_users_implicit_acc, "),
+    (dict(lr_schedule="linear"), "lr_schedule"), (dict(optimizer="sgd"), "optimizer must be adamw or adamw8bit")])
+def test_config_limits(change, key):
+    """Each refused value names its key, so the message says what to fix."""
+    with pytest.raises(PPDError, match=r"Config: (need )?[^.]*" + re.escape(key)) as refused:
         TrainConfig(**change).validate()
+    assert str(refused.value).startswith(f"Config: {key}") or key in ("t_min < t_max", "t_max <= 1", "0 <= t_min")
 
 
 def test_config_edges_that_are_allowed():
-    for ok in (dict(max_steps=1, batch_size=1, grad_accum=1, keep_checkpoints=1), dict(user_dropout=0.0),
+    for ok in (dict(max_steps=1, batch_size=1, grad_accum=1, keep_checkpoints=1, max_nan_steps=1),
+               dict(user_dropout=0.0), dict(lr=1.0, beta=0.5, max_epochs=0.0, weight_decay=0.0, max_grad_norm=0.0),
                dict(t_min=0.0, t_max=1.0), dict(val_fraction=0.0), dict(mixed_precision="fp16"),
+               dict(select_after=0.0, val_every=0, patience=0, val_draws=1, token_noise=0.0, proj_dim=0),
                dict(mixed_precision="bf16", stage_c_dtype="bf16"),
                dict(mixed_precision="bf16", stage_c_dtype="float32")):
         TrainConfig(**ok).validate()
+    dtypes = {(mp, sd): TrainConfig(mixed_precision=mp, stage_c_dtype=sd).frozen_dtype()
+              for mp, sd in (("bf16", "bf16"), ("bf16", "auto"), ("bf16", "float32"), ("no", "auto"))}
+    assert dtypes == {("bf16", "bf16"): torch.bfloat16, ("bf16", "auto"): torch.bfloat16,
+                      ("bf16", "float32"): torch.float32, ("no", "auto"): torch.float32}
+
+
+def test_one_training_pair_is_enough(tmp_path, world_data):
+    data, views, embedder = world_data
+    two = data.subset(torch.nonzero(data.user_idx == 0).flatten()[:2])
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=1, batch_size=1, val_fraction=0.5, heldout_users=0.0,
+                      tensorboard=False)
+    trainer = Trainer(cfg, build_tiny_stage_c(seed=0), two, views, embedder, show_progress=False)
+    assert len(trainer.train) == 1 and len(trainer.val_pairs) == 1
 
 
 def _spy(monkeypatch, trainer: Trainer, name: str) -> list[tuple[tuple, object]]:
