@@ -104,7 +104,7 @@ def test_a_resumed_run_shows_its_progress_from_the_resumed_step(tmp_path, world_
     with pytest.raises(KeyboardInterrupt):
         _trainer(_cfg(tmp_path), world_data).run(on_step=kill)
     assert "PPD fit" not in capsys.readouterr().err
-    clock = iter(0.25 * i for i in range(1000))  # a quarter second per reading: a known elapsed time
+    clock = iter(100.0 + 0.25 * i for i in range(1000))  # a quarter second per reading (not from 0): a known time
     monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     _, data, embeddings, views = world_data
     trainer = Trainer(_cfg(tmp_path), build_tiny_stage_c(seed=0), data, views, embeddings["seen00"].embedder,
@@ -113,6 +113,7 @@ def test_a_resumed_run_shows_its_progress_from_the_resumed_step(tmp_path, world_
     bar = capsys.readouterr().err
     assert "PPD fit:  33%" in bar and "| 2/6 [" in bar and "PPD fit: 100%" in bar and "| 6/6 [" in bar, bar
     assert re.search(r"(step/s|s/step), acc=\d\.\d\d, loss=\d\.\d{4}\]", bar), bar
+    assert "| 6/6 [" in bar.rstrip().split("\r")[-1], bar  # one step per step: its last state is the budget
     lines = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
     assert all(line.startswith('{"step": ') for line in lines)
     assert lines[0].startswith('{"step": 1, "loss": ')
