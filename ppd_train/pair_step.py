@@ -35,8 +35,8 @@ def pair_loss(binding: PPDBinding, inputs: dict, eps: torch.Tensor, kv: Callable
               backward: Callable[[torch.Tensor], None] | None = None) -> DPOStats:
     """The DPO loss of one batch from :func:`noised_pairs`. ``kv()`` makes the user keys/values (inside autocast, after
     the reference pass); ``weights`` is the adapter weight, a number or one per row (0 = that pair runs with the
-    adapter off). ``backward`` (when given and the loss is finite) runs inside the user block, where checkpointed
-    Stage C blocks recompute with the user still attached."""
+    adapter off). ``backward`` (when given) runs inside the user block, where checkpointed Stage C blocks recompute
+    with the user still attached; on a non-finite loss it gets a zero-gradient loss instead."""
     unet, b = binding.unet, eps.shape[0]
     with autocast():
         with torch.no_grad(), binding.adapter_off():  # the reference: same network, adapter off
@@ -45,11 +45,12 @@ def pair_loss(binding: PPDBinding, inputs: dict, eps: torch.Tensor, kv: Callable
         with binding.user(user_kv, weights):
             pred = unet(**inputs).sample
             stats = dpo_loss(pred[:b], pred[b:], ref[:b], ref[b:], eps.to(pred.device), beta)
-            if backward is not None and torch.isfinite(stats.loss):
+            if backward is not None:
                 loss = stats.loss
-                if not loss.requires_grad and user_kv.keys[0].requires_grad:
-                    # every pair dropped: the loss is the constant ln 2 and the adapter is not in its graph; its
-                    # gradient is exactly 0, and backward still runs (every process must, under DDP)
-                    loss = loss + 0.0 * sum(t.sum() for t in (*user_kv.keys, *user_kv.values))
+                if not (torch.isfinite(loss) and loss.requires_grad):
+                    # a non-finite loss (the step will be skipped) or every pair dropped (the constant ln 2: the
+                    # adapter is not in its graph): this batch's gradient is 0, and backward still runs, as every
+                    # process must under DDP (gradients are all-reduced in backward; a process that skips hangs all)
+                    loss = 0.0 * torch.stack([t.sum() for t in (*user_kv.keys, *user_kv.values)]).sum()
                 backward(loss)
     return stats

@@ -334,6 +334,8 @@ class Trainer:
             for k in totals:
                 value = getattr(stats, k)
                 totals[k] += float(value.detach() if torch.is_tensor(value) else value) / cfg.grad_accum
+        if world > 1:  # every process skips or steps together, or their adapters drift apart
+            finite = bool(self.acc.gather(torch.tensor([finite], device=self.acc.device)).all())
         grads_ok = finite and all(p.grad is None or torch.isfinite(p.grad).all() for p in self.adapter.parameters())
         if grads_ok:
             if cfg.max_grad_norm > 0:

@@ -101,6 +101,41 @@ def test_demo_prints_its_config(capsys):
     assert "beta = 1000.0" in out  # overriding one train key keeps the demo's other train defaults
 
 
+def test_a_nan_batch_on_one_process_skips_the_step_on_all(tmp_path):
+    """Two processes (torchrun + gloo), a NaN in process 1's first batch: both run backward (a process that skipped
+    it would leave the other waiting in the gradient all-reduce: a hang), both skip step 1 and train steps 2 and 3,
+    and their adapters stay identical."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    report = tmp_path / "report.json"
+    worker = Path(__file__).with_name("ddp_nan_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(report)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as out:  # a file, not a pipe: a stuck worker must not keep the test waiting on it
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun stops its workers (they run in process groups of their own)
+            try:
+                proc.wait(timeout=30)
+            finally:
+                with contextlib.suppress(ProcessLookupError):  # gone already, as it should be
+                    os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the two processes hung (one waits in an all-reduce the other never joins)")
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    seen = json.loads(report.read_text())
+    assert seen["skipped"] == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    assert seen["apart"] == 0.0 and seen["moved"] > 0
+
+
 def test_fit_distributed_with_two_processes(files):
     """The multi-GPU path with no code change, run for real as two CPU processes (torchrun + gloo, which is what
     ``accelerate launch --multi_gpu`` starts on GPUs): the global batch counts both processes, the main process alone

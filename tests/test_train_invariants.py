@@ -311,17 +311,18 @@ def test_one_training_pair_is_enough(tmp_path, world_data):
     assert len(trainer.train) == 1 and len(trainer.val_pairs) == 1
 
 
-def _spy(monkeypatch, trainer: Trainer, name: str) -> list[tuple[tuple, object]]:
-    """Record each call of one of the trainer's own methods, (arguments, result); the method still runs."""
+def _spy(monkeypatch, owner, name: str) -> list[tuple[tuple, object]]:
+    """Record each call of one method of an object (the trainer, its accelerator): (arguments, result). It still
+    runs."""
     calls: list[tuple[tuple, object]] = []
-    real = getattr(trainer, name)
+    real = getattr(owner, name)
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         calls.append(((*args, *kwargs.values()), out))
         return out
 
-    monkeypatch.setattr(trainer, name, spy)
+    monkeypatch.setattr(owner, name, spy)
     return calls
 
 
@@ -400,8 +401,10 @@ def test_a_non_finite_micro_batch_skips_the_whole_step(tmp_path, world_data, mon
         return both, users, weights, eps
 
     monkeypatch.setattr(trainer, "_inputs", poison_first)
+    backward = _spy(monkeypatch, trainer.acc, "backward")
     before = [p.detach().clone() for p in trainer.adapter.parameters()]
     assert trainer.train_step()["skipped"] == 1.0 and trainer.nan_run == 1 and len(seen) == 2
+    assert len(backward) == 2  # the NaN one too (with a zero gradient): under DDP every process must run backward
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.adapter.parameters()))
 
 
