@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,25 +102,20 @@ def test_demo_prints_its_config(capsys):
     assert "beta = 1000.0" in out  # overriding one train key keeps the demo's other train defaults
 
 
-def test_a_nan_batch_on_one_process_skips_the_step_on_all(tmp_path):
-    """Two processes (torchrun + gloo), a NaN in process 1's first batch: both run backward (a process that skipped
-    it would leave the other waiting in the gradient all-reduce: a hang), both skip step 1 and train steps 2 and 3,
-    and their adapters stay identical."""
+def _torchrun(folder: Path, *args: str) -> str:
+    """Run ``args`` as two CPU processes under torchrun (gloo, what ``accelerate launch --multi_gpu`` starts on GPUs)
+    in ``folder``; its stdout. A hang (two processes out of step in an all-reduce) fails the test, leaving no worker
+    behind; output goes to files, not pipes, which a stuck worker would hold open."""
     import contextlib
     import os
     import signal
     import subprocess
-    from pathlib import Path
 
-    report = tmp_path / "report.json"
-    worker = Path(__file__).with_name("ddp_nan_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           str(report)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    log = tmp_path / "torchrun.log"
-    with log.open("w") as out:  # a file, not a pipe: a stuck worker must not keep the test waiting on it
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-                                start_new_session=True)
+    out, err = folder / "torchrun.out", folder / "torchrun.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=folder, start_new_session=True)
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -130,29 +126,30 @@ def test_a_nan_batch_on_one_process_skips_the_step_on_all(tmp_path):
                 with contextlib.suppress(ProcessLookupError):  # gone already, as it should be
                     os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("the two processes hung (one waits in an all-reduce the other never joins)")
-    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    return out.read_text()
+
+
+def test_a_nan_batch_on_one_process_skips_the_step_on_all(tmp_path):
+    """Two processes, a NaN in process 1's first batch: both run backward (a process that skipped it would leave the
+    other waiting in the gradient all-reduce: a hang), both skip step 1 and train steps 2 and 3, and their adapters
+    stay identical."""
+    report = tmp_path / "report.json"
+    _torchrun(tmp_path, str(Path(__file__).with_name("ddp_nan_worker.py")), str(report))
     seen = json.loads(report.read_text())
     assert seen["skipped"] == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
     assert seen["apart"] == 0.0 and seen["moved"] > 0
 
 
 def test_fit_distributed_with_two_processes(files):
-    """The multi-GPU path with no code change, run for real as two CPU processes (torchrun + gloo, which is what
-    ``accelerate launch --multi_gpu`` starts on GPUs): the global batch counts both processes, the main process alone
-    writes the adapter and reports it."""
-    import os
-    import subprocess
-
+    """The multi-GPU path with no code change, run for real as two CPU processes: the global batch counts both
+    processes, the main process alone writes the adapter and reports it."""
     cfg = files / "fit.toml"
     cfg.write_text(f'stage_c = "{files / "stage_c"}"\ndata = "{files / "data.safetensors"}"\n'
                    f'embeddings = "{files / "users.safetensors"}"\nout_dir = "{files / "ddp"}"\n'
                    "max_steps = 3\nbatch_size = 2\nlr = 1e-2\nbeta = 100.0\ntensorboard = false\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "ppd_train", "fit", "--config", str(cfg), "--quiet"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=files)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("adapter ->") == 1
+    out = _torchrun(files, "-m", "ppd_train", "fit", "--config", str(cfg), "--quiet")
+    assert out.count("adapter ->") == 1
     adapter = load_adapter(files / "ddp" / "adapter.safetensors")
     assert adapter.config.training["steps"] == 3 and adapter.config.training["batch_pairs"] == 4
     assert adapter.blocks[0].to_v.weight.abs().sum() > 0  # trained: a fresh adapter's to_v is exactly zero
