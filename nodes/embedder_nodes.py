@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..ppd_train.confidence import confidence_text
 from ..ppd_train.embedders.vlm import VLMEmbedder, check_vlm_folder
 from ..ppd_train.embedding import UserEmbedding
 from ..ppd_train.errors import PPDError
@@ -109,10 +110,12 @@ class PPDVLMUserEmbedder:
     DESCRIPTION = ("Turns a user's preference pairs into a user embedding with the VLM (the paper's method), plus "
                    "the profile text the VLM wrote (chain-of-thought mode).")
     CATEGORY = f"{CATEGORY}/embedding"
-    RETURN_TYPES = (EMBEDDING, "STRING")
-    RETURN_NAMES = ("user_embedding", "profile")
+    RETURN_TYPES = (EMBEDDING, "STRING", "STRING")
+    RETURN_NAMES = ("user_embedding", "profile", "confidence")
     OUTPUT_TOOLTIPS = ("The user's taste, for the PPD sampler (or to save and share).",
-                       "What the VLM wrote about the user (empty in direct mode).")
+                       "What the VLM wrote about the user (empty in direct mode).",
+                       "Do the pairs say enough? How well the pairs agree with each other (0-1) and, when LOW, about "
+                       "how many more pairs to pick in the Preference Picker. Saved in the embedding file too.")
     FUNCTION = "embed"
 
     @classmethod
@@ -146,4 +149,4 @@ class PPDVLMUserEmbedder:
         finally:
             mm.soft_empty_cache()
         bar.update_absolute(bar.total)
-        return (embedding, embedding.profile)
+        return (embedding, embedding.profile, confidence_text(embedding.meta))

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
 
+from .confidence import pair_confidence
 from .config import to_dict
 from .dpo_data import DPOData
 from .embedders.pairdiff import PairDifferenceEmbedder
@@ -105,6 +106,9 @@ class World:
         self.pooled = torch.randn(cfg.n_captions, 1, cfg.width, generator=g)
         self.phi = torch.randn(cfg.embed_dim, 16, generator=g) / math.sqrt(16)
         self.prefs: dict[str, torch.Tensor] = {}
+        # per user: style differences [N, K] (preferred - dispreferred) of the N pairs its evaluation embedding was
+        # made from (build_dataset); what those pairs truly say, for diagnosing users PPD fails
+        self.embed_evidence: dict[str, torch.Tensor] = {}
         self.seen: list[str] = []
         self.unseen: list[str] = []
         for i in range(cfg.seen_users):
@@ -203,10 +207,15 @@ def build_dataset(world: World, seed: int) -> tuple[DPOData, dict[str, UserEmbed
     embeddings, views, ws, ls, caps, users = {}, [], [], [], [], []
     for uid in world.seen + world.unseen:
         own = []
-        for _ in range(c.embedding_views if uid in world.seen else 1):
-            ew, el, _ = world.pairs(uid, c.n_embed_pairs, g)
+        for v in range(c.embedding_views if uid in world.seen else 1):
+            ew, el, ec = world.pairs(uid, c.n_embed_pairs, g)
             own.append(embedder.embed_tokens(list(ew), list(el)))
-        embeddings[uid] = UserEmbedding(own[0], embedder.id, {"user_id": uid, "n_pairs": c.n_embed_pairs})
+            if v == 0:
+                world.embed_evidence[uid] = world.style_of(ew, ec) - world.style_of(el, ec)
+        meta = {"user_id": uid, "n_pairs": c.n_embed_pairs}
+        if c.n_embed_pairs >= 2:
+            meta["confidence"] = pair_confidence(own[0])  # the pair-difference tokens are the pairs' evidence
+        embeddings[uid] = UserEmbedding(own[0], embedder.id, meta)
         if uid in world.seen:
             views.append(torch.stack(own))
     for u, uid in enumerate(world.seen):
@@ -218,6 +227,40 @@ def build_dataset(world: World, seed: int) -> tuple[DPOData, dict[str, UserEmbed
     data = DPOData(torch.cat(ws), torch.cat(ls), torch.cat(caps), torch.cat(users), world.text, world.pooled,
                    list(world.seen), {"source": "synthetic", "seed": seed})
     return data, embeddings, torch.stack(views)
+
+
+# A user's N pairs "agree with" its preference when their summed style difference points within 60 degrees of it
+# (cosine >= 0.5). Every labelled pair leans towards the preference (cosine > 0), so a weaker lean is a real, if
+# faint, signal; below 0.5 the pairs leave most of the preference unsaid (docs/world-sweep.md, "Why a user fails").
+AGREE_COS = 0.5
+
+
+def diagnose_users(world: World, embeddings: dict[str, UserEmbedding], per_user: dict[str, dict]) -> None:
+    """Adds to each user's metrics what its evaluation pairs truly say (``evidence_cos``: cosine between their
+    summed style difference and the user's preference; ``embedding_agrees``), what the pairs alone say
+    (``reliability``, ``low_confidence``: :mod:`ppd_train.confidence`) and, for a user PPD fails (win rate < 50%),
+    why: ``"pairs say too little"`` (its pairs do not agree with its preference) or ``"adapter is wrong"``."""
+    for uid, m in per_user.items():
+        d = world.embed_evidence[uid].sum(0)
+        cos = float(d @ world.prefs[uid] / d.norm().clamp_min(1e-12))
+        conf = embeddings[uid].meta.get("confidence") or {}
+        m["evidence_cos"] = cos
+        m["embedding_agrees"] = cos >= AGREE_COS
+        m["reliability"] = conf.get("reliability", float("nan"))
+        m["low_confidence"] = bool(conf.get("low_confidence", False))
+        m["failure"] = None if m["win_rate"] >= 0.5 else \
+            "adapter is wrong" if m["embedding_agrees"] else "pairs say too little"
+
+
+def failure_counts(per_user: dict[str, dict]) -> dict:
+    """Users below 50% by cause, and whether the confidence measure flagged them."""
+    failing = [m for m in per_user.values() if m.get("failure")]
+    flagged = [m for m in per_user.values() if m.get("low_confidence")]
+    return {"below_half": len(failing),
+            "pairs_say_too_little": sum(m["failure"] == "pairs say too little" for m in failing),
+            "adapter_wrong": sum(m["failure"] == "adapter is wrong" for m in failing),
+            "failing_flagged": sum(m["low_confidence"] for m in failing),
+            "flagged": len(flagged), "flagged_failing": sum(bool(m.get("failure")) for m in flagged)}
 
 
 def check_targets(metrics: dict, targets: Targets) -> list[str]:
@@ -237,10 +280,13 @@ def check_targets(metrics: dict, targets: Targets) -> list[str]:
 
 
 def _table(metrics: dict) -> str:
-    lines = [f"{'user':8s} {'group':7s} {'win rate':>8s} {'reward gain':>11s} {'drift sd':>8s} {'noise':>6s}"]
+    lines = [f"{'user':8s} {'group':7s} {'win rate':>8s} {'reward gain':>11s} {'drift sd':>8s} {'noise':>6s} "
+             f"{'pairs cos':>9s} {'confid.':>7s}  why below 50%"]
     for uid, m in metrics["users"].items():
+        flag = "LOW" if m.get("low_confidence") else ""
         lines.append(f"{uid:8s} {m['group']:7s} {m['win_rate']:8.0%} {m['reward_gain']:11.3f} {m['drift_sd']:8.2f} "
-                     f"{m['noise_ratio']:6.2f}")
+                     f"{m['noise_ratio']:6.2f} {m.get('evidence_cos', float('nan')):9.2f} "
+                     f"{m.get('reliability', float('nan')):5.2f}{flag:>4s}  {m.get('failure') or ''}")
     lines.append("-" * 53)
     for group in ("seen", "heldout", "unseen"):
         if group in metrics:
@@ -248,6 +294,11 @@ def _table(metrics: dict) -> str:
             lines.append(f"{'ALL':8s} {group:7s} {m['win_rate']:8.0%} {m['reward_gain']:11.3f} {m['drift_sd']:8.2f} "
                          f"{m['noise_ratio']:6.2f}"
                          f"   ({m['users']} users; lowest {m['min_win_rate']:.0%}, {m['below_half']:.0%} below 50%)")
+    f = metrics.get("failures")
+    if f:
+        lines.append(f"users below 50%: {f['below_half']} ({f['pairs_say_too_little']} whose pairs say too little, "
+                     f"{f['adapter_wrong']} where the adapter is wrong; {f['failing_flagged']} flagged low-confidence)."
+                     f" Flagged low-confidence: {f['flagged']} users, {f['flagged_failing']} of them below 50%.")
     return "\n".join(lines)
 
 
@@ -338,6 +389,8 @@ def run_demo(cfg: DemoConfig, log=print, show_progress: bool = True) -> dict:
                              cfg.world.eval_samples, steps=cfg.world.sample_steps, fidelity=world.fidelity,
                              heldout=heldout)
     metrics["all"] = group_summary(list(metrics["users"].values()))
+    diagnose_users(world, embeddings, metrics["users"])
+    metrics["failures"] = failure_counts(metrics["users"])
     metrics["selected"] = adapter.config.training.get("selected")
     # interpolate between the two most opposed seen users: their rewards must move in opposite directions
     trained = [u for u in world.seen if u not in heldout]

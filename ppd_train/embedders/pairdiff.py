@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..confidence import pair_confidence
 from ..embedding import UserEmbedding
 from ..errors import PPDError
 from ..pairs import PreferencePair, content_hash
@@ -61,8 +62,11 @@ class PairDifferenceEmbedder:
         for u, pairs in enumerate(users):
             tokens = self.embed_tokens([p.chosen.load() for p in pairs], [p.rejected.load() for p in pairs])
             uid = user_ids[u] if user_ids is not None else (pairs[0].user_id if pairs else "")
-            out.append(UserEmbedding(tokens, self.id, {"n_pairs": len(pairs), "content_hash": content_hash(pairs),
-                                                       "user_id": uid, "pair_sources": [p.source for p in pairs]}))
+            meta = {"n_pairs": len(pairs), "content_hash": content_hash(pairs), "user_id": uid,
+                    "pair_sources": [p.source for p in pairs]}
+            if len(pairs) >= 2:
+                meta["confidence"] = pair_confidence(tokens)  # each token is its pair's evidence
+            out.append(UserEmbedding(tokens, self.id, meta))
             if progress is not None:
                 progress(1)
         return out

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..confidence import pair_confidence
 from ..embedding import UserEmbedding
 from ..errors import PPDError
 from ..pairs import PreferencePair, content_hash
@@ -132,13 +133,28 @@ class VLMEmbedder:
         return inputs.to(self.device)
 
     @torch.inference_mode()
+    def _pair_evidence(self, inputs, users: Sequence[Sequence[PreferencePair]]) -> list[torch.Tensor]:
+        """Per user ``[N, d]``: the VLM's own vision tower, mean-pooled over the base tile (the whole image), of the
+        preferred minus the dispreferred image of each pair: what :mod:`ppd_train.confidence` reads. One extra
+        vision pass over one tile per image, small beside the language model's pass."""
+        feats = self.model.model.vision_tower(pixel_values=inputs["pixel_values"][:, 0]).last_hidden_state
+        feats = feats.float().mean(1).cpu()  # images in order: user by user, pair by pair, preferred first
+        out, start = [], 0
+        for pairs in users:
+            f = feats[start:start + 2 * len(pairs)].view(len(pairs), 2, -1)
+            out.append(f[:, 0] - f[:, 1])
+            start += 2 * len(pairs)
+        return out
+
+    @torch.inference_mode()
     def _embed_batch(self, users: Sequence[Sequence[PreferencePair]],
-                     on_token: Callable[[], None] | None = None) -> list[tuple[torch.Tensor, str]]:
+                     on_token: Callable[[], None] | None = None) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
         inputs = self._inputs(users)
+        evidence = self._pair_evidence(inputs, users)
         if self.mode == "direct":
             out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1)
             states = torch.stack([out.hidden_states[i][:, -1] for i in self.layers], dim=1)
-            return [(states[b].float().cpu(), "") for b in range(len(users))]
+            return [(states[b].float().cpu(), "", evidence[b]) for b in range(len(users))]
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         class _EachToken(StoppingCriteria):  # a hook, never a stop: lets callers show progress or interrupt
@@ -162,7 +178,7 @@ class VLMEmbedder:
             last = min(last, len(gen.hidden_states) - 1)
             step = gen.hidden_states[last]
             tokens = torch.stack([step[i][b, -1] for i in self.layers]).float().cpu()
-            results.append((tokens, tok.decode(ids[: last + 1], skip_special_tokens=True).strip()))
+            results.append((tokens, tok.decode(ids[: last + 1], skip_special_tokens=True).strip(), evidence[b]))
         return results
 
     def embed(self, users: Sequence[Sequence[PreferencePair]], user_ids: Sequence[str] | None = None,
@@ -172,12 +188,14 @@ class VLMEmbedder:
         out: list[UserEmbedding] = []
         for start in range(0, len(users), self.batch_size):
             chunk = users[start:start + self.batch_size]
-            for j, (tokens, text) in enumerate(self._embed_batch(chunk, on_token)):
+            for j, (tokens, text, evidence) in enumerate(self._embed_batch(chunk, on_token)):
                 pairs = chunk[j]
                 uid = user_ids[start + j] if user_ids is not None else (pairs[0].user_id if pairs else "")
                 meta = {"model": self.folder.name, "mode": self.mode, "layers": self.layers, "n_pairs": len(pairs),
                         "content_hash": content_hash(pairs), "profile": text, "user_id": uid,
                         "pair_sources": [p.source for p in pairs]}
+                if len(pairs) >= 2:
+                    meta["confidence"] = pair_confidence(evidence)
                 out.append(UserEmbedding(tokens, self.id, meta))
             if progress is not None:
                 progress(len(chunk))
