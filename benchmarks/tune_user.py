@@ -31,7 +31,7 @@ from ppd_train.embedding import UserEmbedding
 from ppd_train.evaluate import evaluate_users, group_summary
 from ppd_train.stage_c import PPDBinding
 from ppd_train.sweep import load_sweep, world_config
-from ppd_train.synthetic import DemoConfig, train_world
+from ppd_train.synthetic import DemoConfig, diagnose_users, train_world
 from ppd_train.tune import TuneConfig, UserTuner
 
 METHODS = ("embedder", "tuned", "mix", "mix+tuned")
@@ -44,8 +44,16 @@ def embedder_tokens(world, ew: torch.Tensor, el: torch.Tensor, group: int) -> to
     return torch.stack(parts).mean(0)
 
 
+def failing_users(cfg: DemoConfig, tw, binding: PPDBinding, heldout: set[str]) -> list[str]:
+    """Every user (seen or not) the demo's evaluation puts below 50%, or whose 4 pairs are flagged low-confidence."""
+    m = evaluate_users(binding, tw.world.conditions(), tw.embeddings, tw.world.reward, set(tw.world.seen) - heldout,
+                       cfg.world.eval_samples, steps=cfg.world.sample_steps, heldout=heldout)
+    diagnose_users(tw.world, tw.embeddings, m["users"])
+    return [u for u, r in m["users"].items() if r["win_rate"] < 0.5 or r["low_confidence"]]
+
+
 def run_world(name: str, cfg: DemoConfig, ns: list[int], tune: TuneConfig, max_users: int,
-              on_rows=None) -> list[dict]:
+              on_rows=None, which: str = "unseen") -> list[dict]:
     tw = train_world(cfg, log=lambda *_: None, show_progress=False)
     world = tw.world
     adapter = load_adapter(tw.adapter_path)
@@ -53,10 +61,14 @@ def run_world(name: str, cfg: DemoConfig, ns: list[int], tune: TuneConfig, max_u
     heldout = set(adapter.config.training.get("heldout_users", []))
     library = [tw.embeddings[u] for u in world.seen if u not in heldout]
     tune = TuneConfig(**{**tune.__dict__, "t_min": cfg.train.t_min, "t_max": cfg.train.t_max})
-    # as many mixtures of trained users as new users (the world lists its mixtures first)
-    mixes = [u for u in world.unseen if u.startswith("mix")]
-    new = [u for u in world.unseen if not u.startswith("mix")]
-    users = [u for pair in zip(new, mixes) for u in pair] + new[len(mixes):] + mixes[len(new):]
+    if which == "failing":
+        users = failing_users(cfg, tw, binding, heldout)
+        print(f"{name}: {len(users)} users below 50% or flagged low-confidence: {', '.join(users)}", flush=True)
+    else:
+        # as many mixtures of trained users as new users (the world lists its mixtures first)
+        mixes = [u for u in world.unseen if u.startswith("mix")]
+        new = [u for u in world.unseen if not u.startswith("mix")]
+        users = [u for pair in zip(new, mixes) for u in pair] + new[len(mixes):] + mixes[len(new):]
     users = users[:max_users]
     group = cfg.world.n_embed_pairs
     rows = []
@@ -131,7 +143,10 @@ def main() -> None:
     p.add_argument("--worlds", default="default-s0,k6-c6-u12,k8-c4-u96", help="comma-separated world names")
     p.add_argument("--runs", default="runs/sweep", help="where the worlds are trained (reused when finished)")
     p.add_argument("--ns", default="4,8,16,32")
-    p.add_argument("--max-users", type=int, default=16, help="unseen users per world (at most)")
+    p.add_argument("--max-users", type=int, default=16, help="users per world (at most)")
+    p.add_argument("--users", choices=("unseen", "failing"), default="unseen",
+                   help="unseen: the world's new users; failing: every user the demo puts below 50%% or flags "
+                        "low-confidence (docs/world-sweep.md, 'Why a user fails')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TuneConfig key, e.g. lr=0.1")
     p.add_argument("--out", default="")
     p.add_argument("--table", nargs="+", metavar="JSON", help="only print the markdown table of earlier results")
@@ -156,7 +171,7 @@ def main() -> None:
 
     for name in args.worlds.split(","):
         cfg = world_config(DemoConfig(), worlds[name], Path(args.runs) / name)
-        rows += run_world(name, cfg, ns, tune, args.max_users, write)
+        rows += run_world(name, cfg, ns, tune, args.max_users, write, args.users)
     print(markdown(rows))
 
 

@@ -1,24 +1,26 @@
 """Do a user's pairs say enough? An embedding confidence computed from the pairs alone.
 
 Each pair gives one **evidence vector** ``e_i = phi(preferred) - phi(dispreferred)`` in an image encoder's feature
-space (the pair-difference embedder's tokens; for the VLM embedder, its own vision tower's pooled features). Model
-them as ``e_i = s + n_i``: a direction ``s`` the user's taste shares across pairs plus what differs from pair to pair
-(the other ways two images differ), independent between pairs. Then, over distinct pairs ``i != j``,
+space (the pair-difference embedder's tokens; for the VLM embedder, its own vision tower's pooled features). A pair
+says "the user's taste ``q`` points more towards e_i than away": a Bradley-Terry choice, ``P(pair as labelled) =
+sigmoid(e_i . q)``. The confidence is how sure the posterior over ``q`` is of its own direction,
 
-    mean(e_i . e_j) estimates |s|^2                      (the noise terms average out: it is unbiased)
-    mean(e_i . e_i) estimates |s|^2 + E|n|^2
+    confidence = |mu|^2 / (|mu|^2 + trace(Sigma))
 
-so ``snr = |s|^2 / E|n|^2`` is estimated from the pairs themselves, and the **reliability** of N pairs,
+with ``mu, Sigma`` the Laplace (Gaussian) approximation of the posterior under a standard normal prior, in the
+subspace the pairs span (their principal directions holding 95% of the evidence energy, at least ``MIN_DIMS``;
+evidence scaled so a typical pair has norm ``SHARPNESS``). It is 0 when the pairs say nothing, near 1 when many diverse pairs pin the taste down.
 
-    reliability(N) = N * snr / (1 + N * snr)
+Why this and not "do the pairs agree with each other?": agreeing pairs are *redundant*. Each pair only says which
+side of a plane the taste lies on, so four pairs that all differ the same way leave every other direction open.
+Measured in simulation (docs/world-sweep.md, "Why a user fails"): the pairs' mutual agreement is *anti*-correlated
+with how well their evidence matches the true taste, while this posterior's certainty rises with the number of
+pairs and falls with the richness of the taste space, as it should.
 
-is the expected squared cosine between the N pairs' mean evidence and the shared direction (Spearman-Brown; 1 = the
-pairs agree, 0 = they share nothing). Because it is a function of N, it also says how many pairs would reach a
-target: ``pairs_needed``. Pairs that contradict each other give ``snr <= 0``: reliability 0, more pairs needed than
-any artist would pick (reported as None).
-
-The threshold that flags a user (``LOW_RELIABILITY``) was chosen on the synthetic worlds, where each user's true
-preference is known (docs/world-sweep.md, "Why a user fails").
+With 4 pairs no truth-free measure separates individual users well (they carry too little information about
+themselves); what the confidence reliably says is that 4 pairs are not enough when taste has many directions.
+Its growth with N follows the Spearman-Brown form ``N a / (1 + N a)`` closely (measured), which gives
+``pairs_needed``.
 """
 
 from __future__ import annotations
@@ -27,63 +29,82 @@ import math
 
 import torch
 
-# Flag an embedding when its pairs' reliability is below this (measured on the synthetic worlds: see module doc).
-LOW_RELIABILITY = 0.5
-# The reliability "pick more pairs" aims for.
-TARGET_RELIABILITY = 0.7
-MAX_PAIRS_ADVICE = 256  # beyond this "more pairs" is not advice: the pairs contradict each other
+# Flag an embedding when its confidence is below this, and aim "pick more pairs" at TARGET (chosen on the synthetic
+# worlds: docs/world-sweep.md, "Why a user fails").
+LOW_CONFIDENCE = 0.5
+TARGET_CONFIDENCE = 0.6
+SHARPNESS = 3.0  # a typical pair's evidence along the taste: P(as labelled) = sigmoid(3) = 0.95
+ENERGY = 0.95
+# Taste has at least this many independent directions: a user's own pairs cannot show there are fewer (four pairs
+# that all differ the same way span one direction and leave the others open), so the posterior keeps at least
+# min(N, MIN_DIMS) of them, directions the pairs do not cover keeping the prior's uncertainty.
+MIN_DIMS = 4
+MAX_PAIRS_ADVICE = 256  # beyond this "more pairs" is not advice
 
 
-def pair_confidence(evidence: torch.Tensor, low: float = LOW_RELIABILITY,
-                    target: float = TARGET_RELIABILITY) -> dict:
-    """``evidence`` ``[N, D]`` (one vector per pair, N >= 2) -> ``{"reliability", "snr", "n_pairs", "low_confidence",
-    "pairs_needed"}``, all plain Python values (they go into the embedding file's JSON metadata)."""
-    if evidence.dim() != 2 or evidence.shape[0] < 2:
-        raise ValueError(f"pair_confidence needs [N >= 2, D] evidence vectors; got {tuple(evidence.shape)}.")
-    e = evidence.detach().double()
+def pair_confidence(evidence: torch.Tensor, low: float = LOW_CONFIDENCE, target: float = TARGET_CONFIDENCE) -> dict:
+    """``evidence`` ``[N, D]`` (one vector per pair, N >= 1) -> ``{"confidence", "n_pairs", "dims",
+    "low_confidence", "pairs_needed"}``, plain Python values (they go into the embedding file's JSON metadata)."""
+    if evidence.dim() != 2 or evidence.shape[0] < 1:
+        raise ValueError(f"pair_confidence needs [N >= 1, D] evidence vectors; got {tuple(evidence.shape)}.")
+    e = evidence.detach().double().cpu()
     n = e.shape[0]
-    gram = e @ e.T
-    total = gram.diagonal().mean().item()
-    shared = (gram.sum().item() - gram.diagonal().sum().item()) / (n * (n - 1))
-    if total <= 0 or not math.isfinite(total):  # every pair's two images were identical to the encoder
-        snr = 0.0
-    else:
-        snr = max(shared, 0.0) / max(total - shared, 1e-12 * total)
-    rel = reliability(n, snr)
-    needed = pairs_needed(snr, target)
-    return {"reliability": rel, "snr": snr, "n_pairs": n, "low_confidence": rel < low,
-            "pairs_needed": needed}
+    energy = e.pow(2).sum(1)
+    if not torch.isfinite(energy).all() or energy.sum() <= 0:  # the encoder saw no difference in any pair
+        return _result(0.0, n, 0, low, target)
+    _, s, vh = torch.linalg.svd(e, full_matrices=True)
+    share = (s ** 2).cumsum(0) / (s ** 2).sum()
+    dims = max(int((share < ENERGY - 1e-12).sum()) + 1, min(n, MIN_DIMS, e.shape[1]))
+    x = e @ vh[:dims].T
+    x = x * (SHARPNESS / energy.mean().sqrt())
+    q = torch.zeros(dims, dtype=x.dtype)
+    eye = torch.eye(dims, dtype=x.dtype)
+    for _ in range(50):  # Newton on a strictly concave log-posterior: converges in a handful of steps
+        p = torch.sigmoid(x @ q)
+        hess = x.T @ (x * (p * (1 - p))[:, None]) + eye
+        step = torch.linalg.solve(hess, x.T @ (1 - p) - q)
+        q = q + step
+        if step.norm() < 1e-10:
+            break
+    p = torch.sigmoid(x @ q)
+    cov = torch.linalg.inv(x.T @ (x * (p * (1 - p))[:, None]) + eye)
+    mu2 = float(q @ q)
+    return _result(mu2 / (mu2 + float(cov.trace())), n, dims, low, target)
 
 
-def reliability(n: int, snr: float) -> float:
-    return n * snr / (1.0 + n * snr) if snr > 0 else 0.0
+def _result(conf: float, n: int, dims: int, low: float, target: float) -> dict:
+    return {"confidence": conf, "n_pairs": n, "dims": dims, "low_confidence": conf < low,
+            "pairs_needed": pairs_needed(conf, n, target)}
 
 
-def pairs_needed(snr: float, target: float = TARGET_RELIABILITY) -> int | None:
-    """The number of pairs whose reliability reaches ``target`` (None: more than MAX_PAIRS_ADVICE)."""
-    if snr <= 0:
+def pairs_needed(conf: float, n: int, target: float = TARGET_CONFIDENCE) -> int | None:
+    """Pairs whose confidence would reach ``target``, from ``conf`` at ``n`` pairs with the Spearman-Brown form
+    ``N a / (1 + N a)`` (None: more than MAX_PAIRS_ADVICE, or no evidence at all)."""
+    if conf <= 0:
         return None
-    n = math.ceil(target / ((1.0 - target) * snr) - 1e-9)
-    return max(n, 2) if n <= MAX_PAIRS_ADVICE else None
+    if conf >= target:
+        return n
+    a = conf / (n * (1.0 - conf))
+    need = math.ceil(target / ((1.0 - target) * a) - 1e-9)
+    return need if need <= MAX_PAIRS_ADVICE else None
 
 
 def advice(conf: dict) -> str:
     """One line an artist can act on."""
-    rel, n = conf["reliability"], conf["n_pairs"]
-    head = f"pair confidence {rel:.2f} from {n} pairs"
+    head = f"pair confidence {conf['confidence']:.2f} from {conf['n_pairs']} pairs"
     if not conf["low_confidence"]:
         return head + " (ok)"
     need = conf["pairs_needed"]
     if need is None:
-        return head + ": LOW - these pairs contradict each other; check them, or pick many more pairs."
-    return head + f": LOW - these pairs say too little about your taste; pick about {max(need - n, 1)} more " \
-                  f"(about {need} in all)."
+        return head + ": LOW - these pairs show no difference your taste could be read from; check them, or pick " \
+                      "many more pairs."
+    return head + f": LOW - these pairs say too little about your taste; pick about {max(need - conf['n_pairs'], 1)}" \
+                  f" more (about {need} in all) with the Preference Picker, then embed again or tune the user."
 
 
 def confidence_text(meta: dict) -> str:
     """The line the nodes show for an embedding's metadata (files from before confidence existed say so)."""
     conf = meta.get("confidence")
-    if not isinstance(conf, dict):
-        n = meta.get("n_pairs")
-        return "pair confidence: not measured" + (" (one pair cannot be checked against another)" if n == 1 else "")
+    if not isinstance(conf, dict) or "confidence" not in conf:
+        return "pair confidence: not measured (an embedding made before this version)"
     return advice(conf)

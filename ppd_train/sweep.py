@@ -26,7 +26,8 @@ ALLOWED = {"name", "seed", "world"}
 COLUMNS = [("world", "{}"), ("seed", "{}"), ("K", "{}"), ("captions", "{}"), ("seen", "{}"), ("unseen", "{}"),
            ("pairs/user", "{}"), ("mix share", "{:.0%}"), ("seen win", "{:.0%}"), ("unseen win", "{:.0%}"),
            ("gain", "{:.2f}"), ("drift sd", "{:.2f}"), ("lowest user", "{:.0%}"), ("users < 50%", "{:.0%}"),
-           ("monotone", "{}"), ("step", "{}"), ("time s", "{:.0f}"), ("targets", "{}")]
+           ("monotone", "{}"), ("< 50%: pairs / adapter", "{}"), ("< 50% flagged", "{}"), ("flagged", "{}"),
+           ("step", "{}"), ("time s", "{:.0f}"), ("targets", "{}")]
 
 
 def load_sweep(path: str | os.PathLike) -> list[tuple[str, dict]]:
@@ -60,12 +61,17 @@ def world_config(base: DemoConfig, change: dict, out_dir: Path) -> DemoConfig:
 
 def _row(name: str, cfg: DemoConfig, m: dict) -> dict:
     w = cfg.world
+    f = m.get("failures") or {}  # worlds run before the diagnosis existed have none
     return {"world": name, "seed": cfg.seed, "K": w.k_styles, "captions": w.n_captions, "seen": w.seen_users,
             "unseen": w.unseen_users, "pairs/user": w.pairs_per_user,
             "mix share": w.unseen_mixtures / max(1, w.unseen_users), "seen win": m["seen"]["win_rate"],
             "unseen win": m["unseen"]["win_rate"], "gain": m["all"]["reward_gain"], "drift sd": m["all"]["drift_sd"],
             "lowest user": m["all"]["min_win_rate"], "users < 50%": m["all"]["below_half"],
-            "monotone": "yes" if m["interpolation"]["monotone"] else "NO", "step": (m["selected"] or {}).get("step"),
+            "monotone": "yes" if m["interpolation"]["monotone"] else "NO",
+            "< 50%: pairs / adapter": f"{f.get('pairs_say_too_little', '-')} / {f.get('adapter_wrong', '-')}",
+            "< 50% flagged": f"{f.get('failing_flagged', '-')} of {f.get('below_half', '-')}",
+            "flagged": f"{f.get('flagged', '-')} of {len(m['users'])}",
+            "step": (m["selected"] or {}).get("step"),
             "time s": m["seconds"], "targets": "met" if not m["missed"] else "; ".join(m["missed"])}
 
 

@@ -77,6 +77,10 @@ class Targets:
     max_drift_sd: float = 2.0
     max_noise_ratio: float = 1.1
     monotone: bool = True
+    # nobody personalised backwards: no user below 50% whose own pairs agree with its preference (diagnose_users)
+    adapter_wrong_users: int = 0
+    # every user below 50% is one the confidence measure flags (the artist is told to pick more pairs)
+    failing_flagged: bool = True
 
 
 @dataclass
@@ -212,9 +216,8 @@ def build_dataset(world: World, seed: int) -> tuple[DPOData, dict[str, UserEmbed
             own.append(embedder.embed_tokens(list(ew), list(el)))
             if v == 0:
                 world.embed_evidence[uid] = world.style_of(ew, ec) - world.style_of(el, ec)
-        meta = {"user_id": uid, "n_pairs": c.n_embed_pairs}
-        if c.n_embed_pairs >= 2:
-            meta["confidence"] = pair_confidence(own[0])  # the pair-difference tokens are the pairs' evidence
+        meta = {"user_id": uid, "n_pairs": c.n_embed_pairs,
+                "confidence": pair_confidence(own[0])}  # the pair-difference tokens are the pairs' evidence
         embeddings[uid] = UserEmbedding(own[0], embedder.id, meta)
         if uid in world.seen:
             views.append(torch.stack(own))
@@ -238,7 +241,7 @@ AGREE_COS = 0.5
 def diagnose_users(world: World, embeddings: dict[str, UserEmbedding], per_user: dict[str, dict]) -> None:
     """Adds to each user's metrics what its evaluation pairs truly say (``evidence_cos``: cosine between their
     summed style difference and the user's preference; ``embedding_agrees``), what the pairs alone say
-    (``reliability``, ``low_confidence``: :mod:`ppd_train.confidence`) and, for a user PPD fails (win rate < 50%),
+    (``confidence``, ``low_confidence``: :mod:`ppd_train.confidence`) and, for a user PPD fails (win rate < 50%),
     why: ``"pairs say too little"`` (its pairs do not agree with its preference) or ``"adapter is wrong"``."""
     for uid, m in per_user.items():
         d = world.embed_evidence[uid].sum(0)
@@ -246,7 +249,7 @@ def diagnose_users(world: World, embeddings: dict[str, UserEmbedding], per_user:
         conf = embeddings[uid].meta.get("confidence") or {}
         m["evidence_cos"] = cos
         m["embedding_agrees"] = cos >= AGREE_COS
-        m["reliability"] = conf.get("reliability", float("nan"))
+        m["confidence"] = conf.get("confidence", float("nan"))
         m["low_confidence"] = bool(conf.get("low_confidence", False))
         m["failure"] = None if m["win_rate"] >= 0.5 else \
             "adapter is wrong" if m["embedding_agrees"] else "pairs say too little"
@@ -276,6 +279,12 @@ def check_targets(metrics: dict, targets: Targets) -> list[str]:
         missed.append(f"fidelity: residual off the data {noise:.2f}x the base model's > {targets.max_noise_ratio:g}")
     if targets.monotone and not metrics["interpolation"]["monotone"]:
         missed.append("interpolation is not monotone")
+    f = metrics.get("failures")
+    if f is not None:
+        if f["adapter_wrong"] > targets.adapter_wrong_users:
+            missed.append(f"{f['adapter_wrong']} user(s) below 50% although their pairs agree with their preference")
+        if targets.failing_flagged and f["failing_flagged"] < f["below_half"]:
+            missed.append(f"{f['below_half'] - f['failing_flagged']} user(s) below 50% not flagged low-confidence")
     return missed
 
 
@@ -286,7 +295,7 @@ def _table(metrics: dict) -> str:
         flag = "LOW" if m.get("low_confidence") else ""
         lines.append(f"{uid:8s} {m['group']:7s} {m['win_rate']:8.0%} {m['reward_gain']:11.3f} {m['drift_sd']:8.2f} "
                      f"{m['noise_ratio']:6.2f} {m.get('evidence_cos', float('nan')):9.2f} "
-                     f"{m.get('reliability', float('nan')):5.2f}{flag:>4s}  {m.get('failure') or ''}")
+                     f"{m.get('confidence', float('nan')):5.2f}{flag:>4s}  {m.get('failure') or ''}")
     lines.append("-" * 53)
     for group in ("seen", "heldout", "unseen"):
         if group in metrics:

@@ -10,70 +10,82 @@ import pytest
 import torch
 from helpers import random_image
 
-from ppd_train.confidence import LOW_RELIABILITY, advice, confidence_text, pair_confidence, pairs_needed, reliability
+from ppd_train.confidence import (
+    LOW_CONFIDENCE,
+    MIN_DIMS,
+    SHARPNESS,
+    TARGET_CONFIDENCE,
+    advice,
+    confidence_text,
+    pair_confidence,
+    pairs_needed,
+)
 from ppd_train.embedders.vlm import VLMEmbedder
 from ppd_train.embedding import UserEmbedding
 from ppd_train.pairs import pairs_from_images
 
 
-def test_hand_computed_two_pairs():
-    # e1 = (1, 0), e2 = (1, 2): cross product 1, mean square (1 + 5) / 2 = 3 -> snr = 1 / (3 - 1) = 0.5
-    conf = pair_confidence(torch.tensor([[1.0, 0.0], [1.0, 2.0]]))
-    assert conf["snr"] == pytest.approx(0.5)
-    assert conf["reliability"] == pytest.approx(2 * 0.5 / (1 + 2 * 0.5))  # 0.5
-    assert conf["n_pairs"] == 2 and conf["low_confidence"] is (0.5 < LOW_RELIABILITY)
-    # reaching 0.7 needs n * 0.5 / (1 + n * 0.5) >= 0.7 -> n >= 4.67 -> 5 pairs
-    assert conf["pairs_needed"] == 5 and reliability(5, 0.5) >= 0.7 > reliability(4, 0.5)
+def _scalar_posterior(a: float) -> float:
+    """The one-direction case by another route: the MAP of log sigmoid(a q) - q^2 / 2 by bisection, then the
+    Laplace variance 1 / (a^2 s (1 - s) + 1)."""
+    lo, hi = 0.0, 10.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if a * (1 - 1 / (1 + math.exp(-a * mid))) - mid > 0 else (lo, mid)
+    s = 1 / (1 + math.exp(-a * lo))
+    var = 1 / (a * a * s * (1 - s) + 1)
+    return lo * lo / (lo * lo + var)
 
 
-def test_agreeing_pairs_are_confident_and_contradicting_ones_are_not():
-    same = torch.tensor([[1.0, 2.0, 0.5]]).repeat(4, 1)
-    conf = pair_confidence(same)
-    assert conf["reliability"] > 0.999 and not conf["low_confidence"] and conf["pairs_needed"] == 2
-    contra = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # every pair undone by another
-    conf = pair_confidence(contra)
-    assert conf["snr"] == 0 and conf["reliability"] == 0 and conf["low_confidence"]
-    assert conf["pairs_needed"] is None and "contradict" in advice(conf)
-    assert pair_confidence(torch.zeros(4, 3))["reliability"] == 0  # the encoder saw no difference at all
+def test_hand_computed_one_pair():
+    conf = pair_confidence(torch.tensor([[0.0, 7.0, 0.0]]))  # scaled to SHARPNESS: one coordinate of 3
+    assert conf["dims"] == 1 and conf["n_pairs"] == 1
+    assert conf["confidence"] == pytest.approx(_scalar_posterior(SHARPNESS), rel=1e-6)
+    assert conf["low_confidence"] is (conf["confidence"] < LOW_CONFIDENCE)
+    # scale and sign free: the evidence is normalised, and the label says which side is preferred
+    assert pair_confidence(torch.tensor([[0.0, -0.01, 0.0]]))["confidence"] == pytest.approx(conf["confidence"])
 
 
-def test_the_order_and_the_sign_convention():
+def test_redundant_pairs_say_less_than_diverse_ones():
+    same = pair_confidence(torch.tensor([[1.0, 2.0, 0.5, 0.0, 0.0]]).repeat(4, 1))
+    diverse = pair_confidence(torch.tensor([[1.0, 0.3, 0.0, 0.0, 0.2], [0.3, 1.0, 0.1, 0.0, 0.0],
+                                            [0.2, 0.0, 1.0, 0.3, 0.0], [0.0, 0.1, 0.3, 1.0, 0.2]]))
+    # four copies of one pair leave every other direction of taste open (MIN_DIMS of them at least)
+    assert same["dims"] == MIN_DIMS and diverse["dims"] == MIN_DIMS
+    assert same["confidence"] < diverse["confidence"]
+    assert pair_confidence(torch.zeros(4, 3)) == {"confidence": 0.0, "n_pairs": 4, "dims": 0,
+                                                   "low_confidence": True, "pairs_needed": None}
+
+
+def test_order_free_and_growing_with_the_number_of_pairs():
     g = torch.Generator().manual_seed(0)
-    e = torch.randn(6, 8, generator=g) + torch.tensor([2.0] + [0.0] * 7)
-    a, b = pair_confidence(e), pair_confidence(e[torch.randperm(6, generator=g)])
-    assert a["reliability"] == pytest.approx(b["reliability"])  # pairs are a set
-    # every pair flipped (the user prefers the other image each time) shares the flipped direction just as much
-    assert pair_confidence(-e)["reliability"] == pytest.approx(a["reliability"])
-    # one pair flipped against the others lowers it
-    flipped = e.clone()
-    flipped[0] = -flipped[0]
-    assert pair_confidence(flipped)["reliability"] < a["reliability"]
+    pref = torch.tensor([1.0, -0.5, 0.3, 0.2, 0.0, 0.4])
+    dz = torch.randn(64, 6, generator=g)
+    dz = dz * torch.sign(dz @ pref)[:, None]  # each pair labelled by the user's taste
+    evidence = dz @ torch.randn(6, 24, generator=g)  # seen through an encoder
+    full = pair_confidence(evidence[:8])
+    assert pair_confidence(evidence[:8][torch.randperm(8, generator=g)])["confidence"] == pytest.approx(
+        full["confidence"])
+    curve = [pair_confidence(evidence[:n])["confidence"] for n in (4, 8, 16, 32, 64)]
+    assert curve == sorted(curve) and curve[0] < LOW_CONFIDENCE < curve[-1]
+    # the advice from 4 pairs points to about as many pairs as it takes
+    need = pair_confidence(evidence[:4])["pairs_needed"]
+    reached = next(n for n in (4, 8, 16, 32, 64) if pair_confidence(evidence[:n])["confidence"] >= TARGET_CONFIDENCE)
+    assert need is not None and reached / 2 <= need <= reached * 2
 
 
-def test_the_estimate_recovers_a_known_signal_to_noise():
-    # e_i = s + n_i with |s|^2 = 1 and E|n|^2 = D * sigma^2 = 16 * 0.25 = 4: snr 0.25
-    g = torch.Generator().manual_seed(1)
-    s = torch.zeros(16)
-    s[3] = 1.0
-    e = s + 0.5 * torch.randn(4000, 16, generator=g)
-    conf = pair_confidence(e)
-    assert conf["snr"] == pytest.approx(0.25, rel=0.1)
-    # and the reliability it predicts for N pairs is what N pairs' mean evidence really reaches: cos^2 with s
-    n = 4
-    cos2 = [float((m @ s) ** 2 / (m @ m)) for m in e[: 1000 * n].view(1000, n, 16).mean(1)]
-    assert sum(cos2) / len(cos2) == pytest.approx(reliability(n, 0.25), abs=0.05)
-
-
-def test_more_pairs_more_reliable_and_the_advice_counts_them():
-    assert [round(reliability(n, 0.2), 3) for n in (1, 4, 16)] == [0.167, 0.444, 0.762]
-    assert pairs_needed(0.2, 0.7) == 12 and pairs_needed(0.0) is None and pairs_needed(1e-4) is None
-    conf = {"reliability": 0.3, "n_pairs": 4, "low_confidence": True, "pairs_needed": 12}
-    assert "pick about 8 more (about 12 in all)" in advice(conf)
+def test_pairs_needed_and_the_advice():
+    # Spearman-Brown: 0.3 at 4 pairs -> a = 0.3 / (4 * 0.7); reaching 0.6 needs 0.6 / (0.4 a) = 14 pairs
+    assert pairs_needed(0.3, 4, 0.6) == 14 and pairs_needed(0.7, 4, 0.6) == 4
+    assert pairs_needed(0.0, 4) is None and pairs_needed(1e-4, 4) is None
+    conf = {"confidence": 0.3, "n_pairs": 4, "low_confidence": True, "pairs_needed": 14}
+    assert "pick about 10 more (about 14 in all)" in advice(conf)
     assert advice({**conf, "low_confidence": False}).endswith("(ok)")
-    assert confidence_text({"n_pairs": 4}) == "pair confidence: not measured"
+    assert "no difference" in advice({**conf, "pairs_needed": None})
+    assert confidence_text({"n_pairs": 4}).startswith("pair confidence: not measured")
     assert confidence_text({"confidence": conf}) == advice(conf)
-    with pytest.raises(ValueError, match="N >= 2"):
-        pair_confidence(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="N >= 1"):
+        pair_confidence(torch.ones(3))
 
 
 def _user(seed: int, n: int = 4):
@@ -92,16 +104,18 @@ def test_vlm_evidence_is_its_vision_towers_pair_difference(tiny_llava_dir, tmp_p
     feats = feats.float().mean(1)
     evidence = feats[0::2] - feats[1::2]  # images go preferred, dispreferred, pair by pair
     expected = pair_confidence(evidence)
-    assert emb.meta["confidence"]["reliability"] == pytest.approx(expected["reliability"], rel=1e-4)
-    # a pair set where every pair is the same pair: the pairs agree perfectly
+    assert emb.meta["confidence"]["confidence"] == pytest.approx(expected["confidence"], rel=1e-4)
+    # a pair set where every pair is the same pair says less than four different pairs
     same = embedder.embed([[pairs[0]] * 4])[0]
-    assert same.meta["confidence"]["reliability"] > 0.999
+    assert same.meta["confidence"]["dims"] == MIN_DIMS
+    assert same.meta["confidence"]["confidence"] == pytest.approx(pair_confidence(evidence[:1].repeat(4, 1))[
+        "confidence"], rel=1e-4)
     # batched users each get their own pairs' confidence
     other = _user(4)
     both = VLMEmbedder(tiny_llava_dir, mode="direct", batch_size=2).embed([pairs, other])
-    assert both[0].meta["confidence"]["reliability"] == pytest.approx(expected["reliability"], rel=1e-3)
-    assert both[1].meta["confidence"]["reliability"] == pytest.approx(
-        embedder.embed([other])[0].meta["confidence"]["reliability"], rel=1e-3)
+    assert both[0].meta["confidence"]["confidence"] == pytest.approx(expected["confidence"], rel=1e-3)
+    assert both[1].meta["confidence"]["confidence"] == pytest.approx(
+        embedder.embed([other])[0].meta["confidence"]["confidence"], rel=1e-3)
     # it travels in the embedding file
     emb.save(tmp_path / "u.safetensors")
     assert UserEmbedding.load(tmp_path / "u.safetensors").meta["confidence"] == emb.meta["confidence"]

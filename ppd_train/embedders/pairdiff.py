@@ -64,7 +64,7 @@ class PairDifferenceEmbedder:
             uid = user_ids[u] if user_ids is not None else (pairs[0].user_id if pairs else "")
             meta = {"n_pairs": len(pairs), "content_hash": content_hash(pairs), "user_id": uid,
                     "pair_sources": [p.source for p in pairs]}
-            if len(pairs) >= 2:
+            if pairs:
                 meta["confidence"] = pair_confidence(tokens)  # each token is its pair's evidence
             out.append(UserEmbedding(tokens, self.id, meta))
             if progress is not None:

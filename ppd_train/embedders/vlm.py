@@ -194,7 +194,7 @@ class VLMEmbedder:
                 meta = {"model": self.folder.name, "mode": self.mode, "layers": self.layers, "n_pairs": len(pairs),
                         "content_hash": content_hash(pairs), "profile": text, "user_id": uid,
                         "pair_sources": [p.source for p in pairs]}
-                if len(pairs) >= 2:
+                if pairs:
                     meta["confidence"] = pair_confidence(evidence)
                 out.append(UserEmbedding(tokens, self.id, meta))
             if progress is not None:
