@@ -9,7 +9,8 @@ sigmoid(e_i . q)``. The confidence is how sure the posterior over ``q`` is of it
 
 with ``mu, Sigma`` the Laplace (Gaussian) approximation of the posterior under a standard normal prior, in the
 subspace the pairs span (their principal directions holding 95% of the evidence energy, at least ``MIN_DIMS``;
-evidence scaled so a typical pair has norm ``SHARPNESS``). It is 0 when the pairs say nothing, near 1 when many diverse pairs pin the taste down.
+evidence scaled so a typical pair has norm ``SHARPNESS``). It is 0 when the pairs say nothing, near 1 when many
+diverse pairs pin the taste down.
 
 Why this and not "do the pairs agree with each other?": agreeing pairs are *redundant*. Each pair only says which
 side of a plane the taste lies on, so four pairs that all differ the same way leave every other direction open.
