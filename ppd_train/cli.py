@@ -270,6 +270,8 @@ def _cmd_tune_user(args: argparse.Namespace) -> int:
     if before:
         print(f"held-out pairs ({report['val_pairs']}): DPO loss {before['loss']:.5g} -> {after['loss']:.5g}, "
               f"implicit accuracy {before['implicit_acc']:.0%} -> {after['implicit_acc']:.0%}")
+        if report["start_kept"]:
+            print("the start scored best on the held-out pairs: it is kept unchanged")
     else:
         print("note: no held-out pairs (val_fraction 0, or a single pair): the last step is kept, unchecked")
     print(f"tuned {user} ({report['mode']}, {report['steps']} steps, {report['seconds']:.0f} s) -> {out}")

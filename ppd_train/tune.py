@@ -100,6 +100,29 @@ def split_pairs(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, t
     return perm[:n_val].sort().values, perm[n_val:].sort().values
 
 
+class Selection:
+    """Model selection and early stopping over one phase's validations (held-out DPO loss, lower is better).
+
+    The phase's start is the first candidate. A later one replaces the best only when it is strictly better, so a tie
+    keeps the earlier one and tuning never returns something worse on the held-out pairs than its start. After
+    ``patience`` validations in a row without a strict gain the phase stops (0: never stop early)."""
+
+    def __init__(self, patience: int, start_loss: float) -> None:
+        self.patience, self.best, self.bad = patience, start_loss, 0
+
+    def offer(self, loss: float) -> bool:
+        """One validation's loss -> whether it is the new best (then :attr:`stop` is False)."""
+        if loss < self.best:  # NaN is never better
+            self.best, self.bad = loss, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+
 class UserTuner:
     """Tunes one user's tokens on ``data`` (all pairs of that user) through ``binding`` (adapter and Stage C frozen)."""
 
@@ -173,8 +196,10 @@ class UserTuner:
         for p in self.tokens.parameters():
             p.requires_grad_(p is param)
         opt = torch.optim.Adam([param], lr=cfg.lr)
+        # the phase's start is its first candidate, scored like every later one
         best = {"step": self.step, **self.score(self.val_idx), "value": param.detach().clone()}
-        bad = 0
+        rule = Selection(cfg.patience, best.get("loss", math.inf))
+        history = [[self.step, best.get("loss")]]
         for k in range(cfg.max_steps):
             try:
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
@@ -192,9 +217,10 @@ class UserTuner:
                     self.on_step(self.step)
                 if len(self.val_idx) and ((k + 1) % cfg.val_every == 0 or k + 1 == cfg.max_steps):
                     val = self.score(self.val_idx)
-                    if val["loss"] < best["loss"]:
-                        best, bad = {"step": self.step, **val, "value": param.detach().clone()}, 0
-                    elif cfg.patience and (bad := bad + 1) >= cfg.patience:
+                    history.append([self.step, val["loss"]])
+                    if rule.offer(val["loss"]):
+                        best = {"step": self.step, **val, "value": param.detach().clone()}
+                    if rule.stop:
                         break
             except KeyboardInterrupt:  # Ctrl+C: stop, and keep the best so far (restored below)
                 self.interrupted = True
@@ -203,7 +229,7 @@ class UserTuner:
             with torch.no_grad():
                 param.copy_(best.pop("value"))
         param.requires_grad_(False)
-        return {k: v for k, v in best.items() if k != "value"}
+        return {**{k: v for k, v in best.items() if k != "value"}, "history": history if len(self.val_idx) else []}
 
     @property
     def total_steps(self) -> int:
@@ -232,7 +258,10 @@ class UserTuner:
         after = self.score(self.val_idx)
         with torch.no_grad():
             tokens = self.tokens().detach().cpu()
-        report = {"mode": self.mode, "steps": self.step, "selected": selected, "interrupted": self.interrupted,
+        # every phase kept its start (c and delta back at 0): the tokens are the start's, bit for bit
+        start_kept = all(not p.detach().any() for p in self.tokens.parameters())
+        report = {"mode": self.mode, "steps": self.step, "selected": selected, "start_kept": start_kept,
+                  "interrupted": self.interrupted,
                   "pairs": len(self.data), "train_pairs": len(self.train_idx), "val_pairs": len(self.val_idx),
                   "val_before": before, "val_after": after, "beta": self.beta, "t_range": [self.t_min, self.t_max],
                   "seconds": time.perf_counter() - t0, "config": asdict(self.cfg)}
