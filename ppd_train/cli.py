@@ -151,6 +151,9 @@ def _fit(cfg, args: argparse.Namespace) -> None:
             print(f"selected step {best['step']} of {trainer.step} by {trainer.select_metric} = {best['value']:.4f} "
                   f"(held-out users: {len(trainer.heldout_ids)}); the last step is in adapter_last.safetensors")
         print(f"adapter -> {out}")
+    # under torchrun / accelerate launch: leave the process group before the interpreter exits, or gloo's threads can
+    # abort the process at exit after a successful run (pytorch/pytorch#190489); nothing to do in a single process
+    trainer.acc.end_training()
 
 
 class Stopped(PPDError):
