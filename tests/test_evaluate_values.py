@@ -10,16 +10,20 @@ import torch
 from helpers import trained_looking_adapter
 
 from ppd_train.adapter import AdapterConfig, PPDAdapter
-from ppd_train.embedding import UserEmbedding
+from ppd_train.embedding import UserEmbedding, interpolate
+from ppd_train.errors import PPDError
 from ppd_train.evaluate import (
     evaluate_users,
     fidelity_change,
     fidelity_means,
     group_summary,
+    interpolation_curve,
     is_monotone,
+    load_reward,
     sample,
     win_rate,
 )
+from ppd_train.schedule import ddim_sample
 from ppd_train.stage_c import PPDBinding, stage_c_info
 from ppd_train.synthetic import World, WorldConfig
 from ppd_train.tiny import build_tiny_stage_c
@@ -160,6 +164,8 @@ def test_fidelity_and_rewards_are_measured_on_the_ppd_samples(world):
         f_ppd = world.fidelity(ppd, caps)
         gap = (f_ppd["style_energy"].mean() - f_base["style_energy"].mean()).item()
         m = out["users"][uid]
+        assert m["reward_base"] == pytest.approx(r_base.mean().item(), abs=1e-6)
+        assert m["reward_ppd"] == pytest.approx(r_ppd.mean().item(), abs=1e-6)
         assert m["win_rate"] == pytest.approx((r_ppd > r_base).float().mean().item())
         assert m["reward_gain"] == pytest.approx((r_ppd - r_base).mean().item(), abs=1e-6)
         assert m["drift_sd"] == pytest.approx(math.copysign(math.sqrt(2 * abs(gap)), gap), rel=1e-4)
@@ -167,7 +173,71 @@ def test_fidelity_and_rewards_are_measured_on_the_ppd_samples(world):
         assert m["noise_ratio"] == pytest.approx((f_ppd["residual"].mean() / f_base["residual"].mean()).item(),
                                                  rel=1e-4)
         assert abs(m["noise_ratio"] - 1.0) > 1e-5  # measured on the base samples it would be exactly 1
+    assert [m["seen"] for m in out["users"].values()] == [True, True, False]
     seen = [out["users"][u] for u in world.seen[:2]]
     assert out["seen"]["win_rate"] == pytest.approx(sum(m["win_rate"] for m in seen) / 2)
     assert out["seen"]["max_drift_sd"] == max(m["drift_sd"] for m in seen)
     assert out["unseen"]["users"] == 1 and "heldout" not in out
+
+
+def test_sampling_is_stage_c_with_the_captions_conditioning_and_the_user_at_its_weight(world):
+    binding, cond = _binding(world, moving=True), world.conditions()
+    noise, caps = _noise(world)
+    tokens = _users(world)[world.seen[0]].tokens[None]
+    kw = dict(clip_text_pooled=world.pooled[caps], clip_text=world.text[caps],
+              clip_img=torch.zeros(SAMPLES, 1, world.cfg.width))
+
+    def by_hand(steps: int, weight: float | None) -> torch.Tensor:
+        with torch.no_grad(), binding.user(binding.adapter(tokens) if weight else None, weight or 0.0):
+            return ddim_sample(lambda x, t: binding.unet(x, t, **kw).sample, noise, steps, t_start=cond.t_start)
+
+    assert torch.equal(sample(binding, cond, caps, noise, None, steps=3), by_hand(3, None))
+    assert torch.equal(sample(binding, cond, caps, noise, tokens, steps=3), by_hand(3, 1.0))
+    assert torch.equal(sample(binding, cond, caps, noise, tokens, 0.5, steps=3), by_hand(3, 0.5))
+    assert torch.equal(sample(binding, cond, caps, noise, tokens, 0.0, steps=3), by_hand(3, None))
+    assert torch.equal(sample(binding, cond, caps, noise, tokens), by_hand(20, 1.0))  # defaults: weight 1, 20 steps
+
+
+def test_evaluation_defaults(world):
+    binding, cond, users = _binding(world, moving=True), world.conditions(), _users(world)
+    assert evaluate_users(binding, cond, users, world.reward, set()) == evaluate_users(
+        binding, cond, users, world.reward, set(), samples=16, seed=1234, steps=20)
+
+
+def test_the_interpolation_curve_is_each_users_reward_along_the_mix(world):
+    binding, cond, users = _binding(world, moving=True), world.conditions(), _users(world)
+    a, b = world.seen[0], world.unseen[0]
+    out = interpolation_curve(binding, cond, users[a], users[b], world.reward, (a, b), weights=(0.0, 0.5, 1.0),
+                              samples=SAMPLES, seed=SEED, steps=STEPS, method="slerp")
+    noise, caps = _noise(world)
+    for point, w in zip(out["curve"], (0.0, 0.5, 1.0), strict=True):
+        x = sample(binding, cond, caps, noise, interpolate(users[a], users[b], w, "slerp").tokens[None], steps=STEPS)
+        assert point == pytest.approx({"weight": w, a: world.reward(a, x, caps).mean().item(),
+                                       b: world.reward(b, x, caps).mean().item()}, abs=1e-6)
+    assert out["users"] == [a, b] and out["method"] == "slerp"
+    assert out["monotone"] == is_monotone([p[a] for p in out["curve"]], [p[b] for p in out["curve"]])
+    # a reward that is highest at each user's own end: the two-point curve is monotone, and only in this order
+    ends = {u: sample(binding, cond, caps, noise, users[u].tokens[None], steps=STEPS) for u in (a, b)}
+
+    def closeness(uid, x, _caps):
+        return -(x - ends[uid]).flatten(1).norm(dim=1)
+
+    two = interpolation_curve(binding, cond, users[a], users[b], closeness, (a, b), weights=(0.0, 1.0),
+                              samples=SAMPLES, seed=SEED, steps=STEPS)
+    assert two["monotone"] and not interpolation_curve(binding, cond, users[a], users[b], closeness, (b, a),
+                                                       weights=(0.0, 1.0), samples=SAMPLES, seed=SEED,
+                                                       steps=STEPS)["monotone"]
+    default = interpolation_curve(binding, cond, users[a], users[b], world.reward, (a, b), steps=2)
+    assert [p["weight"] for p in default["curve"]] == [0.0, 0.25, 0.5, 0.75, 1.0] and default["method"] == "lerp"
+    noise16 = torch.randn((16, *cond.latent_shape), generator=torch.Generator().manual_seed(4321))
+    x = sample(binding, cond, torch.arange(16) % world.cfg.n_captions, noise16, users[a].tokens[None], steps=2)
+    assert default["curve"][0][a] == pytest.approx(
+        world.reward(a, x, torch.arange(16) % world.cfg.n_captions).mean().item(), abs=1e-6)
+
+
+def test_a_reward_is_named_as_module_colon_function():
+    assert load_reward("ppd_train.evaluate:win_rate") is win_rate
+    for bad in ("ppd_train.evaluate", "ppd_train.evaluate:", ":win_rate", "ppd_train.nowhere:f",
+                "ppd_train.evaluate:nothing", "ppd_train.evaluate:math"):
+        with pytest.raises(PPDError, match="Reward"):
+            load_reward(bad)
