@@ -227,10 +227,10 @@ def test_the_interpolation_curve_is_each_users_reward_along_the_mix(world):
     assert two["monotone"] and not interpolation_curve(binding, cond, users[a], users[b], closeness, (b, a),
                                                        weights=(0.0, 1.0), samples=SAMPLES, seed=SEED,
                                                        steps=STEPS)["monotone"]
-    default = interpolation_curve(binding, cond, users[a], users[b], world.reward, (a, b), steps=2)
+    default = interpolation_curve(binding, cond, users[a], users[b], world.reward, (a, b))
     assert [p["weight"] for p in default["curve"]] == [0.0, 0.25, 0.5, 0.75, 1.0] and default["method"] == "lerp"
     noise16 = torch.randn((16, *cond.latent_shape), generator=torch.Generator().manual_seed(4321))
-    x = sample(binding, cond, torch.arange(16) % world.cfg.n_captions, noise16, users[a].tokens[None], steps=2)
+    x = sample(binding, cond, torch.arange(16) % world.cfg.n_captions, noise16, users[a].tokens[None], steps=20)
     assert default["curve"][0][a] == pytest.approx(
         world.reward(a, x, torch.arange(16) % world.cfg.n_captions).mean().item(), abs=1e-6)
 
