@@ -44,11 +44,13 @@ test-comfyui:
 	@test -n "$(COMFYUI_DIR)" || (echo "Set COMFYUI_DIR to a ComfyUI checkout (docs/testing-comfyui.md)"; exit 2)
 	COMFYUI_DIR=$(COMFYUI_DIR) HF_HUB_OFFLINE=1 $(COMFYUI_PYTHON) -m pytest -q tests/comfyui tests/test_nodes.py
 
-# Mutation testing with mutmut (docs/mutation.md): about an hour on 2 cores, results kept in mutants/ (`mutmut show
-# NAME` prints one mutant). Each mutant runs only the tests that reach its function; train.py and pair_step.py (the
-# DPO step it shares with tune-user) go last, in a run of their own. MUTATE="loss embedding" mutates only those modules.
-MUTATE ?= loss safetensors_io checkpoint embedding user_attention adapter pairs stage_c
-MUTATE_LAST ?= train pair_step
+# Mutation testing with mutmut (docs/mutation.md): hours on 2 cores, results kept in mutants/ (`mutmut show NAME`
+# prints one mutant). Each mutant runs only the tests that reach its function; train.py and pair_step.py (the DPO
+# step it shares with tune-user) and tune.py go last, in a run of their own. MUTATE="loss embedding" mutates only
+# those modules. Every module here must also be in pyproject's [tool.mutmut] only_mutate.
+MUTATE ?= loss safetensors_io checkpoint embedding user_attention adapter pairs stage_c evaluate synthetic optim \
+	pair_writer run_lock
+MUTATE_LAST ?= train pair_step tune
 MUTATE_JOBS ?= 2
 mutate: venv
 	mkdir -p mutants

@@ -151,6 +151,9 @@ def _fit(cfg, args: argparse.Namespace) -> None:
             print(f"selected step {best['step']} of {trainer.step} by {trainer.select_metric} = {best['value']:.4f} "
                   f"(held-out users: {len(trainer.heldout_ids)}); the last step is in adapter_last.safetensors")
         print(f"adapter -> {out}")
+    # under torchrun / accelerate launch: leave the process group before the interpreter exits, or gloo's threads can
+    # abort the process at exit after a successful run (pytorch/pytorch#190489); nothing to do in a single process
+    trainer.acc.end_training()
 
 
 class Stopped(PPDError):
@@ -270,6 +273,8 @@ def _cmd_tune_user(args: argparse.Namespace) -> int:
     if before:
         print(f"held-out pairs ({report['val_pairs']}): DPO loss {before['loss']:.5g} -> {after['loss']:.5g}, "
               f"implicit accuracy {before['implicit_acc']:.0%} -> {after['implicit_acc']:.0%}")
+        if report["start_kept"]:
+            print("the start scored best on the held-out pairs: it is kept unchanged")
     else:
         print("note: no held-out pairs (val_fraction 0, or a single pair): the last step is kept, unchecked")
     print(f"tuned {user} ({report['mode']}, {report['steps']} steps, {report['seconds']:.0f} s) -> {out}")

@@ -2,8 +2,10 @@
 
 For every user and every evaluation seed, Stage C samples twice from the same starting noise and caption: once with
 the adapter off (the base model) and once with the user's embedding. A *win* is a higher user reward for the PPD
-sample. Rewards are callables ``reward(user_id, latents, caption_idx) -> [B]`` — the synthetic world's, or one named
-in a config as ``"package.module:function"``.
+sample; a *tie* (exactly equal rewards) counts as half a win, because it states no preference: an adapter that changes
+nothing scores exactly 50%, not 0% (see :func:`win_rate`). Rewards are callables
+``reward(user_id, latents, caption_idx) -> [B]`` — the synthetic world's, or one named in a config as
+``"package.module:function"``.
 """
 
 from __future__ import annotations
@@ -90,6 +92,30 @@ def _seeds(cond: Conditions, n: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return noise, caps
 
 
+def win_rate(r_ppd: torch.Tensor, r_base: torch.Tensor) -> float:
+    """Share of samples where PPD's reward beats the base model's from the same noise; an exact tie counts 1/2."""
+    return ((r_ppd > r_base).float() + 0.5 * (r_ppd == r_base).float()).mean().item()
+
+
+def fidelity_means(fidelity: Fidelity, x: torch.Tensor, caps: torch.Tensor) -> dict[str, float]:
+    """The batch means of ``fidelity(x, caps)``."""
+    return {k: v.float().mean().item() for k, v in fidelity(x, caps).items()}
+
+
+def fidelity_change(ppd: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    """How far PPD's samples sit off the data compared with the base model's (both from :func:`fidelity_means`):
+    ``drift_sd`` (> 0: further off the data's styles, in data standard deviations, see :func:`drift_sd`) and
+    ``noise_ratio`` (PPD's residual over the base model's: > 1 = noisier, 1 = unchanged)."""
+    return {"drift_sd": drift_sd(ppd["style_energy"] - base["style_energy"]),
+            "noise_ratio": ppd["residual"] / base["residual"]}
+
+
+def is_monotone(ra: Sequence[float], rb: Sequence[float]) -> bool:
+    """Along an interpolation from user a (first point) to user b (last point): a's reward never rises and b's never
+    falls (equal neighbours allowed). Both must hold."""
+    return all(x >= y for x, y in zip(ra, ra[1:])) and all(x <= y for x, y in zip(rb, rb[1:]))
+
+
 def drift_sd(energy_gap: float) -> float:
     """A gap in mean negative log-likelihood (nats per sample) as a distance in the data's standard deviations: moving
     a Gaussian's samples ``m`` standard deviations along one direction costs ``m**2 / 2`` nats, so ``sqrt(2 * gap)``
@@ -98,6 +124,8 @@ def drift_sd(energy_gap: float) -> float:
 
 
 def group_summary(rows: list[dict]) -> dict:
+    """Means over a group's users, its lowest user's win rate and the share of users below 50% (exactly 50%, e.g. an
+    adapter that changes nothing, is not below); with fidelity, the mean and the worst of drift and noise ratio."""
     out = {"users": len(rows), "win_rate": statistics.fmean(m["win_rate"] for m in rows),
            "reward_gain": statistics.fmean(m["reward_gain"] for m in rows),
            "min_win_rate": min(m["win_rate"] for m in rows),
@@ -113,26 +141,24 @@ def group_summary(rows: list[dict]) -> dict:
 def evaluate_users(binding: PPDBinding, cond: Conditions, users: dict[str, UserEmbedding], reward: Reward,
                    seen: set[str], samples: int = 16, seed: int = 1234, steps: int = 20,
                    fidelity: Fidelity | None = None, heldout: Collection[str] = ()) -> dict:
-    """Per-user win rate and mean reward gain of PPD over the base model, plus group aggregates (mean, lowest user,
-    share of users below 50%). Groups: ``seen`` (trained on), ``heldout`` (held out of training for model selection)
-    and ``unseen`` (never used). With ``fidelity``, also how far PPD samples move off the data compared with the base
-    model's samples from the same noise: ``drift_sd`` (the style NLL gap as data standard deviations, see
-    :func:`drift_sd`) and ``noise_ratio`` (residual off the data's structure, PPD over base; 1 = unchanged)."""
+    """Per-user win rate (ties count 1/2, see :func:`win_rate`) and mean reward gain of PPD over the base model, plus
+    group aggregates (:func:`group_summary`: mean, lowest user, share of users below 50%). Groups: ``seen`` (trained
+    on), ``heldout`` (held out of training for model selection) and ``unseen`` (never used). With ``fidelity``, also
+    how far the PPD samples move off the data compared with the base model's samples from the same noise
+    (:func:`fidelity_change`: ``drift_sd`` and ``noise_ratio``)."""
     noise, caps = _seeds(cond, samples, seed)
     base = sample(binding, cond, caps, noise, None, steps=steps)
-    fid_base = {k: v.float().mean().item() for k, v in fidelity(base, caps).items()} if fidelity else {}
+    fid_base = fidelity_means(fidelity, base, caps) if fidelity else {}
     per_user = {}
     for uid, emb in users.items():
         ppd = sample(binding, cond, caps, noise, emb.tokens[None], steps=steps)
         r_base, r_ppd = reward(uid, base, caps).float(), reward(uid, ppd, caps).float()
         group = "heldout" if uid in heldout else "seen" if uid in seen else "unseen"
-        m = {"seen": group == "seen", "group": group, "win_rate": (r_ppd > r_base).float().mean().item(),
+        m = {"seen": group == "seen", "group": group, "win_rate": win_rate(r_ppd, r_base),
              "reward_gain": (r_ppd - r_base).mean().item(), "reward_base": r_base.mean().item(),
              "reward_ppd": r_ppd.mean().item()}
         if fidelity is not None:
-            fid = {k: v.float().mean().item() for k, v in fidelity(ppd, caps).items()}
-            m["drift_sd"] = drift_sd(fid["style_energy"] - fid_base["style_energy"])
-            m["noise_ratio"] = fid["residual"] / fid_base["residual"]
+            m.update(fidelity_change(fidelity_means(fidelity, ppd, caps), fid_base))
         per_user[uid] = m
     out: dict = {"users": per_user}
     for group in ("seen", "heldout", "unseen"):
@@ -153,5 +179,4 @@ def interpolation_curve(binding: PPDBinding, cond: Conditions, a: UserEmbedding,
         curve.append({"weight": w, ids[0]: reward(ids[0], x, caps).mean().item(),
                       ids[1]: reward(ids[1], x, caps).mean().item()})
     ra, rb = [c[ids[0]] for c in curve], [c[ids[1]] for c in curve]
-    monotone = all(x >= y for x, y in zip(ra, ra[1:])) and all(x <= y for x, y in zip(rb, rb[1:]))
-    return {"users": list(ids), "method": method, "curve": curve, "monotone": monotone}
+    return {"users": list(ids), "method": method, "curve": curve, "monotone": is_monotone(ra, rb)}

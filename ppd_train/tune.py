@@ -13,7 +13,9 @@ embedder's scale). ``mode`` picks what learns: ``mix`` (c), ``tokens`` (delta), 
 from the best mix); ``auto`` is ``tokens`` from a start embedding and ``mix+tokens`` from a library alone (a cold
 start). A share of the pairs is held
 out: the start and every ``val_every`` steps are scored on them (DPO loss, ``val_draws`` noise draws each) and the best
-is kept, so tuning never returns something that scores worse on held-out pairs than its start; ``patience`` stops it.
+is kept, so tuning never returns something that scores worse on held-out pairs than its start (the start is kept
+unless a tuned embedding is strictly better: ``report["start_kept"]``); ``patience`` stops it (:class:`Selection`).
+An L2 pull toward the start (``anchor``) keeps the tuned tokens near it, so the samples stay on the data.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ class TuneConfig:
     mode: str = "auto"  # auto | tokens | mix | mix+tokens (see the module docstring)
     max_steps: int = 200  # per phase
     lr: float = 0.05  # Adam; delta is in units of the start's token RMS, c in units of one library user's offset
-    anchor: float = 0.0  # penalty anchor * mean(((tokens - center) / rms(center))^2): pulls towards the start
+    # penalty anchor * mean(((tokens - center) / rms(center))^2): pulls towards the start, to stay on the data. 0.3
+    # kept 83% of the reward gain at N = 16 and cut the largest drift 1.81 -> 1.60 sd (bound 2); at N = 4, 3 seeds,
+    # unanchored tuning drifted up to 1.94 sd (benchmarks/tune_anchor.py, small-k4 world)
+    anchor: float = 0.3
     beta: float = 0.0  # DPO beta; 0 = beta_scale x the adapter's own training beta
     # A weaker KL anchor than the adapter's: one user's tokens are few parameters, and at the adapter's own beta tuning
     # gave up reward for staying close to the base model (docs/tune-user.md)
@@ -98,6 +103,29 @@ def split_pairs(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, t
     n_val = min(n - 1, max(1, round(val_fraction * n))) if val_fraction > 0 and n >= 2 else 0
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 5))
     return perm[:n_val].sort().values, perm[n_val:].sort().values
+
+
+class Selection:
+    """Model selection and early stopping over one phase's validations (held-out DPO loss, lower is better).
+
+    The phase's start is the first candidate. A later one replaces the best only when it is strictly better, so a tie
+    keeps the earlier one and tuning never returns something worse on the held-out pairs than its start. After
+    ``patience`` validations in a row without a strict gain the phase stops (0: never stop early)."""
+
+    def __init__(self, patience: int, start_loss: float) -> None:
+        self.patience, self.best, self.bad = patience, start_loss, 0
+
+    def offer(self, loss: float) -> bool:
+        """One validation's loss -> whether it is the new best (then :attr:`stop` is False)."""
+        if loss < self.best:  # NaN is never better
+            self.best, self.bad = loss, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
 
 
 class UserTuner:
@@ -173,8 +201,10 @@ class UserTuner:
         for p in self.tokens.parameters():
             p.requires_grad_(p is param)
         opt = torch.optim.Adam([param], lr=cfg.lr)
+        # the phase's start is its first candidate, scored like every later one
         best = {"step": self.step, **self.score(self.val_idx), "value": param.detach().clone()}
-        bad = 0
+        rule = Selection(cfg.patience, best.get("loss", math.inf))
+        history = [[self.step, best.get("loss")]]
         for k in range(cfg.max_steps):
             try:
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
@@ -192,9 +222,10 @@ class UserTuner:
                     self.on_step(self.step)
                 if len(self.val_idx) and ((k + 1) % cfg.val_every == 0 or k + 1 == cfg.max_steps):
                     val = self.score(self.val_idx)
-                    if val["loss"] < best["loss"]:
-                        best, bad = {"step": self.step, **val, "value": param.detach().clone()}, 0
-                    elif cfg.patience and (bad := bad + 1) >= cfg.patience:
+                    history.append([self.step, val["loss"]])
+                    if rule.offer(val["loss"]):
+                        best = {"step": self.step, **val, "value": param.detach().clone()}
+                    if rule.stop:
                         break
             except KeyboardInterrupt:  # Ctrl+C: stop, and keep the best so far (restored below)
                 self.interrupted = True
@@ -203,7 +234,7 @@ class UserTuner:
             with torch.no_grad():
                 param.copy_(best.pop("value"))
         param.requires_grad_(False)
-        return {k: v for k, v in best.items() if k != "value"}
+        return {**{k: v for k, v in best.items() if k != "value"}, "history": history if len(self.val_idx) else []}
 
     @property
     def total_steps(self) -> int:
@@ -232,7 +263,10 @@ class UserTuner:
         after = self.score(self.val_idx)
         with torch.no_grad():
             tokens = self.tokens().detach().cpu()
-        report = {"mode": self.mode, "steps": self.step, "selected": selected, "interrupted": self.interrupted,
+        # every phase kept its start (c and delta back at 0): the tokens are the start's, bit for bit
+        start_kept = all(not p.detach().any() for p in self.tokens.parameters())
+        report = {"mode": self.mode, "steps": self.step, "selected": selected, "start_kept": start_kept,
+                  "interrupted": self.interrupted,
                   "pairs": len(self.data), "train_pairs": len(self.train_idx), "val_pairs": len(self.val_idx),
                   "val_before": before, "val_after": after, "beta": self.beta, "t_range": [self.t_min, self.t_max],
                   "seconds": time.perf_counter() - t0, "config": asdict(self.cfg)}

@@ -1,6 +1,8 @@
 """Run by ``tests/test_cli_train.py`` under torchrun (two CPU processes, gloo): three of ``fit``'s steps with a NaN
-in process 1's first batch. Process 0 writes, as JSON to the file named by argv[1], what each process saw: the steps
-each skipped, how far their adapters are apart and whether training moved them."""
+in process 1's first batch. Each process writes, as JSON to ``rank<r>.json`` in the folder named by argv[1], what
+both saw: the steps each skipped, how far their adapters are apart and whether training moved its own. Then it leaves
+cleanly: a barrier and the process group destroyed (without that, gloo's threads could abort the process at
+interpreter exit, "terminate called without an active exception", pytorch/pytorch#190489)."""
 
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ from ppd_train.tiny import build_tiny_stage_c
 from ppd_train.train import TrainConfig, Trainer
 
 
-def main(report: Path) -> None:
+def main(folder: Path) -> None:
     world = WorldConfig(seen_users=4, unseen_users=1, unseen_mixtures=0, pairs_per_user=6, embedding_views=2)
     data, embeddings, views = build_dataset(World(world, seed=0), seed=0)
-    cfg = TrainConfig(out_dir=str(report.parent / "run"), max_steps=3, batch_size=2, lr=1e-2, beta=100.0,
+    cfg = TrainConfig(out_dir=str(folder / "run"), max_steps=3, batch_size=2, lr=1e-2, beta=100.0,
                       val_fraction=0.0, tensorboard=False, user_dropout=0.0)
     trainer = Trainer(cfg, build_tiny_stage_c(seed=0), data, views, embeddings["seen00"].embedder,
                       show_progress=False)
@@ -43,9 +45,13 @@ def main(report: Path) -> None:
     dist.all_gather(params, mine)
     everyone: list = [None, None]
     dist.all_gather_object(everyone, skipped)
-    if trainer.acc.is_main_process:
-        report.write_text(json.dumps({"skipped": everyone, "apart": float((params[0] - params[1]).abs().max()),
-                                      "moved": float((mine - start).abs().max())}))
+    rank = trainer.acc.process_index
+    (folder / f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "skipped": everyone, "apart": float((params[0] - params[1]).abs().max()),
+        "moved": float((mine - start).abs().max())}))
+    trainer.detach()
+    dist.barrier()
+    trainer.acc.end_training()  # destroys the process group
 
 
 if __name__ == "__main__":

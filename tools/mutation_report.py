@@ -1,8 +1,10 @@
-"""Mutation score per module from mutmut's results (run from the repository root after `make mutate`).
+"""Mutation scores per module from mutmut's results (run from the repository root after `make mutate`).
 
-Killed = failed a test, timed out, or rejected by mypy (part of `make test`). Survivors and mutants no test reaches
-count against the score; mutants not run yet are listed apart and left out of it. Prints a Markdown table, then each
-survivor with its one-line change (`--diffs`), for docs/mutation.md.
+Two shares, kept apart: **by mypy**, the share of the judged mutants the type checker rejects (mutmut's exit code 37,
+"caught by type check"; mypy is part of `make test`), and **by tests**, the share of the mutants mypy lets through
+that a test kills (a test fails or times out). Survivors and mutants no test reaches count against the tests' share;
+mutants not run yet are listed apart and left out of both. "Either" is the two together (the score of earlier
+rounds). Prints a Markdown table, then each survivor with its one-line change (`--diffs`), for docs/mutation.md.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import subprocess
 import sys
 from collections import Counter, defaultdict
 
-KILLED = {"killed", "timeout", "caught by type check"}
+BY_TESTS = {"killed", "timeout"}
+BY_MYPY = "caught by type check"
+KILLED = BY_TESTS | {BY_MYPY}
 NOT_RUN = {"not checked", "skipped", "check was interrupted by user"}
 
 
@@ -26,6 +30,24 @@ def _change(name: str) -> str:
     return added[0] if added else "(a line removed)"
 
 
+def shares(c: Counter) -> dict[str, float | None]:
+    """Per module: the share mypy rejects (of the judged mutants), the share the tests kill (of those mypy lets
+    through) and both together; None where there is nothing to divide by."""
+    judged = sum(c.values()) - sum(c[s] for s in NOT_RUN)
+    tested = judged - c[BY_MYPY]
+    by_tests = sum(c[s] for s in BY_TESTS)
+
+    def share(n: int, of: int) -> float | None:
+        return n / of if of else None
+
+    return {"by_mypy": share(c[BY_MYPY], judged), "by_tests": share(by_tests, tested),
+            "either": share(by_tests + c[BY_MYPY], judged)}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
 def main() -> int:
     counts: dict[str, Counter] = defaultdict(Counter)
     survivors: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -37,15 +59,16 @@ def main() -> int:
         counts[module][status] += 1
         if status not in KILLED | NOT_RUN:
             survivors[module].append((name, status))
-    print("| module | mutants | killed | by mypy | survived | no test | not run | score |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| module | mutants | by mypy | tested | killed by tests | survived | no test | not run | by mypy % | "
+          "by tests % | either % |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for module, c in sorted(counts.items()):
         not_run = sum(c[s] for s in NOT_RUN)
-        checked = sum(c.values()) - not_run
-        killed = sum(c[s] for s in KILLED)
-        score = f"{killed / checked:.1%}" if checked else "-"
-        print(f"| `{module}.py` | {sum(c.values())} | {killed} | {c['caught by type check']} | {c['survived']} | "
-              f"{c['no tests']} | {not_run} | {score} |")
+        tested = sum(c.values()) - not_run - c[BY_MYPY]
+        sh = shares(c)
+        print(f"| `{module}.py` | {sum(c.values())} | {c[BY_MYPY]} | {tested} | {sum(c[s] for s in BY_TESTS)} | "
+              f"{c['survived']} | {c['no tests']} | {not_run} | {_pct(sh['by_mypy'])} | {_pct(sh['by_tests'])} | "
+              f"{_pct(sh['either'])} |")
     if "--diffs" in sys.argv:
         for module, names in sorted(survivors.items()):
             print(f"\n### {module}.py")
