@@ -45,11 +45,11 @@ def embedder_tokens(world, ew: torch.Tensor, el: torch.Tensor, group: int) -> to
 
 
 def failing_users(cfg: DemoConfig, tw, binding: PPDBinding, heldout: set[str]) -> list[str]:
-    """Every user (seen or not) the demo's evaluation puts below 50%, or whose 4 pairs are flagged low-confidence."""
+    """Every user (seen or not) the demo's evaluation puts below 50%."""
     m = evaluate_users(binding, tw.world.conditions(), tw.embeddings, tw.world.reward, set(tw.world.seen) - heldout,
                        cfg.world.eval_samples, steps=cfg.world.sample_steps, heldout=heldout)
     diagnose_users(tw.world, tw.embeddings, m["users"])
-    return [u for u, r in m["users"].items() if r["win_rate"] < 0.5 or r["low_confidence"]]
+    return [u for u, r in m["users"].items() if r["win_rate"] < 0.5]
 
 
 def run_world(name: str, cfg: DemoConfig, ns: list[int], tune: TuneConfig, max_users: int,
@@ -63,7 +63,7 @@ def run_world(name: str, cfg: DemoConfig, ns: list[int], tune: TuneConfig, max_u
     tune = TuneConfig(**{**tune.__dict__, "t_min": cfg.train.t_min, "t_max": cfg.train.t_max})
     if which == "failing":
         users = failing_users(cfg, tw, binding, heldout)
-        print(f"{name}: {len(users)} users below 50% or flagged low-confidence: {', '.join(users)}", flush=True)
+        print(f"{name}: {len(users)} users below 50%: {', '.join(users)}", flush=True)
     else:
         # as many mixtures of trained users as new users (the world lists its mixtures first)
         mixes = [u for u in world.unseen if u.startswith("mix")]
@@ -145,8 +145,8 @@ def main() -> None:
     p.add_argument("--ns", default="4,8,16,32")
     p.add_argument("--max-users", type=int, default=16, help="users per world (at most)")
     p.add_argument("--users", choices=("unseen", "failing"), default="unseen",
-                   help="unseen: the world's new users; failing: every user the demo puts below 50%% or flags "
-                        "low-confidence (docs/world-sweep.md, 'Why a user fails')")
+                   help="unseen: the world's new users; failing: every user the demo puts below 50%% "
+                        "(docs/world-sweep.md, 'Why a user fails')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TuneConfig key, e.g. lr=0.1")
     p.add_argument("--out", default="")
     p.add_argument("--table", nargs="+", metavar="JSON", help="only print the markdown table of earlier results")
