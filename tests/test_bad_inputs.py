@@ -957,8 +957,8 @@ CASES = [
          'User 99 is not in train-00000.parquet (it holds 2 users, for example 7, 8). '
          'Check the user_id, or pick the shard that holds this user.', case_pickapic_unknown_user),
     Case("pickapic-only-ties", "a user whose rows are all ties", "node", "refused", 'User 9 has no usable pairs in '
-         'train-00000.parquet: every row of this user is a tie, unlabeled, shows the same image twice, or has an '
-         'unreadable image. Pick another user.',
+         'train-00000.parquet: every row of this user is a tie, unlabeled, shows the same image twice, has no caption, '
+         'is contradicted by another row, or has an unreadable image. Pick another user.',
          case_pickapic_only_ties),
     Case("pickapic-row-numbers", "a pair of a user found after filtering by user", "API", "handled",
          "named by the file's own row number", case_pickapic_row_numbers),
