@@ -313,3 +313,24 @@ def test_an_image_too_narrow_is_named_by_its_own_size(tmp_path):
         pair.chosen.load()
     Image.new("RGB", (3000, 16)).save(folder / "strip.png")
     assert load_pair_folder(folder)[0].chosen.load().size == (1536, 8)
+
+
+def test_prepare_reuses_its_file_only_for_the_same_images(image_encoders, tmp_path, capsys):
+    """Another dataset with the same folder names, prompts and file names (other pictures) is encoded again, never
+    answered with the old latents."""
+    from ppd_train.dpo_data import DPOData
+    from ppd_train.prepare import prepare_dpo_data
+
+    folder = write_pair_folder(tmp_path / "anna", n=2, seed=0)
+
+    def prepare():
+        return prepare_dpo_data(load_users([folder]), image_encoders / "effnet_encoder.safetensors",
+                                image_encoders / "clip_g", tmp_path / "dpo.safetensors", image_size=64,
+                                show_progress=False)
+
+    first = prepare().latents_w.clone()
+    capsys.readouterr()
+    write_pair_folder(tmp_path / "anna", n=2, seed=5)  # the same names and prompts, other images
+    again = prepare()
+    assert "up to date" not in capsys.readouterr().out and not torch.equal(again.latents_w, first)
+    assert torch.equal(DPOData.load(tmp_path / "dpo.safetensors").latents_w, again.latents_w)
