@@ -334,3 +334,12 @@ def test_prepare_reuses_its_file_only_for_the_same_images(image_encoders, tmp_pa
     again = prepare()
     assert "up to date" not in capsys.readouterr().out and not torch.equal(again.latents_w, first)
     assert torch.equal(DPOData.load(tmp_path / "dpo.safetensors").latents_w, again.latents_w)
+
+
+def test_the_from_images_node_splits_captions_on_newlines_only(pack):
+    import importlib
+
+    node = importlib.import_module(f"{pack.__name__}.nodes.pair_nodes").PPDPreferencePairsFromImages()
+    images = torch.rand(2, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    (pairs,) = node.build(images, images.flip(0), "a lighthouse\u2028at dusk\r\n\nsecond\u0085caption\n", "AB")
+    assert [p.prompt for p in pairs] == ["a lighthouse\u2028at dusk", "second\u0085caption"]
