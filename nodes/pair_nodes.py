@@ -133,7 +133,8 @@ class PPDPreferencePairsFromImages:
 
     def build(self, images_a, images_b, captions, winners):
         a, b = comfy_images_to_pil(images_a), comfy_images_to_pil(images_b)
-        lines = [line.strip() for line in captions.splitlines() if line.strip()]
+        # one caption per \n line (a textarea's line end); a caption may hold U+2028 and other Unicode breaks
+        lines = [line.strip() for line in captions.split("\n") if line.strip()]
         if not lines:
             raise PairError("Give at least one caption (the prompt the images were made for).")
         return (pairs_from_images(lines, a, b, parse_winners(winners, len(a))),)

@@ -58,7 +58,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 
         embedder = PairDifferenceEmbedder.from_clip(args.clip, device=device, dtype=dtype)
     problems: list[str] = []
-    users = load_users(args.pairs, problems)  # unreadable sources are listed, not fatal: the others still embed
+    users = load_users(args.pairs, problems, args.merge_users)  # unreadable sources are listed, the rest embed
     for problem in problems:
         print(f"note: skipped: {problem}", file=sys.stderr)
     table = embed_users(users, embedder, args.out, n_pairs=args.n_pairs, select=args.select, seed=args.seed,
@@ -75,7 +75,8 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
     dtype = getattr(torch, args.dtype)
     table = load_embedding_table(args.embeddings)[0] if args.embeddings else None
-    data = prepare_dpo_data(load_users(args.pairs), args.effnet, args.clip_text, args.out, embeddings=table,
+    users = load_users(args.pairs, merge_users=args.merge_users)
+    data = prepare_dpo_data(users, args.effnet, args.clip_text, args.out, embeddings=table,
                             image_size=args.image_size, batch_size=args.batch_size, device=args.device, dtype=dtype,
                             show_progress=not args.quiet)
     print(f"{len(data)} pairs of {len(data.user_ids)} users, latents {tuple(data.latents_w.shape[1:])} -> {args.out}")
@@ -306,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="embed every user of a dataset into one table file (resumable)")
     p.add_argument("--pairs", nargs="+", required=True, help="pair folders and/or Pick-a-Pic parquet shards")
+    p.add_argument("--merge-users", action="store_true", help="a user id found in two sources is one person: pool "
+                   "their pairs (without it, refused)")
     p.add_argument("--out", required=True, help="output table (.safetensors); rerun the same command to resume")
     p.add_argument("--vlm", help="local LLaVA-OneVision folder (transformers format)")
     p.add_argument("--clip", help="local CLIP vision folder: pair-difference embedder")
@@ -324,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="encode pairs into cached Stage C latents + CLIP-G text for training")
     p.add_argument("--pairs", nargs="+", required=True, help="pair folders and/or Pick-a-Pic parquet shards")
+    p.add_argument("--merge-users", action="store_true", help="a user id found in two sources is one person: pool "
+                   "their pairs (without it, refused)")
     p.add_argument("--effnet", required=True, help="Stable Cascade's effnet_encoder.safetensors")
     p.add_argument("--clip-text", required=True, help="local CLIP-G text encoder folder (transformers format)")
     p.add_argument("--embeddings", help="embedding table from `ppd-train embed`: keeps its users, drops their "

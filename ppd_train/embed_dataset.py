@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .embedding import UserEmbedding, load_embedding_table, save_embedding_table
 from .errors import PPDError
-from .pairs import PairError, PreferencePair, select_pairs
+from .pairs import PairError, PreferencePair, content_hash, select_pairs
 from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
 
 PART_KEY = "ppd_embedding_part"
@@ -32,17 +32,32 @@ def _parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def _read_parts(parts: Path, settings: dict) -> dict[str, UserEmbedding]:
+def _read_parts(parts: Path, settings: dict, digests: dict[str, str]) -> tuple[dict[str, UserEmbedding], int]:
+    """The embeddings already in ``parts`` made from exactly the pairs now chosen for their user (``digests``: user ->
+    content hash of those pairs), and how many others are there: users of another dataset run with the same
+    ``--out``, or whose chosen pairs changed. Those are never reused."""
     done: dict[str, UserEmbedding] = {}
+    stale = 0
     for part in sorted(parts.glob("part-*.safetensors")):
         tensors, metadata = read_safetensors(part, "embedding part")
         meta = read_json_metadata(metadata, PART_KEY, part, "embedding part")
         if meta.get("settings") != settings:
             raise PPDError(f"{parts} holds an unfinished run with other settings ({meta.get('settings')}); finish it "
                            f"with those settings, or delete {parts} to start over with {settings}.")
-        for i, umeta in enumerate(meta["users"]):
-            done[umeta["user_id"]] = UserEmbedding(tensors[f"u{i}"], settings["embedder"], umeta)
-    return done
+        made_from = meta.get("pairs") or [None] * len(meta["users"])  # parts written before the key: never reused
+        for i, (umeta, digest) in enumerate(zip(meta["users"], made_from)):
+            uid = umeta["user_id"]
+            if digests.get(uid) != digest:
+                stale += 1
+                continue
+            emb = UserEmbedding(tensors[f"u{i}"], settings["embedder"], umeta)
+            shape = next(iter(done.values())).tokens.shape if done else emb.tokens.shape
+            if emb.tokens.shape != shape:
+                raise PPDError(f"{part}: user {uid}'s embedding is {tuple(emb.tokens.shape)} tokens x width, the "
+                               f"others' {tuple(shape)}: the embedder changed shape within one run. Delete {parts} "
+                               "and embed again.")
+            done[uid] = emb
+    return done, stale
 
 
 def embed_users(users: dict[str, list[PreferencePair]], embedder: Embedder, out: str | os.PathLike, n_pairs: int = 4,
@@ -79,7 +94,11 @@ def embed_users(users: dict[str, list[PreferencePair]], embedder: Embedder, out:
                        "add data.")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     parts.mkdir(parents=True, exist_ok=True)
-    done = _read_parts(parts, settings)
+    digests = {u: content_hash(pairs) for u, pairs in chosen.items()}  # the cache's key: what each user is made of
+    done, stale = _read_parts(parts, settings, digests)
+    if stale and rank == 0:
+        print(f"note: {stale} embedding(s) cached in {parts} were made from other pairs (another dataset with the same "
+              "--out, or changed pairs) and are not reused.")
     todo = [u for i, u in enumerate(chosen) if i % world == rank and u not in done]
     bar = tqdm(total=len(chosen), initial=len(done), desc="embedding users", unit="user",
                disable=not show_progress or rank != 0)
@@ -89,7 +108,8 @@ def embed_users(users: dict[str, list[PreferencePair]], embedder: Embedder, out:
         index = len(list(parts.glob(f"part-{rank:03d}-*.safetensors")))
         atomic_save_safetensors({f"u{i}": e.tokens for i, e in enumerate(embs)},
                                 parts / f"part-{rank:03d}-{index:06d}.safetensors",
-                                {PART_KEY: dumps_json({"settings": settings, "users": [e.meta for e in embs]})})
+                                {PART_KEY: dumps_json({"settings": settings, "users": [e.meta for e in embs],
+                                                       "pairs": [digests[u] for u in batch]})})
         bar.update(len(batch))
         if progress is not None:
             progress(len(batch))
@@ -97,7 +117,7 @@ def embed_users(users: dict[str, list[PreferencePair]], embedder: Embedder, out:
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if rank == 0:
-        done = _read_parts(parts, settings)
+        done, _ = _read_parts(parts, settings, digests)
         info = {**settings, "skipped_users": skipped, "unreadable_users": sorted(unreadable)}
         save_embedding_table(out, done, info)
         shutil.rmtree(parts)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import stat
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
@@ -114,11 +115,15 @@ def to_rgb(img: Image.Image, where: str = "") -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     img = img.convert("RGB")
+    _check_dims(img, where)
     if max(img.size) > MAX_SIDE:
         scale = MAX_SIDE / max(img.size)
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        size = (round(img.width * scale), round(img.height * scale))
+        if min(size) < 8:  # named by the size the user knows, not by the one it was scaled to
+            raise PairError(f"{where}: image is {img.width}x{img.height}, too narrow for its length: scaled to "
+                            f"{MAX_SIDE} px on its long side it would be {size[0]}x{size[1]} (< 8 px). Crop it to a "
+                            "less extreme aspect ratio.")
         img = img.resize(size, Image.Resampling.LANCZOS)
-    _check_dims(img, where)
     return img
 
 
@@ -181,14 +186,78 @@ def split_user_pairs(pairs: Sequence[PreferencePair], n_embed: int, seed: int = 
     return chosen, [p for p in pairs if id(p) not in ids]
 
 
+# ---------------------------------------------------------------------------------------------------------- identity
+def canonical_user_id(value, where: str) -> str | None:
+    """The one spelling of a user id, whatever type the file gave it: whole numbers as integer text (``3``, ``3.0``
+    and ``"3"`` are one user), text stripped (``"3.0"`` stays text). ``None`` for a missing id (null, NaN, blank
+    text): the caller decides what a pair without a user is. A fractional number, a boolean or any other value names
+    no one and is refused."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    raise PairError(f"{where}: user id {value!r} names no user; use text or a whole number (a fractional or boolean "
+                    "id comes from a broken column or converter: fix the file).")
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a regular file that can be read ("not found", "a folder, not a file", ...), or None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as e:
+        return f"not readable ({e.strerror})"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(mode):  # a FIFO would block the reader forever; a device is no data file
+        return "not a regular file (a FIFO, socket or device)"
+    return None
+
+
+def comparison_key(pair: PreferencePair) -> tuple[tuple, bytes]:
+    """(what was compared: user, prompt and the two images in either order; which image won). Two pairs with one key
+    are a repeat (the same winner) or a contradiction (the other winner), in whatever order they come."""
+    won, lost = hashlib.sha256(pair.chosen.raw_bytes()).digest(), hashlib.sha256(pair.rejected.raw_bytes()).digest()
+    return (pair.user_id, pair.prompt, min(won, lost), max(won, lost)), won
+
+
+class _Comparisons:
+    """The comparisons met so far, to refuse a repeat or a reversal of one of them."""
+
+    def __init__(self) -> None:
+        self._first: dict[tuple, tuple[bytes, str]] = {}
+
+    def conflict(self, pair: PreferencePair, where: str, short: str) -> str | None:
+        """None for a new comparison, else the refusal (``where`` names this pair, ``short`` is how later ones will
+        name it)."""
+        key, winner = comparison_key(pair)
+        if key not in self._first:
+            self._first[key] = (winner, short)
+            return None
+        first_winner, first = self._first[key]
+        if first_winner == winner:
+            return (f"{where} repeats {first} (same prompt and images); a repeated pair would count twice. Delete "
+                    "one of them.")
+        return (f"{where} reverses {first} (same prompt and images, the other image preferred): the two cancel out "
+                "and say nothing of the user. Delete the wrong one, or both.")
+
+
 # ------------------------------------------------------------------------------------------------------------ folder
 def _inside(folder: Path, rel, where: str) -> Path:
     try:
         path = confined(folder, rel, f"{where}: image path", f"use a path relative to the pair folder {folder}")
     except PPDError as e:
         raise PairError(str(e)) from None
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem == "not found":
         raise PairError(f"{where}: image {rel!r} not found in {folder}. Fix the path or add the file.")
+    if problem:
+        raise PairError(f"{where}: image {rel!r} in {folder} is {problem}; name an image file.")
     return path
 
 
@@ -207,14 +276,30 @@ def _read_text(path: Path) -> str:
                         "'CSV UTF-8').") from None
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """JSONL's lines: split on "\\n" only (a "\\r" before it is JSON whitespace). A JSON string may hold U+2028,
+    U+0085 and the other Unicode line breaks raw (``json.dumps(..., ensure_ascii=False)`` writes them so):
+    ``str.splitlines`` would cut a prompt there and break the whole file."""
+    return text.split("\n")
+
+
+def _pair_file(path: Path) -> bool:
+    """Whether the pair file ``path`` is there (a folder or FIFO of that name is refused, not read or skipped)."""
+    problem = file_problem(path)
+    if problem in (None, "not found"):
+        return problem is None
+    raise PairError(f"{path} is {problem}; the pair file must be a plain text file.")
+
+
 def _rows(folder: Path) -> list[tuple[str, dict]]:
     jsonl, csv_path = folder / "pairs.jsonl", folder / "pairs.csv"
     rows: list[tuple[str, dict]] = []
-    if jsonl.is_file() and csv_path.is_file():
+    has_jsonl, has_csv = _pair_file(jsonl), _pair_file(csv_path)
+    if has_jsonl and has_csv:
         raise PairError(f"{folder} has both pairs.jsonl and pairs.csv; PPD would read only one of them. Keep one "
                         "(merge the rows into it) and delete the other.")
-    if jsonl.is_file():
-        for i, line in enumerate(_read_text(jsonl).splitlines(), start=1):
+    if has_jsonl:
+        for i, line in enumerate(jsonl_lines(_read_text(jsonl)), start=1):
             if not line.strip():
                 continue
             try:
@@ -224,7 +309,7 @@ def _rows(folder: Path) -> list[tuple[str, dict]]:
             if not isinstance(row, dict):
                 raise PairError(f"{jsonl} line {i}: expected a JSON object with prompt, chosen, rejected.")
             rows.append((f"{jsonl.name} line {i}", row))
-    elif csv_path.is_file():
+    elif has_csv:
         reader = csv.DictReader(io.StringIO(_read_text(csv_path), newline=""))
         for i, row in enumerate(reader, start=2):
             if None in row or None in row.values():  # DictReader's marks for too many / too few fields
@@ -245,14 +330,17 @@ def load_pair_folder(folder: str | os.PathLike) -> list[PreferencePair]:
     """Pairs from ``pairs.jsonl`` or ``pairs.csv`` (columns ``prompt, chosen, rejected``, optional ``user_id``).
 
     Image paths are relative to the folder and may not leave it. Every image is checked (size, header), and a row
-    whose two images are the same, or that repeats an earlier row, is refused: either would pass for a preference
-    that is not there.
+    whose two images are the same, that repeats an earlier row, or that reverses one (the same prompt and images, the
+    other image preferred) is refused: each would pass for a preference that is not there. Pairs come in file order.
     """
     folder = Path(folder)
     if not folder.is_dir():
+        if os.path.lexists(folder):
+            raise PairError(f"{folder} is not a folder; give the pair folder that holds pairs.jsonl or pairs.csv "
+                            "and the images (not the pair file itself).")
         raise PairError(f"Pair folder not found: {folder}.")
     pairs: list[PreferencePair] = []
-    seen: dict[tuple, str] = {}
+    seen = _Comparisons()
     for where, row in _rows(folder):
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
         if missing:
@@ -266,17 +354,15 @@ def load_pair_folder(folder: str | os.PathLike) -> list[PreferencePair]:
         rejected = ImageRef(path=_inside(folder, row["rejected"], loc), where=f"{loc} (rejected)")
         chosen.check()
         rejected.check()
-        user = row.get("user_id")
-        pair = PreferencePair(prompt, chosen, rejected, str(user) if user not in (None, "") else folder.name, loc)
-        images = (hashlib.sha256(chosen.raw_bytes()).digest(), hashlib.sha256(rejected.raw_bytes()).digest())
-        if images[0] == images[1]:
+        user = canonical_user_id(row.get("user_id"), f"{loc}: 'user_id'")
+        pair = PreferencePair(prompt, chosen, rejected, user or folder.name, loc)
+        (_, _, lo, hi), _ = comparison_key(pair)
+        if lo == hi:
             raise PairError(f"{loc}: 'chosen' and 'rejected' are the same image ({row['chosen']!r}, "
                             f"{row['rejected']!r}); a pair needs two different images. Fix or delete the row.")
-        key = (pair.user_id, prompt, *images)
-        if key in seen:
-            raise PairError(f"{loc} repeats {seen[key]} (same prompt and images); a repeated pair would count twice. "
-                            "Delete one of them.")
-        seen[key] = where
+        problem = seen.conflict(pair, loc, where)
+        if problem:
+            raise PairError(problem)
         pairs.append(pair)
     return pairs
 
@@ -292,72 +378,114 @@ def _label(value) -> float | None:
     return float(value)
 
 
-def load_pickapic(paths: str | os.PathLike | Iterable[str | os.PathLike],
-                  user_ids: Iterable[str | int] | None = None,
-                  problems: list[str] | None = None) -> dict[str, list[PreferencePair]]:
-    """Pairs grouped by user from Pick-a-Pic v2 parquet shards.
+def _note(items: list[str], what: str) -> str:
+    return f"{len(items)} {what}: " + "; ".join(items[:5]) + (" ..." if len(items) > 5 else "")
 
-    Dropped, as carrying no preference: ties, unlabeled or NaN-labelled rows, rows whose two images are the same
-    bytes (whatever ``are_different`` says), and rows repeating an earlier pair of the same user. Rows with an
-    unreadable image are dropped too and reported (in ``problems`` when given, else as a warning on stderr) with the
-    file, row and user, so one bad image never stops a dataset. Row numbers are the file's own.
-    """
+
+def _read_shard(path: Path, wanted: set[str] | None, present: set[str]):
+    """The rows of one shard that may hold a wanted user (all rows when ``wanted`` is None), as a pyarrow table with
+    the file's own row numbers in ``_row``; ``present`` collects every user id the shard holds."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    problem = file_problem(path)
+    if problem == "not found":
+        raise PairError(f"Parquet shard not found: {path}.")
+    if problem:
+        raise PairError(f"{path} is {problem}; give a Pick-a-Pic .parquet file.")
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:
+        raise PairError(f"{path} is not a readable parquet file ({e}).") from None
+    missing = [c for c in PICKAPIC_COLUMNS if c not in schema.names]
+    if missing:
+        raise PairError(f"{path} is not a Pick-a-Pic v2 shard: missing column(s) {missing} (has {schema.names[:8]}"
+                        "...). Use a shard of yuvalkirstain/pickapic_v2 or convert to its schema.")
+    extra = [c for c in ("are_different", "has_label") if c in schema.names]
+    table = pq.read_table(path, columns=list(PICKAPIC_COLUMNS) + extra)
+    if not table.num_rows:
+        raise PairError(f"{path} holds no rows (an empty shard); remove it from the sources or use a shard with "
+                        "data.")
+    table = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))  # the file's row numbers
+    ids = [(v, canonical_user_id(v, f"{path} column 'user_id'")) for v in pc.unique(table["user_id"]).to_pylist()]
+    present.update(c for _, c in ids if c is not None)
+    if wanted is not None:  # filter on the raw values that spell a wanted id: the images of others stay unread
+        keep = pa.array([v for v, c in ids if c in wanted], type=table.schema.field("user_id").type)
+        table = table.filter(pc.is_in(table["user_id"], value_set=keep))
+    return table
+
+
+def load_pickapic(paths: str | os.PathLike | Iterable[str | os.PathLike],
+                  user_ids: Iterable[str | int] | None = None,
+                  problems: list[str] | None = None) -> dict[str, list[PreferencePair]]:
+    """Pairs grouped by user from Pick-a-Pic v2 parquet shards (one dataset: a user's rows may span shards).
+
+    User ids follow :func:`canonical_user_id` (``3``, ``3.0`` and ``"3"`` are one user). Dropped, as carrying no
+    preference: ties, unlabeled or NaN-labelled rows, rows whose two images are the same bytes (whatever
+    ``are_different`` says), repeats of a comparison (the same user, caption and two images: kept once, the first in
+    file order), and comparisons the same user made both ways (each image preferred once: all of its rows are dropped).
+    Rows without a user id or a caption and rows with an unreadable image are dropped too. The dropped rows that are
+    not plain ties, unlabeled or repeats are reported (in ``problems`` when given, else as a warning on stderr) with
+    the file and row, so one bad row never stops a dataset. Which pairs come out does not depend on the rows' order;
+    a user's pairs are in file order (shards in the order given). Row numbers are the file's own.
+    """
     shard_paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
-    wanted = None if user_ids is None else {str(u) for u in user_ids}
-    users: dict[str, list[PreferencePair]] = {}
+    wanted = None
+    if user_ids is not None:
+        wanted = set()
+        for u in user_ids:
+            uid = canonical_user_id(u, "the user_id asked for")
+            if uid is None:
+                raise PairError(f"The user_id asked for is empty ({u!r}); give the id of a user in the shard.")
+            wanted.add(uid)
     present: set[str] = set()
-    bad: list[str] = []
-    seen: set[tuple] = set()
+    dropped: dict[str, list[str]] = {"no user id": [], "no caption": []}
+    comparisons: dict[tuple, list[tuple[bytes, PreferencePair]]] = {}
     for path in shard_paths:
-        try:
-            schema = pq.read_schema(path)
-        except FileNotFoundError:
-            raise PairError(f"Parquet shard not found: {path}.") from None
-        except Exception as e:
-            raise PairError(f"{path} is not a readable parquet file ({e}).") from None
-        missing = [c for c in PICKAPIC_COLUMNS if c not in schema.names]
-        if missing:
-            raise PairError(f"{path} is not a Pick-a-Pic v2 shard: missing column(s) {missing} (has {schema.names[:8]}"
-                            "...). Use a shard of yuvalkirstain/pickapic_v2 or convert to its schema.")
-        extra = [c for c in ("are_different", "has_label") if c in schema.names]
-        table = pq.read_table(path, columns=list(PICKAPIC_COLUMNS) + extra)
-        table = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))  # the file's row numbers
-        uid_col = pc.cast(table["user_id"], "string")
-        present.update(u for u in pc.unique(uid_col).to_pylist() if u is not None)
-        if wanted is not None:
-            table = table.filter(pc.is_in(uid_col, value_set=_pa_strings(wanted)))
-        for row in table.to_pylist():
+        for row in _read_shard(path, wanted, present).to_pylist():
             if row.get("has_label") is False or row.get("are_different") is False:
                 continue
             l0, l1 = _label(row["label_0"]), _label(row["label_1"])
             if l0 is None or l1 is None or l0 == l1:
                 continue  # ties and unlabeled rows carry no preference
-            good, bad_side = ("jpg_0", "jpg_1") if l0 > l1 else ("jpg_1", "jpg_0")
-            uid = str(row["user_id"])
             loc = f"{path.name} row {row['_row']}"
+            uid = canonical_user_id(row["user_id"], loc)
+            caption = row["caption"]
+            if uid is None or not isinstance(caption, str) or not caption.strip():
+                dropped["no user id" if uid is None else "no caption"].append(loc)
+                continue
+            good, bad_side = ("jpg_0", "jpg_1") if l0 > l1 else ("jpg_1", "jpg_0")
             a, b = row[good], row[bad_side]
             if not isinstance(a, bytes) or not isinstance(b, bytes) or a == b:
                 continue  # no image, or the same image twice: no preference
-            key = (uid, row["caption"], *sorted((hashlib.sha256(a).digest(), hashlib.sha256(b).digest())))
-            if key in seen:
-                continue  # the same comparison again adds no information and would count twice
-            seen.add(key)
-            pair = PreferencePair(str(row["caption"] or ""), ImageRef(data=a, where=f"{loc} ({good}, user {uid})"),
+            pair = PreferencePair(caption, ImageRef(data=a, where=f"{loc} ({good}, user {uid})"),
                                   ImageRef(data=b, where=f"{loc} ({bad_side}, user {uid})"), uid, loc)
-            try:
-                pair.chosen.check()
-                pair.rejected.check()
-            except PairError as e:
-                bad.append(str(e))
-                continue
-            users.setdefault(uid, []).append(pair)
-    if bad:
-        note = f"{len(bad)} Pick-a-Pic row(s) skipped for unreadable images: " + "; ".join(bad[:5]) + (
-            " ..." if len(bad) > 5 else "")
+            key, winner = comparison_key(pair)
+            comparisons.setdefault(key, []).append((winner, pair))
+    users: dict[str, list[PreferencePair]] = {}
+    bad: list[str] = []
+    reversed_: list[str] = []
+    for found in comparisons.values():  # in the order each comparison first appears: file order
+        if len({winner for winner, _ in found}) > 1:
+            reversed_.append(" vs ".join(p.source for _, p in found) + f" (user {found[0][1].user_id})")
+            continue
+        pair = found[0][1]  # a repeat adds no information and would count twice: the first row stands for all
+        try:
+            pair.chosen.check()
+            pair.rejected.check()
+        except PairError as e:
+            bad.append(str(e))
+            continue
+        users.setdefault(pair.user_id, []).append(pair)
+    notes = [_note(items, what) for items, what in (
+        (bad, "Pick-a-Pic row(s) skipped for unreadable images"),
+        (dropped["no user id"], "Pick-a-Pic row(s) skipped without a user id (null or blank 'user_id')"),
+        (dropped["no caption"], "Pick-a-Pic row(s) skipped without a caption (null or blank 'caption'; a pair "
+                                "needs the prompt its images were made for)"),
+        (reversed_, "Pick-a-Pic comparison(s) dropped because the same user preferred each image once (same "
+                    "caption and images: the rows cancel out)")) if items]
+    for note in notes:
         if problems is not None:
             problems.append(note)
         else:
@@ -370,14 +498,9 @@ def load_pickapic(paths: str | os.PathLike | Iterable[str | os.PathLike],
                 raise PairError(f"User {uid} is not in {shards} (it holds {len(present)} users, for example {some}). "
                                 "Check the user_id, or pick the shard that holds this user.")
             raise PairError(f"User {uid} has no usable pairs in {shards}: every row of this user is a tie, unlabeled, "
-                            "shows the same image twice, or has an unreadable image. Pick another user.")
+                            "shows the same image twice, has no caption, is contradicted by another row, or has an "
+                            "unreadable image. Pick another user.")
     return users
-
-
-def _pa_strings(values: set[str]):
-    import pyarrow as pa
-
-    return pa.array(sorted(values), type=pa.string())
 
 
 # ------------------------------------------------------------------------------------------------------------ memory
@@ -401,31 +524,61 @@ def pairs_from_images(prompts: Sequence[str], images_a: Sequence[Image.Image], i
     return out
 
 
-def load_users(sources: Iterable[str | os.PathLike],
-               problems: list[str] | None = None) -> dict[str, list[PreferencePair]]:
+def load_users(sources: Iterable[str | os.PathLike], problems: list[str] | None = None,
+               merge_users: bool = False) -> dict[str, list[PreferencePair]]:
     """Users and their pairs from pair folders and/or Pick-a-Pic parquet shards.
 
-    With ``problems`` given, a pair folder that cannot be read is skipped and its error appended there (a dataset of
-    many users is not stopped by one of them); otherwise it raises.
+    One user is one user: a user id found in two sources (two pair folders, or a folder and the shards) is refused,
+    naming both, unless ``merge_users`` says they are one person; then their pairs are pooled, and a pair that
+    repeats or reverses one of the other source is refused. The Pick-a-Pic shards are one source (one dataset split
+    into files: its users span shards). A source given twice is refused. With ``problems`` given, a pair folder that
+    cannot be read is skipped and its error appended there (a dataset of many users is not stopped by one of them);
+    otherwise it raises.
     """
-    users: dict[str, list[PreferencePair]] = {}
+    given: dict[Path, Path] = {}
+    folders: list[Path] = []
+    shards: list[Path] = []
     for src in map(Path, sources):
-        if src.suffix == ".parquet":
-            found = load_pickapic(src, problems=problems)
-        else:
-            found = {}
-            try:
-                folder_pairs = load_pair_folder(src)
-            except PairError as e:
-                if problems is None:
-                    raise
-                problems.append(str(e))
+        real = src.resolve()
+        if real in given:
+            raise PairError(f"{src} is given twice (also as {given[real]}); its pairs would count twice. Give each "
+                            "pair folder or shard once.")
+        given[real] = src
+        (shards if src.suffix == ".parquet" else folders).append(src)
+    found: list[tuple[str, dict[str, list[PreferencePair]]]] = []
+    if shards:
+        found.append((", ".join(map(str, shards)), load_pickapic(shards, problems=problems)))
+    for folder in folders:
+        try:
+            folder_pairs = load_pair_folder(folder)
+        except PairError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
+            continue
+        by_user: dict[str, list[PreferencePair]] = {}
+        for p in folder_pairs:
+            by_user.setdefault(p.user_id, []).append(p)
+        found.append((str(folder), by_user))
+    users: dict[str, list[PreferencePair]] = {}
+    owner: dict[str, str] = {}
+    for source, by_user in found:
+        for uid, pairs in by_user.items():
+            if uid not in users:
+                users[uid], owner[uid] = list(pairs), source
                 continue
-            for p in folder_pairs:
-                found.setdefault(p.user_id, []).append(p)
-        for uid, pairs in found.items():
-            users.setdefault(uid, []).extend(pairs)
+            if not merge_users:
+                raise PairError(f"User {uid!r} is in both {owner[uid]} and {source}: PPD would take two people for "
+                                "one (or count one person's pairs twice). Give one of them another user_id (or rename "
+                                "its folder), or pass --merge-users if both hold the same person's pairs.")
+            seen = _Comparisons()
+            for p in users[uid] + pairs:
+                problem = seen.conflict(p, p.source, p.source)
+                if problem:
+                    raise PairError(f"Merging user {uid!r} of {owner[uid]} and {source}: {problem}")
+            users[uid] += pairs
+            owner[uid] += f" and {source}"
     if not users:
-        raise PairError("No usable preference pairs in the given sources." + (
+        raise PairError(f"No usable preference pairs in {', '.join(map(str, given.values())) or 'no sources'}." + (
             f" Problems: {'; '.join(problems[:5])}" if problems else ""))
     return users

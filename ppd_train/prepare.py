@@ -62,12 +62,14 @@ def _file_key(path: Path) -> str:
 
 
 def _pairs_key(users: dict[str, list[PreferencePair]]) -> str:
+    """What the data is made of: each user's pairs by source, prompt and image bytes (another dataset with the same
+    folder names, prompts and file names is another key)."""
     h = hashlib.sha256()
     for uid in sorted(users):
         h.update(uid.encode())
         for p in users[uid]:
             h.update(p.source.encode())
-            h.update(p.prompt.encode())
+            h.update(p.digest())
     return h.hexdigest()[:16]
 
 

@@ -749,6 +749,140 @@ def case_long_prefix(ctx: Ctx) -> str:
     return refused(lambda: nodes.save_embedding(emb.UserEmbedding(torch.randn(5, 24), "t"), ctx.tmp, "x" * 300))
 
 
+# --- round 2: data ---
+def _folder(ctx: Ctx, name: str, seed: int = 0, user_id: str | None = None) -> Path:
+    from helpers import write_pair_folder
+
+    return write_pair_folder(ctx.tmp / name, n=2, seed=seed, user_id=user_id)
+
+
+def _users(*sources, **kw):
+    from ppd_train.pairs import load_users
+
+    return load_users(list(sources), **kw)
+
+
+def _typed_shard(ctx: Ctx, name: str, rows, pa_type) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = _shard(ctx, [{**r, "user_id": 0} for r in rows]).rename(ctx.tmp / name)
+    table = pq.read_table(path)
+    column = pa.array([r["user_id"] for r in rows], pa_type)
+    pq.write_table(table.set_column(table.schema.get_field_index("user_id"), "user_id", column), path)
+    return path
+
+
+def case_user_in_two_folders(ctx: Ctx) -> str:
+    return refused(lambda: _users(_folder(ctx, "one", 1, "anna"), _folder(ctx, "two", 2, "anna")))
+
+
+def case_source_twice(ctx: Ctx) -> str:
+    folder = _folder(ctx, "ann")
+    return refused(lambda: _users(folder, ctx.tmp / "." / "ann"))
+
+
+def case_user_id_types(ctx: Ctx) -> None:
+    import pyarrow as pa
+
+    shards = [_typed_shard(ctx, f"{i}.parquet", [_row(f"c{i}", 2 * i, 2 * i + 1, 0.0, 1.0, user=u)], t)
+              for i, (u, t) in enumerate(((3, pa.int64()), (3.0, pa.float64()), ("3", pa.string())))]
+    assert {u: len(p) for u, p in _users(*shards).items()} == {"3": 3}
+
+
+def case_user_id_fractional(ctx: Ctx) -> str:
+    import pyarrow as pa
+
+    path = _typed_shard(ctx, "s.parquet", [_row("a", 1, 2, 1.0, 0.0, user=3.5)], pa.float64())
+    return refused(lambda: _pickapic(path))
+
+
+def case_user_id_null(ctx: Ctx) -> None:
+    import pyarrow as pa
+
+    problems: list[str] = []
+    path = _typed_shard(ctx, "s.parquet", [_row("a", 1, 2, 1.0, 0.0, user=3), _row("b", 3, 4, 1.0, 0.0, user=None)],
+                        pa.int64())
+    assert list(_pickapic(path, problems=problems)) == ["3"] and "skipped without a user id" in problems[0]
+
+
+def case_empty_parquet(ctx: Ctx) -> str:
+    import pyarrow.parquet as pq
+
+    path = _shard(ctx, [_row("a", 1, 2, 1.0, 0.0)])
+    pq.write_table(pq.read_table(path).slice(0, 0), path)
+    return refused(lambda: _users(path))
+
+
+def case_embed_other_dataset(ctx: Ctx) -> None:
+    from ppd_train.embed_dataset import embed_users
+    from ppd_train.embedders.pairdiff import PairDifferenceEmbedder
+
+    embedder = PairDifferenceEmbedder(lambda images: torch.ones(len(images), 3), "ones")
+    out = ctx.tmp / "t.safetensors"
+
+    def killed(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_users(_users(_folder(ctx, "old")), embedder, out, n_pairs=2, show_progress=False, progress=killed)
+    table = embed_users(_users(_folder(ctx, "new", 1)), embedder, out, n_pairs=2, show_progress=False)
+    assert list(table) == ["new"]
+
+
+def case_prompt_u2028(ctx: Ctx) -> None:
+    folder = _pairs(ctx)
+    rows = [row(prompt="first\u2028line"), row(prompt="second\u0085", chosen="good_1.png", rejected="bad_1.jpg")]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert [p.prompt for p in _load_pairs(folder)] == ["first\u2028line", "second\u0085"]
+
+
+def case_pickapic_null_caption(ctx: Ctx) -> None:
+    problems: list[str] = []
+    users = _pickapic(_shard(ctx, [_row("a", 1, 2, 1.0, 0.0), _row(None, 3, 4, 1.0, 0.0), _row(" ", 5, 6, 1.0, 0.0)]),
+                      problems=problems)
+    assert [p.prompt for p in users["7"]] == ["a"] and problems[0].startswith("2 Pick-a-Pic row(s) skipped without")
+
+
+def case_pickapic_reversed(ctx: Ctx) -> None:
+    problems: list[str] = []
+    rows = [_row("cat", 1, 2, 0.0, 1.0), _row("dog", 3, 4, 1.0, 0.0), _row("cat", 1, 2, 1.0, 0.0)]
+    assert [p.prompt for p in _pickapic(_shard(ctx, rows), problems=problems)["7"]] == ["dog"]
+    assert "row 0 vs train-00000.parquet row 2 (user 7)" in problems[0]
+
+
+def case_image_is_folder(ctx: Ctx) -> str:
+    folder = _pairs(ctx, [row(chosen="sub")])
+    (folder / "sub").mkdir()
+    return refused(lambda: _load_pairs(folder))
+
+
+def case_pair_file_fifo(ctx: Ctx) -> str:
+    folder = _pairs(ctx)
+    (folder / "pairs.jsonl").unlink()
+    os.mkfifo(folder / "pairs.jsonl")
+    return refused(lambda: _load_pairs(folder))
+
+
+def case_image_too_narrow(ctx: Ctx) -> str:
+    from PIL import Image
+
+    folder = _pairs(ctx, [row(chosen="strip.png")])
+    Image.new("RGB", (3000, 10)).save(folder / "strip.png")
+    return refused(lambda: _load_pairs(folder)[0].chosen.load())
+
+
+def case_embed_mixed_shapes(ctx: Ctx) -> str:
+    from ppd_train.embed_dataset import embed_users
+    from ppd_train.embedders.pairdiff import PairDifferenceEmbedder
+
+    widths = iter([3, 5])
+    embedder = PairDifferenceEmbedder(lambda images: torch.ones(len(images), next(widths)), "changing")
+    users = _users(_folder(ctx, "a"), _folder(ctx, "b", 1))
+    return refused(lambda: embed_users(users, embedder, ctx.tmp / "t.safetensors", n_pairs=2, batch_users=1,
+                                       show_progress=False))
+
+
 # ------------------------------------------------------------------------------------------------- the catalogue
 CASES = [
     # trainer: ppd-train fit
@@ -957,8 +1091,8 @@ CASES = [
          'User 99 is not in train-00000.parquet (it holds 2 users, for example 7, 8). '
          'Check the user_id, or pick the shard that holds this user.', case_pickapic_unknown_user),
     Case("pickapic-only-ties", "a user whose rows are all ties", "node", "refused", 'User 9 has no usable pairs in '
-         'train-00000.parquet: every row of this user is a tie, unlabeled, shows the same image twice, or has an '
-         'unreadable image. Pick another user.',
+         'train-00000.parquet: every row of this user is a tie, unlabeled, shows the same image twice, has no caption, '
+         'is contradicted by another row, or has an unreadable image. Pick another user.',
          case_pickapic_only_ties),
     Case("pickapic-row-numbers", "a pair of a user found after filtering by user", "API", "handled",
          "named by the file's own row number", case_pickapic_row_numbers),
@@ -1000,6 +1134,49 @@ CASES = [
          'characters, one name); file systems refuse longer names. Keep each folder or file name under 200 characters '
          'and the whole prefix under 1000.',
          case_long_prefix),
+    # --- round 2: data ---
+    Case("embed-other-dataset", "`ppd-train embed` rerun on another dataset with the same `--out` (after a kill)",
+         "CLI", "handled", "the table holds the new dataset's users only, each embedded from its own pairs (cached "
+         "parts are keyed by each user's pairs; unchanged users are reused)", case_embed_other_dataset),
+    Case("user-in-two-folders", "two pair folders holding the same user id", "CLI", "refused",
+         "User 'anna' is in both …/one and …/two: PPD would take two people for one (or count one person's pairs "
+         "twice). Give one of them another user_id (or rename its folder), or pass --merge-users if both hold the "
+         "same person's pairs.", case_user_in_two_folders),
+    Case("source-twice", "the same pair folder given twice (`ann ./ann`)", "CLI", "refused",
+         "…/ann is given twice (also as …/ann); its pairs would count twice. Give each pair folder or shard once.",
+         case_source_twice),
+    Case("user-id-types", "Pick-a-Pic user ids `3`, `3.0` and `\"3\"` (int, float, text columns)", "CLI", "handled",
+         "one user `3`: whole numbers are written as integers, whatever the column type", case_user_id_types),
+    Case("user-id-fractional", "a Pick-a-Pic user id `3.5`", "API", "refused",
+         "…/s.parquet column 'user_id': user id 3.5 names no user; use text or a whole number (a fractional or "
+         "boolean id comes from a broken column or converter: fix the file).", case_user_id_fractional),
+    Case("user-id-null", "a Pick-a-Pic row with a null user id", "API", "handled",
+         "row skipped and reported (never a user called `None`)", case_user_id_null),
+    Case("empty-parquet", "a Pick-a-Pic shard with no rows", "CLI", "refused",
+         "…/train-00000.parquet holds no rows (an empty shard); remove it from the sources or use a shard with data.",
+         case_empty_parquet),
+    Case("prompt-u2028", "a prompt holding U+2028 or U+0085 (written raw by the picker)", "node", "handled",
+         "loads intact: JSONL lines are split on `\\n` only", case_prompt_u2028),
+    Case("pickapic-null-caption", "a Pick-a-Pic row with a null or blank caption", "API", "handled",
+         "row skipped and reported, like other rows that carry no preference", case_pickapic_null_caption),
+    Case("pickapic-reversed", "A over B, then B over A (same user and caption) in Pick-a-Pic", "API", "handled",
+         "both rows dropped and reported, in any row order", case_pickapic_reversed),
+    Case("reversed-row", "A over B, then B over A (same prompt) in pairs.jsonl", "node", "refused",
+         "u/pairs.jsonl line 2 reverses pairs.jsonl line 1 (same prompt and images, the other image preferred): the "
+         "two cancel out and say nothing of the user. Delete the wrong one, or both.",
+         pair_case(row(), row(chosen="bad_0.jpg", rejected="good_0.png"))),
+    Case("image-is-folder", "an image path naming a folder", "node", "refused",
+         "u/pairs.jsonl line 1: image 'sub' in …/u is a folder, not a file; name an image file.",
+         case_image_is_folder),
+    Case("pair-file-fifo", "pairs.jsonl is a FIFO", "node", "refused", "…/u/pairs.jsonl is not a regular file (a "
+         "FIFO, socket or device); the pair file must be a plain text file.", case_pair_file_fifo),
+    Case("image-too-narrow", "a 3000x10 image (under 8 px once downscaled)", "node", "refused",
+         "u/pairs.jsonl line 1 (chosen): image is 3000x10, too narrow for its length: scaled to 1536 px on its long "
+         "side it would be 1536x5 (< 8 px). Crop it to a less extreme aspect ratio.", case_image_too_narrow),
+    Case("embed-mixed-shapes", "embedding parts of two token shapes in one `embed` run", "CLI", "refused",
+         "…/part-000-000001.safetensors: user b's embedding is (2, 5) tokens x width, the others' (2, 3): the "
+         "embedder changed shape within one run. Delete …/t.safetensors.parts and embed again.",
+         case_embed_mixed_shapes),
 ]
 
 

@@ -149,7 +149,7 @@ def test_jsonl_wins_over_csv_and_paths_are_checked(tmp_path):
 
 def test_pickapic_labels_filters_and_merging(tmp_path):
     rows = [dict(caption="a", jpg_0=jpeg_bytes(1), jpg_1=jpeg_bytes(2), label_0=1.0, label_1=0.0, user_id=3),
-            dict(caption=None, jpg_0=jpeg_bytes(3), jpg_1=jpeg_bytes(4), label_0=0.0, label_1=1.0, user_id=3),
+            dict(caption="b", jpg_0=jpeg_bytes(3), jpg_1=jpeg_bytes(4), label_0=0.0, label_1=1.0, user_id=3),
             dict(caption="c", jpg_0=jpeg_bytes(5), jpg_1=jpeg_bytes(6), label_0=1.0, label_1=0.0, user_id=4),
             dict(caption="d", jpg_0=jpeg_bytes(7), jpg_1=jpeg_bytes(8), label_0=1.0, label_1=None, user_id=4),
             dict(caption="e", jpg_0=jpeg_bytes(7), jpg_1=jpeg_bytes(8), label_0=None, label_1=1.0, user_id=4)]
@@ -157,7 +157,7 @@ def test_pickapic_labels_filters_and_merging(tmp_path):
     users = load_pickapic(str(shard))  # a single path as a string
     first, second = users["3"]
     assert first.chosen.raw_bytes() == jpeg_bytes(1) and first.rejected.raw_bytes() == jpeg_bytes(2)
-    assert second.chosen.raw_bytes() == jpeg_bytes(4) and second.prompt == "" and second.user_id == "3"
+    assert second.chosen.raw_bytes() == jpeg_bytes(4) and second.prompt == "b" and second.user_id == "3"
     assert second.source.startswith("s.parquet row 1") and second.chosen.where.startswith("s.parquet row 1")
     assert "(jpg_1" in second.chosen.where and "(jpg_0" in second.rejected.where and first.prompt == "a"
     assert [p.prompt for p in users["4"]] == ["c"]  # a missing label is no preference
@@ -167,8 +167,10 @@ def test_pickapic_labels_filters_and_merging(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(PairError, match="is not a readable parquet file"):
         load_pickapic(tmp_path / "bad.parquet")
-    folder = write_pair_folder(tmp_path / "3", n=2)  # a folder of the same user id merges with the shard's pairs
-    merged = load_users([shard, folder, write_pair_folder(tmp_path / "zoe", n=1)])
+    folder = write_pair_folder(tmp_path / "3", n=2)  # a folder named like a user of the shard: one user only if told
+    with pytest.raises(PairError, match=rf"^User '3' is in both {shard} and {folder}: .*--merge-users"):
+        load_users([shard, folder])
+    merged = load_users([shard, folder, write_pair_folder(tmp_path / "zoe", n=1)], merge_users=True)
     assert sorted(merged) == ["3", "4", "zoe"] and len(merged["3"]) == 4 and len(merged["zoe"]) == 1
     with pytest.raises(PairError, match="No usable preference pairs"):
         load_users([])
