@@ -3,14 +3,29 @@
 - ``GET  /ppd/picker/pending`` -> the open questions (a tab opened while a prompt waits shows them);
 - ``POST /ppd/picker/choose`` with ``{"request_id": ..., "choice": "A" | "B" | "skip"}`` answers one.
 
-To cancel, use ComfyUI's own ``POST /interrupt`` (the Cancel button): the waiting node stops like any other.
+To cancel, use ComfyUI's own ``POST /interrupt`` (the Cancel button): the waiting node stops like any other. What a
+request gets back is decided in ``ppd_train.picker.choose_response``; this file reads at most
+``MAX_BODY_BYTES + 1`` bytes of the body (ComfyUI's server itself accepts uploads of many megabytes) and hands them on.
 """
 
 from __future__ import annotations
 
 import sys
 
+from ..ppd_train.picker import MAX_BODY_BYTES, choose_response
 from .picker_nodes import PENDING
+
+
+async def read_limited(request) -> bytes | None:
+    """The request body, or None as soon as it is known to be over ``MAX_BODY_BYTES`` (the rest is never read)."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return None
+    data = bytearray()
+    async for chunk in request.content.iter_any():
+        data += chunk
+        if len(data) > MAX_BODY_BYTES:
+            return None
+    return bytes(data)
 
 
 def register() -> bool:
@@ -27,18 +42,7 @@ def register() -> bool:
 
     @server.routes.post("/ppd/picker/choose")
     async def choose(request):
-        try:
-            body = await request.json()
-            request_id, choice = str(body["request_id"]), str(body["choice"])
-        except (ValueError, TypeError, KeyError):
-            return web.json_response({"error": 'send JSON {"request_id": ..., "choice": "A" | "B" | "skip"}'},
-                                     status=400)
-        try:
-            PENDING.answer(request_id, choice)
-        except KeyError as e:
-            return web.json_response({"error": e.args[0]}, status=404)
-        except ValueError as e:
-            return web.json_response({"error": str(e)}, status=400)
-        return web.json_response({"ok": True})
+        status, body = choose_response(PENDING, await read_limited(request))
+        return web.json_response(body, status=status)
 
     return True
