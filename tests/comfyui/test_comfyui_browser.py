@@ -323,7 +323,8 @@ def test_cancel_ends_the_wait_cleanly(page, ui_server, collect_graph):
     page.switch_to.window(first_tab)
     assert ui_server.get("/ppd/picker/pending") == [] and len(_rows(ui_server)) == 1
     status, answer = ui_server.post("/ppd/picker/choose", {"request_id": shown["request_id"], "choice": "A"})
-    assert status == 404 and "already answered or cancelled" in answer["error"]
+    assert status == 404 and "already answered, cancelled or timed out" in answer["error"]
+    assert shown["request_id"] not in answer["error"]  # errors never repeat the input
 
 
 def test_queued_prompts_each_get_their_own_choice(page, ui_server, collect_graph):
