@@ -105,7 +105,7 @@ class PPDPreferencePicker:
             previews[k] = [_temp_preview(image_a), _temp_preview(image_b)]
             request = PENDING.open({"node_id": unique_id, "prompt": prompt, "pair_set": set_name,
                                     "pairs_in_set": count_pairs(folder), "index": k + 1, "total": total,
-                                    "a": previews[k][0], "b": previews[k][1]})
+                                    "timeout_s": timeout_s, "a": previews[k][0], "b": previews[k][1]})
             _send(SHOW_EVENT, request.payload)
             try:
                 return PENDING.wait(request, comfy.model_management.throw_exception_if_processing_interrupted,
