@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from .errors import PPDError
 from .pair_writer import PAIRS_FILE, append_pair
 from .pairs import PairError
+from .paths import confined
 
 CHOICES = ("A", "B", "skip")
 
@@ -139,6 +140,10 @@ def resolve_pair_set(name: str, root: str | os.PathLike) -> tuple[Path, str]:
     if any(len(p.encode("utf-8")) > MAX_SET_PART_BYTES for p in parts):
         raise PairError(f"pair_set {shown} has a folder name longer than {MAX_SET_PART_BYTES} bytes; use a shorter "
                         "name such as 'my_pairs'.")
+    try:  # the pack's one rule for names (drive letters, NUL, climbing out), as a last guard
+        confined(real_root, "/".join(parts), "pair_set", "use a plain name such as 'my_pairs'")
+    except PPDError as e:
+        raise PairError(str(e)) from None
     path = real_root
     for p in parts:
         path = path / p
