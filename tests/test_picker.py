@@ -280,6 +280,19 @@ def test_an_answer_before_the_timeout_is_taken():
     assert pending.wait(request, check, timeout=10, poll=0.0001, clock=clock) == "B" and clock.now < 10
 
 
+def test_an_answer_that_arrives_as_the_time_runs_out_is_kept():
+    """The click was accepted (the route said 200), so it must not be lost to a timeout raised a moment later."""
+    pending = pure.PendingChoices()
+    request = pending.open({})
+    clock = _Clock()
+
+    def check():
+        if clock.now == 3.0:  # the last look before the deadline (1 + 3): answered right then
+            pending.answer(request.payload["request_id"], "A")
+
+    assert pending.wait(request, check, timeout=3, poll=0.0001, clock=clock) == "A" and clock.now == 4.0
+
+
 def test_timeout_values(pack):
     assert pure.check_timeout(10) == 10.0 and pure.check_timeout(7 * 24 * 3600) == 7 * 24 * 3600
     for bad in (0, -5, 9.5, float("nan"), float("inf"), True, "60", None, 10**9):
