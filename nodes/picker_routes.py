@@ -4,28 +4,16 @@
 - ``POST /ppd/picker/choose`` with ``{"request_id": ..., "choice": "A" | "B" | "skip"}`` answers one.
 
 To cancel, use ComfyUI's own ``POST /interrupt`` (the Cancel button): the waiting node stops like any other. What a
-request gets back is decided in ``ppd_train.picker.choose_response``; this file reads at most
-``MAX_BODY_BYTES + 1`` bytes of the body (ComfyUI's server itself accepts uploads of many megabytes) and hands them on.
+request gets back, and how much of its body is read (at most 64 KiB), is decided in ``ppd_train.picker``
+(``read_body``, ``choose_response``); this file only connects them to aiohttp.
 """
 
 from __future__ import annotations
 
 import sys
 
-from ..ppd_train.picker import MAX_BODY_BYTES, choose_response
+from ..ppd_train.picker import choose_response, read_body
 from .picker_nodes import PENDING
-
-
-async def read_limited(request) -> bytes | None:
-    """The request body, or None as soon as it is known to be over ``MAX_BODY_BYTES`` (the rest is never read)."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        return None
-    data = bytearray()
-    async for chunk in request.content.iter_any():
-        data += chunk
-        if len(data) > MAX_BODY_BYTES:
-            return None
-    return bytes(data)
 
 
 def register() -> bool:
@@ -42,7 +30,7 @@ def register() -> bool:
 
     @server.routes.post("/ppd/picker/choose")
     async def choose(request):
-        status, body = choose_response(PENDING, await read_limited(request))
+        status, body = choose_response(PENDING, await read_body(request.content_length, request.content.iter_any()))
         return web.json_response(body, status=status)
 
     return True

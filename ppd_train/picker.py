@@ -13,7 +13,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -247,6 +247,20 @@ def check_timeout(value) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- the route
+async def read_body(content_length: int | None, chunks: AsyncIterator[bytes]) -> bytes | None:
+    """A request body from its chunks, or None as soon as it is known to be over :data:`MAX_BODY_BYTES` (from the
+    declared length, or once the chunks read pass it): the rest is never read. ComfyUI's own server accepts uploads of
+    many megabytes, so the route must stop reading itself."""
+    if content_length is not None and content_length > MAX_BODY_BYTES:
+        return None
+    data = bytearray()
+    async for chunk in chunks:
+        data += chunk
+        if len(data) > MAX_BODY_BYTES:
+            return None
+    return bytes(data)
+
+
 def choose_response(pending: PendingChoices, body: bytes | None) -> tuple[int, dict]:
     """HTTP status and JSON body for ``POST /ppd/picker/choose``; ``body`` is None when it was over
     :data:`MAX_BODY_BYTES` (the route stops reading there). No answer repeats what was sent."""

@@ -437,3 +437,22 @@ def test_a_prompt_with_unicode_line_breaks_stays_one_row(tmp_path):
     assert [p.prompt for p in load_pair_folder(tmp_path)] == prompts
     assert len((tmp_path / "pairs.jsonl").read_bytes().split(b"\n")) == 5  # four rows and the final newline
     assert not any(ch in (tmp_path / "pairs.jsonl").read_text() for ch in "\u2028\u2029\x85")
+
+
+def test_the_route_stops_reading_a_body_at_the_limit():
+    import asyncio
+
+    read = []
+
+    async def chunks(n, size=16384):
+        for _ in range(n):
+            read.append(size)
+            yield b"x" * size
+
+    assert asyncio.run(pure.read_body(None, chunks(4))) == b"x" * 65536  # exactly the limit: read whole
+    read.clear()
+    assert asyncio.run(pure.read_body(None, chunks(3200))) is None  # a streamed 50 MB body, no length given
+    assert sum(read) == 65536 + 16384  # one chunk past the limit, and no further
+    read.clear()
+    assert asyncio.run(pure.read_body(50 * 2**20, chunks(3200))) is None and read == []  # declared too long
+    assert asyncio.run(pure.read_body(10, chunks(0))) == b""
