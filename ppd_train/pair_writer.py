@@ -70,7 +70,13 @@ def _row(fields: dict) -> str:
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
 
 
-def _refuse_links(folder: Path) -> None:
+def check_target(folder: Path) -> None:
+    """Refuse a folder the picker must not write: one whose pairs.csv a new pairs.jsonl would hide, or a folder,
+    pairs.jsonl or lock file that is a symbolic link (the files would land elsewhere)."""
+    if (folder / "pairs.csv").is_file() and not (folder / PAIRS_FILE).is_file():
+        raise PairError(f"{folder} holds a pairs.csv; new pairs are written to pairs.jsonl, which would hide it from "
+                        "the Preference Pair Loader. Choose another pair set name, or convert pairs.csv to "
+                        "pairs.jsonl first.")
     for path in (folder, folder / PAIRS_FILE, folder / ".pairs.lock"):
         if path.is_symlink():
             raise PairError(f"{path} is a symbolic link; pairs are written only into real files and folders, never "
@@ -91,11 +97,7 @@ def append_pair(folder: str | os.PathLike, prompt: str, chosen: Image.Image, rej
     ``extra`` fields (e.g. ``user_id``) go into the row too. Returns the number of pairs in the folder afterwards.
     """
     folder = Path(folder)
-    if (folder / "pairs.csv").is_file() and not (folder / PAIRS_FILE).is_file():
-        raise PairError(f"{folder} holds a pairs.csv; new pairs are written to pairs.jsonl, which would hide it from "
-                        "the Preference Pair Loader. Choose another pair set name, or convert pairs.csv to "
-                        "pairs.jsonl first.")
-    _refuse_links(folder)
+    check_target(folder)
     folder.mkdir(parents=True, exist_ok=True)
     images = {"chosen": _png_bytes(chosen), "rejected": _png_bytes(rejected)}
     with _folder_lock(folder):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import PPDError
-from .pair_writer import PAIRS_FILE, append_pair
+from .pair_writer import PAIRS_FILE, append_pair, check_target
 from .pairs import PairError
 from .paths import confined
 
@@ -153,6 +153,7 @@ def resolve_pair_set(name: str, root: str | os.PathLike) -> tuple[Path, str]:
                             "with a folder.")
         if path.exists() and not path.is_dir():
             raise PairError(f"pair_set {shown}: {path} is a file, not a folder; choose another name.")
+    check_target(path)
     if path.is_dir() and not (path / PAIRS_FILE).exists():
         others = sorted(e.name for e in path.iterdir()
                         if not e.name.startswith(".") and not _OWN_FILE.fullmatch(e.name))

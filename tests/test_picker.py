@@ -75,6 +75,8 @@ def test_a_csv_set_is_not_hidden_by_a_new_jsonl(tmp_path):
     with pytest.raises(PairError, match="pairs.csv"):
         append_pair(tmp_path, "x", random_image(1), random_image(2))
     assert not (tmp_path / "pairs.jsonl").exists() and not list(tmp_path.glob("*.png"))
+    with pytest.raises(PairError, match="holds a pairs.csv"):  # already when the prompt is queued
+        pure.resolve_pair_set(tmp_path.name, tmp_path.parent)
 
 
 def test_each_question_gets_its_own_answer_across_threads():
