@@ -45,15 +45,38 @@ def roots(kind: str) -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(kind)]
 
 
+_HINT = "only files inside ComfyUI's own folders can be used: move the file there and pick it from the list"
+
+
+def relative_to_root(root: Path, name: str) -> str | None:
+    """An absolute ``name`` that lies inside ``root`` (as given, or with links in ``root``'s own path resolved) as a
+    path relative to it; None for any other name."""
+    if not isinstance(name, str) or "\x00" in name or not os.path.isabs(name):
+        return None
+    path = Path(os.path.abspath(name))
+    for base in dict.fromkeys((Path(os.path.abspath(root)), Path(os.path.realpath(root)))):
+        if path.is_relative_to(base) and path != base:
+            return path.relative_to(base).as_posix()
+    return None
+
+
 def inside(root: Path, name: str) -> Path:
-    """``root / name``, refusing names that climb out of ``root`` (``..``, absolute paths, drive letters, NUL)."""
-    return confined(root, name, "File name", "only files inside ComfyUI's own folders can be used: move the file "
-                    "there and pick it from the list")
+    """``root / name``, refusing names that climb out of ``root`` (``..``, absolute paths elsewhere, drive letters,
+    NUL). An absolute path that lies inside ``root`` is the same file as its relative name, and is accepted."""
+    return confined(root, relative_to_root(root, name) or name, "File name", _HINT)
 
 
 def find(kind: str, name: str, what: str, search: list[Path] | None = None) -> Path:
-    """The first existing ``root/name`` over the folders of ``kind``, or an error listing where it looked."""
+    """The first existing ``root/name`` over the folders of ``kind``, or an error listing where it looked. An
+    absolute ``name`` is looked for only in the folders it lies in."""
     search = roots(kind) if search is None else search
+    if isinstance(name, str) and os.path.isabs(name) and "\x00" not in name:
+        within = [root for root in search if relative_to_root(root, name) is not None]
+        if not within:
+            where = ", ".join(str(r) for r in search) or "(no folder registered)"
+            raise PPDError(f"File name {name!r} is an absolute path outside the folders for {what} ({where}); "
+                           f"{_HINT}.")
+        search = within
     for root in search:
         path = inside(root, name)
         if path.exists():

@@ -3,13 +3,16 @@
 - ``GET  /ppd/picker/pending`` -> the open questions (a tab opened while a prompt waits shows them);
 - ``POST /ppd/picker/choose`` with ``{"request_id": ..., "choice": "A" | "B" | "skip"}`` answers one.
 
-To cancel, use ComfyUI's own ``POST /interrupt`` (the Cancel button): the waiting node stops like any other.
+To cancel, use ComfyUI's own ``POST /interrupt`` (the Cancel button): the waiting node stops like any other. What a
+request gets back, and how much of its body is read (at most 64 KiB), is decided in ``ppd_train.picker``
+(``read_body``, ``choose_response``); this file only connects them to aiohttp.
 """
 
 from __future__ import annotations
 
 import sys
 
+from ..ppd_train.picker import choose_response, read_body
 from .picker_nodes import PENDING
 
 
@@ -27,18 +30,7 @@ def register() -> bool:
 
     @server.routes.post("/ppd/picker/choose")
     async def choose(request):
-        try:
-            body = await request.json()
-            request_id, choice = str(body["request_id"]), str(body["choice"])
-        except (ValueError, TypeError, KeyError):
-            return web.json_response({"error": 'send JSON {"request_id": ..., "choice": "A" | "B" | "skip"}'},
-                                     status=400)
-        try:
-            PENDING.answer(request_id, choice)
-        except KeyError as e:
-            return web.json_response({"error": e.args[0]}, status=404)
-        except ValueError as e:
-            return web.json_response({"error": str(e)}, status=400)
-        return web.json_response({"ok": True})
+        status, body = choose_response(PENDING, await read_body(request.content_length, request.content.iter_any()))
+        return web.json_response(body, status=status)
 
     return True

@@ -883,6 +883,119 @@ def case_embed_mixed_shapes(ctx: Ctx) -> str:
                                        show_progress=False))
 
 
+# --- round 2: picker ---
+ROUTE_USAGE = 'send JSON {"request_id": "<id from GET /ppd/picker/pending>", "choice": "A" | "B" | "skip"}'
+
+
+def _route(ctx: Ctx, body: bytes, status: int) -> str:
+    """What ``POST /ppd/picker/choose`` answers for ``body`` (the route's logic, as the aiohttp glue calls it)."""
+    picker = ctx.node("ppd_train.picker")
+    pending = picker.PendingChoices()
+    pending.open({"index": 1})
+    got, answer = picker.choose_response(pending, body)
+    assert got == status and len(pending.pending()) == 1, (got, answer)
+    assert len(answer["error"]) < 300 and "xxxxx" not in answer["error"]  # never the input back
+    return answer["error"]
+
+
+def case_route_big_body(ctx: Ctx) -> str:
+    return _route(ctx, b'{"request_id": "' + b"x" * 70000 + b'", "choice": "A"}', 413)
+
+
+def case_route_long_id(ctx: Ctx) -> str:
+    return _route(ctx, json.dumps({"request_id": "x" * 60000, "choice": "A"}).encode(), 400)
+
+
+def case_route_unknown_id(ctx: Ctx) -> str:
+    return _route(ctx, json.dumps({"request_id": "0" * 32, "choice": "A"}).encode(), 404)
+
+
+def case_route_deep_json(ctx: Ctx) -> str:
+    return _route(ctx, b"[" * 60000, 400)
+
+
+def _pair_set(ctx: Ctx, name: str) -> str:
+    picker = ctx.node("ppd_train.picker")
+    root = ctx.tmp / "input"
+    root.mkdir(exist_ok=True)
+    message = refused(lambda: picker.resolve_pair_set(name, root))
+    assert "Errno" not in message and not (root / "deep").exists()
+    return message
+
+
+def case_pair_set_deep(ctx: Ctx) -> str:
+    return _pair_set(ctx, "/".join(["deep"] * 400))
+
+
+def case_pair_set_long(ctx: Ctx) -> str:
+    return _pair_set(ctx, "x" * 300)
+
+
+def case_pair_set_images(ctx: Ctx) -> str:
+    from helpers import random_image
+
+    (ctx.tmp / "input" / "photos").mkdir(parents=True)
+    random_image(1).save(ctx.tmp / "input" / "photos" / "holiday.png")
+    return _pair_set(ctx, "photos")
+
+
+def case_pair_set_symlink(ctx: Ctx) -> str:
+    (ctx.tmp / "input").mkdir()
+    (ctx.tmp / "elsewhere").mkdir()
+    (ctx.tmp / "input" / "linked").symlink_to(ctx.tmp / "elsewhere", target_is_directory=True)
+    return _pair_set(ctx, "linked/set")
+
+
+def case_pair_set_absolute(ctx: Ctx) -> None:
+    picker = ctx.node("ppd_train.picker")
+    assert picker.resolve_pair_set(str(ctx.tmp / "anna" / "portraits"), ctx.tmp) == (
+        ctx.tmp / "anna" / "portraits", "anna/portraits")
+
+
+def case_node_absolute_inside(ctx: Ctx) -> None:
+    folders = ctx.node("nodes.folders")
+    other = ctx.tmp / "other"
+    other.mkdir()
+    (ctx.tmp / "a.safetensors").write_bytes(b"x")
+    assert folders.find("ppd_adapters", str(ctx.tmp / "a.safetensors"), "PPD adapter", [other, ctx.tmp]) == \
+        ctx.tmp / "a.safetensors"
+
+
+def case_picker_timeout(ctx: Ctx) -> str:
+    picker = ctx.node("ppd_train.picker")
+    pending = picker.PendingChoices()
+    request = pending.open({"index": 1, "total": 1, "pair_set": "my_pairs"})
+    ticks = iter(range(10**6))
+    message = refused(lambda: pending.wait(request, lambda: None, timeout=600, poll=0.0001,
+                                           clock=lambda: float(next(ticks))))
+    assert pending.pending() == []
+    return message
+
+
+def case_picker_umask(ctx: Ctx) -> None:
+    from helpers import random_image
+
+    writer = ctx.node("ppd_train.pair_writer")
+    old = os.umask(0o002)
+    try:
+        writer.append_pair(ctx.tmp / "set", "p", random_image(1), random_image(2))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((ctx.tmp / "set" / "pair_00001_chosen.png").stat().st_mode) == 0o664
+
+
+def case_picker_line_separator(ctx: Ctx) -> None:
+    from helpers import random_image
+
+    from ppd_train.pairs import load_pair_folder
+
+    writer = ctx.node("ppd_train.pair_writer")
+    for prompt in ("a fox\u2028in snow", "next\x85line"):
+        writer.append_pair(ctx.tmp / "set", prompt, random_image(1), random_image(2))
+    assert [p.prompt for p in load_pair_folder(ctx.tmp / "set")] == ["a fox\u2028in snow", "next\x85line"]
+    assert writer.count_pairs(ctx.tmp / "set") == 2
+
+
 # ------------------------------------------------------------------------------------------------- the catalogue
 CASES = [
     # trainer: ppd-train fit
@@ -1177,6 +1290,46 @@ CASES = [
          "…/part-000-000001.safetensors: user b's embedding is (2, 5) tokens x width, the others' (2, 3): the "
          "embedder changed shape within one run. Delete …/t.safetensors.parts and embed again.",
          case_embed_mixed_shapes),
+
+    # --- round 2: picker ---
+    Case("picker-route-big-body", "a body over 64 KiB POSTed to `/ppd/picker/choose` (e.g. a 10 MiB `request_id`)",
+         "route (HTTP 413)", "refused", f"request body over 65536 bytes; {ROUTE_USAGE}", case_route_big_body),
+    Case("picker-route-long-id", "a 60 KB `request_id` (under the body limit)", "route (HTTP 400)", "refused",
+         "request_id must be the 32 hexadecimal digits of an open question, as GET /ppd/picker/pending lists them",
+         case_route_long_id),
+    Case("picker-route-unknown-id", "a `request_id` of no open question", "route (HTTP 404)", "refused",
+         "no open preference question has this request_id (already answered, cancelled or timed out); GET "
+         "/ppd/picker/pending lists the open ones", case_route_unknown_id),
+    Case("picker-route-deep-json", "60 000 nested `[` as the body", "route (HTTP 400)", "refused",
+         f"the body is not JSON; {ROUTE_USAGE}", case_route_deep_json),
+    Case("picker-set-deep", "a pair set name 400 folders deep", "node", "refused",
+         "pair_set '…' is 400 folders deep; a pair set is one folder, or one folder inside another (at most 2 "
+         "levels, e.g. 'anna/portraits').", case_pair_set_deep),
+    Case("picker-set-long", "a 300-character pair set name", "node", "refused",
+         "pair_set '…' has a folder name longer than 100 bytes; use a shorter name such as 'my_pairs'.",
+         case_pair_set_long),
+    Case("picker-set-images", "an existing folder of images (no pairs.jsonl) as the pair set", "node", "refused",
+         "pair_set 'photos': …/photos already exists and holds other files (holiday.png) but no pairs.jsonl, so it "
+         "is not a pair set; the picker will not turn it into one. Choose a new name (the folder is created) or an "
+         "existing pair set.", case_pair_set_images),
+    Case("picker-set-symlink", "a pair set through a symlink already inside input/", "node", "refused",
+         "pair_set 'linked/set': …/linked is a symbolic link; the picker writes only into real folders inside the "
+         "input folder, never through a link. Choose another name, or replace the link with a folder.",
+         case_pair_set_symlink),
+    Case("picker-set-absolute", "a pair set given as an absolute path inside input/", "node", "handled",
+         "that pair set (the same as its name relative to input/)", case_pair_set_absolute),
+    Case("node-absolute-inside", "an absolute file name that lies inside a model folder", "node", "handled",
+         "accepted, looked for in the folder it lies in (an absolute path elsewhere: 'is an absolute path outside "
+         "the folders for …')", case_node_absolute_inside),
+    Case("picker-timeout", "no browser tab answers the Preference Picker", "node", "refused",
+         "No choice came within 600 seconds for pair 1 of 1 (Preference Picker, pair set 'my_pairs'); nothing was "
+         "saved for it. Open ComfyUI in a browser tab to answer (the picker shows there), or answer from a script: "
+         'GET /ppd/picker/pending, then POST /ppd/picker/choose {"request_id": ..., "choice": "A" | "B" | "skip"}. '
+         "Raise timeout_s to wait longer.", case_picker_timeout),
+    Case("picker-umask", "picker PNGs written under umask 002", "node", "handled",
+         "0664 (0666 less the umask, like any file), written atomically", case_picker_umask),
+    Case("picker-line-separator", "a picker prompt holding U+2028 or U+0085", "node", "handled",
+         "escaped in pairs.jsonl: one row per pair, read back as typed", case_picker_line_separator),
 ]
 
 

@@ -1,6 +1,7 @@
-"""The Preference Picker's ComfyUI-free logic: the pair-set writer (read back by the real pair loader), the open
-questions and their answers across threads, pair layout and set names. The browser and server side run in
-tests/comfyui/test_comfyui_browser.py."""
+"""The Preference Picker's ComfyUI-free logic (``ppd_train.picker``, ``ppd_train.pair_writer``): what a click
+writes (read back by the real pair loader), the open questions and their answers across threads, timeouts, pair layout,
+pair set names, and what the ``/ppd/picker/choose`` route answers. The browser and server side run in
+tests/comfyui/test_comfyui_browser.py and test_comfyui_server.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import random_image
 
+from ppd_train import picker as pure
+from ppd_train.errors import PPDError
 from ppd_train.pair_writer import append_pair, count_pairs
 from ppd_train.pairs import PairError, load_pair_folder
 
@@ -72,17 +75,18 @@ def test_a_csv_set_is_not_hidden_by_a_new_jsonl(tmp_path):
     with pytest.raises(PairError, match="pairs.csv"):
         append_pair(tmp_path, "x", random_image(1), random_image(2))
     assert not (tmp_path / "pairs.jsonl").exists() and not list(tmp_path.glob("*.png"))
+    with pytest.raises(PairError, match="holds a pairs.csv"):  # already when the prompt is queued
+        pure.resolve_pair_set(tmp_path.name, tmp_path.parent)
 
 
-def test_each_question_gets_its_own_answer_across_threads(pack):
-    m = picker(pack)
-    pending = m.PendingChoices()
+def test_each_question_gets_its_own_answer_across_threads():
+    pending = pure.PendingChoices()
     first, second = pending.open({"index": 1}), pending.open({"index": 2})
     assert first.payload["request_id"] != second.payload["request_id"] and len(pending.pending()) == 2
     answers = {}
 
     def wait(request):
-        answers[request.payload["index"]] = pending.wait(request, lambda: None, poll=0.01)
+        answers[request.payload["index"]] = pending.wait(request, lambda: None, timeout=60, poll=0.01)
 
     threads = [threading.Thread(target=wait, args=(r,)) for r in (first, second)]
     for t in threads:
@@ -98,9 +102,8 @@ def test_each_question_gets_its_own_answer_across_threads(pack):
         pending.answer(pending.open({}).payload["request_id"], "C")
 
 
-def test_cancel_ends_the_wait_and_closes_the_question(pack):
-    m = picker(pack)
-    pending = m.PendingChoices()
+def test_cancel_ends_the_wait_and_closes_the_question():
+    pending = pure.PendingChoices()
     request = pending.open({})
     calls = []
 
@@ -113,15 +116,14 @@ def test_cancel_ends_the_wait_and_closes_the_question(pack):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        pending.wait(request, check, poll=0.001)
+        pending.wait(request, check, timeout=60, poll=0.001)
     assert pending.pending() == []
     with pytest.raises(KeyError):  # a late click answers nothing
         pending.answer(request.payload["request_id"], "A")
 
 
-def test_pair_layout(pack):
-    m = picker(pack)
-    PairError = m.PairError  # the pack's copy of the class (loaded as ppd_pack.ppd_train)
+def test_pair_layout():
+    m = pure
     assert m.pair_indices(2, None) == [(0, 1)] and m.pair_indices(4, None) == [(0, 1), (2, 3)]
     assert m.pair_indices(3, 3) == [(0, 0), (1, 1), (2, 2)]
     with pytest.raises(PairError, match="even number"):
@@ -130,17 +132,15 @@ def test_pair_layout(pack):
         m.pair_indices(2, 1)
 
 
-def test_pair_sets_stay_inside_the_input_folder(pack, tmp_path):
-    m = picker(pack)
-    errors = importlib.import_module(f"{pack.__name__}.ppd_train.errors")
-    assert m.resolve_pair_set(" my_pairs ", tmp_path) == tmp_path / "my_pairs"
-    assert m.resolve_pair_set("anna\\portraits", tmp_path) == tmp_path / "anna" / "portraits"
-    for bad in ("", "  ", "../outside", "a/../../x", ".hidden", "/etc", "a/./.git"):
-        with pytest.raises(errors.PPDError, match="empty|hidden|outside"):
-            m.resolve_pair_set(bad, tmp_path)
+def test_pair_sets_stay_inside_the_input_folder(tmp_path):
+    assert pure.resolve_pair_set(" my_pairs ", tmp_path) == (tmp_path / "my_pairs", "my_pairs")
+    assert pure.resolve_pair_set("anna\\portraits", tmp_path) == (tmp_path / "anna" / "portraits", "anna/portraits")
+    for bad in ("", "  ", "../outside", "a/../../x", ".hidden", "/etc", "a/./.git", "a/..", "/"):
+        with pytest.raises(PairError, match="empty|hidden|outside"):
+            pure.resolve_pair_set(bad, tmp_path)
     (tmp_path / "file.txt").write_text("x")
-    with pytest.raises(m.PairError, match="is a file"):
-        m.resolve_pair_set("file.txt", tmp_path)
+    with pytest.raises(PairError, match="is a file"):
+        pure.resolve_pair_set("file.txt", tmp_path)
 
 
 def test_picker_inputs_are_pinned(pack):
@@ -163,3 +163,298 @@ def test_chosen_images_of_two_sizes_make_one_batch(pack):
     a, b = torch.rand(1, 8, 12, 3), torch.rand(1, 16, 24, 3)
     out = m.batch_images([a, b])
     assert out.shape == (2, 8, 12, 3) and torch.equal(out[0], a[0])
+
+
+# ------------------------------------------------------------------------------------- a click -> the pair written
+def _solid(rgb, size=(24, 16)):
+    from PIL import Image
+
+    return Image.new("RGB", size, rgb)
+
+
+RED, BLUE, GREEN, GREY = (220, 30, 30), (30, 30, 220), (30, 200, 30), (128, 128, 128)
+
+
+def _prefer(colour, log=None):
+    """A user who always clicks the side showing ``colour`` (and skips pairs where neither shows it)."""
+    def ask(k, total, a, b):
+        if log is not None:
+            log.append((k, total, a.getpixel((0, 0)), b.getpixel((0, 0))))
+        return "A" if a.getpixel((0, 0)) == colour else "B" if b.getpixel((0, 0)) == colour else "skip"
+    return ask
+
+
+def _written(folder):
+    return [(p.prompt, p.chosen.load().getpixel((0, 0)), p.rejected.load().getpixel((0, 0)))
+            for p in load_pair_folder(folder)]
+
+
+def test_the_clicked_image_is_the_chosen_one_whatever_side_it_was_shown_on(tmp_path):
+    """images_b connected: the red image is clicked, shown once as A and once as B; it is written as chosen both times,
+    and the node's output points at it."""
+    a, b = [_solid(RED), _solid(BLUE), _solid(GREY)], [_solid(GREEN), _solid(RED), _solid(BLUE)]
+    shown: list = []
+    picks = pure.collect(tmp_path / "set", "a cat", a, b, _prefer(RED, shown))
+    assert shown == [(0, 3, RED, GREEN), (1, 3, BLUE, RED), (2, 3, GREY, BLUE)]  # A[i] shown as A, B[i] as B
+    assert _written(tmp_path / "set") == [("a cat", RED, GREEN), ("a cat", RED, BLUE)]  # pair 2 skipped
+    assert picks == [pure.Pick(0, "A", 0), pure.Pick(1, "B", 1)]
+    assert [(a if p.side == "A" else b)[p.index].getpixel((0, 0)) for p in picks] == [RED, RED]
+
+
+def test_the_clicked_image_is_the_chosen_one_in_a_single_batch(tmp_path):
+    """images_b not connected: pairs are 0|1 and 2|3 of one batch; the B side is the second image of each pair."""
+    batch = [_solid(BLUE), _solid(RED), _solid(RED), _solid(GREEN)]
+    picks = pure.collect(tmp_path / "set", "p", batch, None, _prefer(RED))
+    assert _written(tmp_path / "set") == [("p", RED, BLUE), ("p", RED, GREEN)]
+    assert picks == [pure.Pick(0, "B", 1), pure.Pick(1, "A", 2)]
+    assert all(batch[p.index].getpixel((0, 0)) == RED for p in picks)
+
+
+def test_decide_maps_a_click_to_chosen_and_rejected():
+    assert pure.decide("A", "shown as A", "shown as B") == ("shown as A", "shown as B")
+    assert pure.decide("B", "shown as A", "shown as B") == ("shown as B", "shown as A")
+    assert pure.decide("skip", "x", "y") is None
+    with pytest.raises(ValueError, match="A, B, skip"):
+        pure.decide("a", "x", "y")
+
+
+def test_skip_writes_nothing(tmp_path):
+    folder = tmp_path / "set"
+    assert pure.collect(folder, "p", [_solid(RED)], [_solid(BLUE)], lambda *_: "skip") == []
+    assert not folder.exists() and count_pairs(folder) == 0
+
+
+def test_cancel_or_timeout_writes_nothing_for_that_pair_and_keeps_earlier_ones(tmp_path):
+    class Cancelled(Exception):
+        pass
+
+    answers = iter(["B"])
+
+    def ask(k, total, a, b):
+        answer = next(answers, None)
+        if answer is None:
+            raise Cancelled
+        return answer
+
+    folder = tmp_path / "set"
+    with pytest.raises(Cancelled):
+        pure.collect(folder, "p", [_solid(RED), _solid(GREEN), _solid(GREY)],
+                     [_solid(BLUE), _solid(RED), _solid(GREEN)], ask)
+    assert _written(folder) == [("p", BLUE, RED)]  # the first pair, answered before the cancel
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "pair_00001_chosen.png", "pair_00001_rejected.png", "pairs.jsonl"]
+
+
+# ------------------------------------------------------------------------------------------------- waiting limits
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 1.0  # every look at the clock is a second later
+        return self.now
+
+
+def test_a_question_nobody_answers_times_out_with_a_clear_message():
+    pending = pure.PendingChoices()
+    request = pending.open({"index": 2, "total": 3, "pair_set": "my_pairs"})
+    with pytest.raises(pure.PickerTimeout) as e:
+        pending.wait(request, lambda: None, timeout=30, poll=0.0001, clock=_Clock())
+    message = str(e.value)
+    assert "No choice came within 30 seconds for pair 2 of 3" in message and "'my_pairs'" in message
+    assert "browser tab" in message and "POST /ppd/picker/choose" in message and "timeout_s" in message
+    assert pending.pending() == []
+    with pytest.raises(KeyError):  # a click after the timeout answers nothing
+        pending.answer(request.payload["request_id"], "A")
+
+
+def test_an_answer_before_the_timeout_is_taken():
+    pending = pure.PendingChoices()
+    request = pending.open({})
+    clock = _Clock()
+    ticks = []
+
+    def check():
+        ticks.append(1)
+        if len(ticks) == 3:
+            pending.answer(request.payload["request_id"], "B")
+
+    assert pending.wait(request, check, timeout=10, poll=0.0001, clock=clock) == "B" and clock.now < 10
+
+
+def test_an_answer_that_arrives_as_the_time_runs_out_is_kept():
+    """The click was accepted (the route said 200), so it must not be lost to a timeout raised a moment later."""
+    pending = pure.PendingChoices()
+    request = pending.open({})
+    clock = _Clock()
+
+    def check():
+        if clock.now == 3.0:  # the last look before the deadline (1 + 3): answered right then
+            pending.answer(request.payload["request_id"], "A")
+
+    assert pending.wait(request, check, timeout=3, poll=0.0001, clock=clock) == "A" and clock.now == 4.0
+
+
+def test_timeout_values(pack):
+    assert pure.check_timeout(10) == 10.0 and pure.check_timeout(7 * 24 * 3600) == 7 * 24 * 3600
+    for bad in (0, -5, 9.5, float("nan"), float("inf"), True, "60", None, 10**9):
+        with pytest.raises(PPDError, match="timeout_s must be a number of seconds from 10 to 604800"):
+            pure.check_timeout(bad)
+    cls = importlib.import_module(f"{pack.__name__}.nodes").NODE_CLASS_MAPPINGS["PPDPreferencePicker"]
+    _, opts = cls.INPUT_TYPES()["optional"]["timeout_s"]
+    assert (opts["min"], opts["max"], opts["default"]) == (10, 7 * 24 * 3600, 600)
+
+
+# ------------------------------------------------------------------------------------------------------ the route
+def _open_question(pending):
+    return pending.open({"index": 1})
+
+
+def test_the_route_answers_a_question():
+    pending = pure.PendingChoices()
+    request = _open_question(pending)
+    body = json.dumps({"request_id": request.payload["request_id"], "choice": "B"}).encode()
+    assert pure.choose_response(pending, body) == (200, {"ok": True})
+    assert request.event.is_set() and request.choice == "B" and pending.pending() == []
+
+
+def test_route_errors_never_echo_the_input():
+    pending = pure.PendingChoices()
+    _open_question(pending)
+    huge = "f" * (10 * 2**20)
+    cases = {
+        json.dumps({"request_id": huge, "choice": "A"}): 400,  # a 10 MiB id (the server cut it at 64 KiB)
+        json.dumps({"request_id": "0" * 32, "choice": "A"}): 404,  # well formed, not open
+        json.dumps({"request_id": "0" * 32, "choice": "C" * 5000}): 400,
+        json.dumps({"request_id": "Z" * 5000, "choice": "A"}): 400,
+        json.dumps(["x" * 5000]): 400,
+        json.dumps({"request_id": 12345678901234567890, "choice": "A"}): 400,
+        "{not json " + "x" * 5000: 400,
+        "[" * 60000: 400,  # nesting deeper than the parser's recursion: still a plain 400
+        b"\xff\xfe" + b"x" * 5000: 400,
+    }
+    for body, status in cases.items():
+        raw = body if isinstance(body, bytes) else body.encode()
+        got, answer = pure.choose_response(pending, raw if len(raw) <= pure.MAX_BODY_BYTES else raw[:60000])
+        assert got == status, (got, answer)
+        text = json.dumps(answer)
+        assert len(text) < 300 and "xxxxx" not in text and "fffff" not in text and "CCCCC" not in text \
+            and "ZZZZZ" not in text and "00000" not in text, text
+    assert len(pending.pending()) == 1  # nothing was answered
+
+
+def test_the_route_refuses_a_body_over_the_limit():
+    pending = pure.PendingChoices()
+    request = _open_question(pending)
+    ok = json.dumps({"request_id": request.payload["request_id"], "choice": "A", "pad": "x" * 70000}).encode()
+    assert pure.choose_response(pending, None)[0] == 413  # the route stopped reading at the limit
+    status, answer = pure.choose_response(pending, ok)
+    assert status == 413 and "65536 bytes" in answer["error"] and request.choice is None
+    assert pure.choose_response(pending, ok[:0] + json.dumps(
+        {"request_id": request.payload["request_id"], "choice": "A"}).encode())[0] == 200
+
+
+# -------------------------------------------------------------------------------------------- pair set names
+def test_long_and_deep_pair_set_names_are_refused_clearly(tmp_path):
+    with pytest.raises(PairError) as e:
+        pure.resolve_pair_set("x" * 300, tmp_path)
+    assert "longer than 100 bytes" in str(e.value) and "Errno" not in str(e.value) and "x" * 100 not in str(e.value)
+    with pytest.raises(PairError, match="400 folders deep; a pair set is one folder, or one folder inside another"):
+        pure.resolve_pair_set("/".join(["d"] * 400), tmp_path)
+    with pytest.raises(PairError, match="3 folders deep"):
+        pure.resolve_pair_set("a/b/c", tmp_path)
+    with pytest.raises(PairError, match="control character"):
+        pure.resolve_pair_set("my\npairs", tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing created by a refused name
+    assert pure.resolve_pair_set("é" * 50, tmp_path)[1] == "é" * 50  # 100 bytes: the longest allowed
+
+
+def test_an_existing_folder_of_images_does_not_become_a_pair_set(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    random_image(1).save(photos / "holiday.png")
+    with pytest.raises(PairError, match=r"photos.*already exists and holds other files \(holiday.png\) but no "
+                                        r"pairs.jsonl, so it is not a pair set"):
+        pure.resolve_pair_set("photos", tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert pure.resolve_pair_set("empty", tmp_path)[0] == tmp_path / "empty"  # an empty folder is a new set
+    append_pair(tmp_path / "set", "p", random_image(1), random_image(2))
+    assert pure.resolve_pair_set("set", tmp_path)[0] == tmp_path / "set"  # an existing pair set
+    leftover = tmp_path / "cut"  # a run stopped between the images and the row
+    append_pair(leftover, "p", random_image(1), random_image(2))
+    (leftover / "pairs.jsonl").unlink()
+    assert pure.resolve_pair_set("cut", tmp_path)[0] == leftover
+
+
+def test_an_absolute_path_inside_the_input_folder_is_that_pair_set(tmp_path):
+    assert pure.resolve_pair_set(str(tmp_path / "anna" / "portraits"), tmp_path) == (
+        tmp_path / "anna" / "portraits", "anna/portraits")
+    with pytest.raises(PairError, match="absolute path outside ComfyUI's input folder"):
+        pure.resolve_pair_set(str(tmp_path.parent / "elsewhere"), tmp_path)
+
+
+def test_a_symlink_inside_the_input_folder_is_never_written_through(tmp_path):
+    root, outside = tmp_path / "input", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "real").mkdir()
+    (root / "real" / "sub").symlink_to(outside, target_is_directory=True)
+    for name in ("linked", "linked/new", "real/sub", str(root / "linked")):
+        with pytest.raises(PairError, match="is a symbolic link; the picker writes only into real folders"):
+            pure.resolve_pair_set(name, root)
+    with pytest.raises(PairError, match="symbolic link"):  # the writer refuses too, whoever calls it
+        append_pair(root / "linked", "p", random_image(1), random_image(2))
+    (root / "set").mkdir()
+    (root / "set" / "pairs.jsonl").symlink_to(outside / "pairs.jsonl")
+    with pytest.raises(PairError, match="symbolic link"):
+        append_pair(root / "set", "p", random_image(1), random_image(2))
+    assert list(outside.iterdir()) == []
+    # the input folder itself may be a link (the user keeps it elsewhere): that is where they want the files
+    (tmp_path / "input_link").symlink_to(root, target_is_directory=True)
+    folder, _ = pure.resolve_pair_set("mine", tmp_path / "input_link")
+    assert folder == root / "mine"
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o077])
+def test_picker_files_honour_the_umask(tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        append_pair(tmp_path / "set", "p", random_image(1), random_image(2))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "set").iterdir()}
+    assert modes == {name: 0o666 & ~umask for name in (".pairs.lock", "pairs.jsonl", "pair_00001_chosen.png",
+                                                       "pair_00001_rejected.png")}
+
+
+def test_a_prompt_with_unicode_line_breaks_stays_one_row(tmp_path):
+    prompts = ["a fox\u2028in snow", "next\x85line", "para\u2029graph", "tab\tand\nnewline"]
+    for prompt in prompts:
+        append_pair(tmp_path, prompt, random_image(1), random_image(2))
+    assert count_pairs(tmp_path) == 4
+    assert [p.prompt for p in load_pair_folder(tmp_path)] == prompts
+    assert len((tmp_path / "pairs.jsonl").read_bytes().split(b"\n")) == 5  # four rows and the final newline
+    assert not any(ch in (tmp_path / "pairs.jsonl").read_text() for ch in "\u2028\u2029\x85")
+
+
+def test_the_route_stops_reading_a_body_at_the_limit():
+    import asyncio
+
+    read = []
+
+    async def chunks(n, size=16384):
+        for _ in range(n):
+            read.append(size)
+            yield b"x" * size
+
+    assert asyncio.run(pure.read_body(None, chunks(4))) == b"x" * 65536  # exactly the limit: read whole
+    read.clear()
+    assert asyncio.run(pure.read_body(None, chunks(3200))) is None  # a streamed 50 MB body, no length given
+    assert sum(read) == 65536 + 16384  # one chunk past the limit, and no further
+    read.clear()
+    assert asyncio.run(pure.read_body(50 * 2**20, chunks(3200))) is None and read == []  # declared too long
+    assert asyncio.run(pure.read_body(10, chunks(0))) == b""

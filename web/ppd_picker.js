@@ -12,6 +12,11 @@ function viewUrl(img) {
   return api.apiURL(`/view?${q}`);
 }
 
+function waitText(seconds) {
+  return seconds < 120 ? `${Math.round(seconds)} s` : seconds < 7200 ? `${Math.round(seconds / 60)} min`
+    : `${Math.round(seconds / 3600)} h`;
+}
+
 function el(tag, props = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props);
   node.append(...children);
@@ -79,7 +84,8 @@ function render() {
       el("div", { className: "pair" }, side("a", "A"), side("b", "B")),
       el("div", { className: "row" },
         el("span", { className: "note",
-          textContent: `Saved to input/${q.pair_set}/ · ${q.pairs_in_set} pair(s) so far` }),
+          textContent: `Saved to input/${q.pair_set}/ · ${q.pairs_in_set} pair(s) so far` +
+            (q.timeout_s ? ` · the run stops if no choice comes within ${waitText(q.timeout_s)}` : "") }),
         el("span", { className: "error" }),
         el("span", {}, skip, " ", cancel))));
   overlay.dataset.requestId = q.request_id;

@@ -250,7 +250,8 @@ def _dialog(page, timeout: float = 120) -> dict:
         if (!d) return null;
         const name = s => new URL(d.querySelector(`img[data-ppd-image=${s}]`).src).searchParams.get('filename');
         return {request_id: d.dataset.requestId, a: name('A'), b: name('B'),
-                title: d.querySelector('h3').textContent, prompt: d.querySelector('.prompt').textContent};"""),
+                title: d.querySelector('h3').textContent, prompt: d.querySelector('.prompt').textContent,
+                note: d.querySelector('.note').textContent};"""),
         timeout, "the Preference Picker dialog")
 
 
@@ -277,6 +278,7 @@ def test_pick_b_in_the_browser_appends_the_pair(page, ui_server, collect_graph, 
     pid = _run(page, ui_server)
     shown = _dialog(page)
     assert shown["prompt"] == collect_graph and "pair 1 of 1" in shown["title"]
+    assert "the run stops if no choice comes within 10 min" in shown["note"]  # the node's default timeout_s
     time.sleep(0.5)  # let the images paint before the screenshot
     _screenshot(page, tmp_path, "picker", publish=True)
     _click(page, "B")
@@ -323,7 +325,8 @@ def test_cancel_ends_the_wait_cleanly(page, ui_server, collect_graph):
     page.switch_to.window(first_tab)
     assert ui_server.get("/ppd/picker/pending") == [] and len(_rows(ui_server)) == 1
     status, answer = ui_server.post("/ppd/picker/choose", {"request_id": shown["request_id"], "choice": "A"})
-    assert status == 404 and "already answered or cancelled" in answer["error"]
+    assert status == 404 and "already answered, cancelled or timed out" in answer["error"]
+    assert shown["request_id"] not in answer["error"]  # errors never repeat the input
 
 
 def test_queued_prompts_each_get_their_own_choice(page, ui_server, collect_graph):
