@@ -64,6 +64,14 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     table = embed_users(users, embedder, args.out, n_pairs=args.n_pairs, select=args.select, seed=args.seed,
                         batch_users=args.batch_size, accelerator=accelerator, show_progress=not args.quiet)
     print(f"{len(table)} user embeddings -> {args.out}")
+    low = sorted(u for u, e in table.items() if (e.meta.get("confidence") or {}).get("low_confidence"))
+    if low:  # README "Do the pairs say enough?": the pairs of these users say too little about their taste
+        needed = [e.meta["confidence"]["pairs_needed"] for u, e in table.items() if u in low]
+        typical = sorted(n for n in needed if n is not None)
+        hint = f"; typically about {typical[len(typical) // 2]} pairs would do" if typical else ""
+        print(f"note: {len(low)} of {len(table)} users have low pair confidence ({', '.join(low[:5])}"
+              f"{', ...' if len(low) > 5 else ''}): their {args.n_pairs} pairs say too little about their taste"
+              f"{hint} (each user's confidence is in the table's metadata)", file=sys.stderr)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
