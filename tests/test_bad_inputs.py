@@ -749,6 +749,137 @@ def case_long_prefix(ctx: Ctx) -> str:
     return refused(lambda: nodes.save_embedding(emb.UserEmbedding(torch.randn(5, 24), "t"), ctx.tmp, "x" * 300))
 
 
+# --- round 2: files and config ---
+def case_resume_past_max_steps(ctx: Ctx) -> str:
+    out = ctx.tmp / "run"
+    assert ctx.cli(*ctx.fit_args(out))[0] == 0
+    for name in ("adapter.safetensors", "adapter_last.safetensors"):
+        (out / name).unlink()  # e.g. a run stopped after its step-3 checkpoint, rerun with a lower budget
+    text = cli_refused(ctx, *ctx.fit_args(out, "max_steps=2"))
+    assert not (out / "adapter.safetensors").exists(), "an adapter with step-3 weights and a 2-step summary"
+    return text
+
+
+def _tune_with_adapter(ctx: Ctx, adapter: Path) -> str:
+    _embedding().save(ctx.tmp / "start.safetensors")
+    return cli_refused(ctx, "tune-user", "--stage-c", str(ctx.files / "stage_c"), "--adapter", str(adapter),
+                       "--embedding", str(ctx.tmp / "start.safetensors"), "--data", _one_user_data(ctx),
+                       "--out", str(ctx.tmp / "tuned.safetensors"), "--quiet", "--steps", "1")
+
+
+def adapter_meta_case(via_tune: bool = False, training: dict | None = None, **change) -> Callable[[Ctx], str]:
+    """An adapter whose metadata was edited (``None`` removes a key; ``training`` is merged into the summary)."""
+    def edit(d: dict) -> None:
+        d["training"] = {**d.get("training", {}), **(training or {})}
+        for key, value in change.items():
+            if value is None:
+                d.pop(key, None)
+            else:
+                d[key] = value
+
+    def run(ctx: Ctx) -> str:
+        path = _adapter_file(ctx, edit_meta=edit)
+        return _tune_with_adapter(ctx, path) if via_tune else refused(lambda: _load_adapter(path))
+    return run
+
+
+def case_adapter_int_tensor(ctx: Ctx) -> str:
+    path = _adapter_file(ctx, edit_tensors=lambda t: t.update(token_pos=(t["token_pos"] * 100).to(torch.int32)))
+    return refused(lambda: _load_adapter(path))
+
+
+def _embedding_file(ctx: Ctx, edit_meta=None, edit_tensors=None) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = ctx.tmp / "e.safetensors"
+    _embedding().save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(path)
+    d = json.loads(meta["ppd_user_embedding"])
+    if edit_meta:
+        edit_meta(d)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, path, metadata={**meta, "ppd_user_embedding": json.dumps(d)})
+    return path
+
+
+def case_embedding_bool_tensor(ctx: Ctx) -> str:
+    from ppd_train.embedding import UserEmbedding
+
+    path = _embedding_file(ctx, edit_tensors=lambda t: t.update(tokens=t["tokens"] > 0))
+    return refused(lambda: UserEmbedding.load(path))
+
+
+def case_embedding_no_embedder(ctx: Ctx) -> str:
+    from ppd_train.embedding import UserEmbedding
+
+    path = _embedding_file(ctx, edit_meta=lambda d: d.pop("embedder"))
+    return refused(lambda: UserEmbedding.load(path))
+
+
+def case_table_mixed_shapes(ctx: Ctx) -> str:
+    from safetensors.torch import load_file, save_file
+
+    from ppd_train.embedding import load_embedding_table, save_embedding_table
+
+    path = ctx.tmp / "t.safetensors"
+    save_embedding_table(path, {"a": _embedding(), "b": _embedding(seed=1)})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(path)
+    tensors["user/b"] = tensors["user/b"][:3]  # one user with 3 tokens, the other with 5
+    save_file(tensors, path, metadata=meta)
+    return refused(lambda: load_embedding_table(path))
+
+
+def case_write_over_symlink(ctx: Ctx) -> str:
+    elsewhere = ctx.tmp / "elsewhere.safetensors"
+    elsewhere.write_bytes(b"someone else's file")
+    (ctx.tmp / "e.safetensors").symlink_to(elsewhere)
+    text = refused(lambda: _embedding().save(ctx.tmp / "e.safetensors"))
+    assert (ctx.tmp / "e.safetensors").is_symlink() and elsewhere.read_bytes() == b"someone else's file"
+    return text
+
+
+def case_adapter_is_folder(ctx: Ctx) -> str:
+    (ctx.tmp / "a.safetensors").mkdir()
+    return refused(lambda: _load_adapter(ctx.tmp / "a.safetensors"))
+
+
+def case_embedding_is_fifo(ctx: Ctx) -> str:
+    from ppd_train.embedding import UserEmbedding
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this system")
+    os.mkfifo(ctx.tmp / "e.safetensors")
+    return refused(lambda: UserEmbedding.load(ctx.tmp / "e.safetensors"))
+
+
+def case_adapter_unreadable(ctx: Ctx) -> str:
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())  # in /tmp, so that another user may reach it
+    os.chmod(folder, 0o755)
+    path = folder / "a.safetensors"
+    shutil.copy(_adapter_file(ctx), path)
+    root = os.geteuid() == 0
+    os.chmod(path, 0o600 if root else 0)  # not root: even its owner may not read a mode-0 file
+    if root:  # root reads every file: read it as nobody, as another user of a shared machine would
+        os.seteuid(65534)
+    try:
+        return refused(lambda: _load_adapter(path))
+    finally:
+        if root:
+            os.seteuid(0)
+        shutil.rmtree(folder)
+
+
 # ------------------------------------------------------------------------------------------------- the catalogue
 CASES = [
     # trainer: ppd-train fit
@@ -863,7 +994,7 @@ CASES = [
          'with a lower lr or beta.', case_adapter_nan),
     Case("adapter-huge-metadata", "adapter metadata `num_tokens = 1e9`", "node", "refused",
          '…/a.safetensors: adapter metadata is incomplete or damaged (num_tokens = '
-         '1000000000 is not a whole number between 0 and 4096). The file was edited or '
+         '1000000000 is not a whole number between 1 and 4096). The file was edited or '
          'damaged; export it again with ppd-train.', case_adapter_huge_meta),
     Case("adapter-extra-tensor", "an adapter with one extra tensor", "node", "refused", '…/a.safetensors: tensors do '
          "not match the adapter's own metadata (unexpected ['extra']). The file is damaged or was edited; export it "
@@ -1000,6 +1131,50 @@ CASES = [
          'characters, one name); file systems refuse longer names. Keep each folder or file name under 200 characters '
          'and the whole prefix under 1000.',
          case_long_prefix),
+    # --- round 2: files and config ---
+    Case("resume-past-max-steps", "`fit` resumed with `max_steps` below the checkpoint's step", "CLI", "refused",
+         'The checkpoint in …/run/checkpoints is at step 3 > max_steps 2: its weights have 3 steps of training, and an '
+         'adapter written now would hold them under a summary of 2. Set max_steps >= 3 to finish this run from there, '
+         'or use another out_dir (or --no-resume) to train 2 steps from the start.', case_resume_past_max_steps),
+    Case("adapter-beta-negative", "an adapter whose metadata says it was trained with `beta = -100`, to `tune-user`",
+         "CLI", "refused", 'a.safetensors: adapter metadata is incomplete or damaged (training.beta = -100.0 is not a '
+         'finite number > 0). The file was edited or damaged; export it again with ppd-train.',
+         adapter_meta_case(via_tune=True, training={"beta": -100.0})),
+    Case("adapter-beta-text", 'adapter metadata `beta = "high"`', "node", "refused",
+         "a.safetensors: adapter metadata is incomplete or damaged (training.beta = 'high' is not a finite number > "
+         "0).", adapter_meta_case(training={"beta": "high"})),
+    Case("adapter-no-embedder", "an adapter file without `embedder` metadata", "node", "refused",
+         "a.safetensors: the PPD adapter does not say which embedder made its tokens (metadata 'embedder' is None): "
+         "the file is damaged or was edited. Export it again with PPD.", adapter_meta_case(embedder=None)),
+    Case("adapter-format-version-null", "adapter metadata `format_version: null`", "node", "refused",
+         "a.safetensors: the PPD adapter's format_version is None, not a whole number >= 1: the file is damaged or "
+         "was edited. Export it again with PPD.", adapter_meta_case(format_version=None)),
+    Case("adapter-block-heads-0", "adapter metadata `block_heads` holding 0", "node", "refused",
+         "a.safetensors: adapter metadata is incomplete or damaged (block_heads[0] = 0 is not a whole number between 1 "
+         "and 65536).", adapter_meta_case(block_heads=[0, 2, 2, 2])),
+    Case("adapter-int-tensor", "an adapter file holding an int32 weight", "node", "refused",
+         "a.safetensors: tensor 'token_pos' (int32) is not floating point; a PPD adapter holds float weights only (an "
+         "integer tensor would be silently rounded into one).", case_adapter_int_tensor),
+    Case("embedding-bool-tensor", "a user-embedding file whose tokens are booleans", "node", "refused",
+         "e.safetensors: tensor 'tokens' (bool) is not floating point; a user embedding holds float weights only",
+         case_embedding_bool_tensor),
+    Case("embedding-no-embedder", "a user-embedding file without `embedder` metadata", "node", "refused",
+         "e.safetensors: the PPD user embedding does not say which embedder made its tokens (metadata 'embedder' is "
+         "None): the file is damaged or was edited.", case_embedding_no_embedder),
+    Case("table-mixed-shapes", "an embedding table whose users have different token counts", "CLI", "refused",
+         "t.safetensors: Cannot mix user embedding (5 x 24, embedder 'test') with user embedding (3 x 24, embedder "
+         "'test'): they come from different embedders or layers.", case_table_mixed_shapes),
+    Case("write-over-symlink", "saving a user embedding to a name that is a symbolic link", "node", "refused",
+         "e.safetensors is a symbolic link (to …elsewhere.safetensors); PPD does not write over or through links. "
+         "Remove the link or choose another file name.", case_write_over_symlink),
+    Case("adapter-is-folder", "a folder given as the adapter file", "node", "refused",
+         "a.safetensors is a folder, not a PPD adapter file. Give the file inside it.", case_adapter_is_folder),
+    Case("embedding-is-fifo", "a FIFO (named pipe) given as the user-embedding file", "node", "refused",
+         "e.safetensors is not a regular file (a pipe, socket or device); give a user embedding file.",
+         case_embedding_is_fifo),
+    Case("adapter-unreadable", "an adapter file of another user, mode 0600", "node", "refused",
+         "Cannot read PPD adapter file …/a.safetensors: permission denied (reading it, not writing). Make it readable "
+         "for this user (chmod/chown), or copy it somewhere this user can read.", case_adapter_unreadable),
 ]
 
 
