@@ -880,6 +880,18 @@ def case_adapter_unreadable(ctx: Ctx) -> str:
         shutil.rmtree(folder)
 
 
+def case_empty_window_sampler(ctx: Ctx) -> str:
+    nodes = ctx.node("nodes.adapter_nodes")
+    queued = nodes.PPDStageCSampler.VALIDATE_INPUTS(start_percent=0.4, end_percent=0.4)
+    assert isinstance(queued, str), queued
+    # the same values through links (None at queue time) are refused when the node runs, before anything is sampled
+    others = dict.fromkeys(("model", "ppd_adapter", "user_embedding", "positive", "negative", "latent_image"))
+    run = dict(others, seed=0, steps=20, cfg=4.0, sampler_name="euler", scheduler="simple", denoise=1.0, weight=1.0,
+               start_percent=0.4, end_percent=0.4)
+    assert refused(lambda: nodes.PPDStageCSampler().sample(**run)) == queued
+    return queued
+
+
 # ------------------------------------------------------------------------------------------------- the catalogue
 CASES = [
     # trainer: ppd-train fit
@@ -1175,6 +1187,12 @@ CASES = [
     Case("adapter-unreadable", "an adapter file of another user, mode 0600", "node", "refused",
          "Cannot read PPD adapter file …/a.safetensors: permission denied (reading it, not writing). Make it readable "
          "for this user (chmod/chown), or copy it somewhere this user can read.", case_adapter_unreadable),
+    Case("empty-window", "Apply PPD Adapter with `start_percent` = `end_percent` = 0.4", "node", "refused",
+         "start_percent and end_percent are both 0.4: an empty window, so the user would never count and the node "
+         "would change nothing. Make start_percent < end_percent (0 and 1 = the whole run), or set weight 0 to sample "
+         "without the user.", strength_case(start_percent=0.4, end_percent=0.4)),
+    Case("empty-window-sampler", "PPD Stage C Sampler with `start_percent` = `end_percent` = 0.4", "node", "refused",
+         "start_percent and end_percent are both 0.4: an empty window", case_empty_window_sampler),
 ]
 
 
