@@ -892,6 +892,41 @@ def case_empty_window_sampler(ctx: Ctx) -> str:
     return queued
 
 
+def case_yaml_alias_bomb(ctx: Ctx) -> str:
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+              f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(9)]
+    (ctx.tmp / "bomb.yaml").write_text("\n".join(lines) + "\n")  # 9^10 strings once expanded
+    return cli_refused(ctx, "fit", "--config", str(ctx.tmp / "bomb.yaml"))
+
+
+def case_config_unreadable(ctx: Ctx) -> str:
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())
+    os.chmod(folder, 0o755)
+    path = folder / "fit.toml"
+    path.write_text("lr = 1e-4\n")
+    root = os.geteuid() == 0
+    os.chmod(path, 0o600 if root else 0)
+    if root:  # as another user of a shared machine would find it
+        os.seteuid(65534)
+    try:
+        return cli_refused(ctx, "fit", "--config", str(path))
+    finally:
+        if root:
+            os.seteuid(0)
+        shutil.rmtree(folder)
+
+
+def case_section_checked_at_parse(ctx: Ctx) -> str:
+    from ppd_train.config import from_dict
+    from ppd_train.synthetic import DemoConfig
+
+    return refused(lambda: from_dict(DemoConfig, {"train": {"t_min": 0.9, "t_max": 0.1}}))
+
+
 # ------------------------------------------------------------------------------------------------- the catalogue
 CASES = [
     # trainer: ppd-train fit
@@ -1193,6 +1228,25 @@ CASES = [
          "without the user.", strength_case(start_percent=0.4, end_percent=0.4)),
     Case("empty-window-sampler", "PPD Stage C Sampler with `start_percent` = `end_percent` = 0.4", "node", "refused",
          "start_percent and end_percent are both 0.4: an empty window", case_empty_window_sampler),
+    Case("max-epochs-huge", "`max_epochs = 1e308`", "CLI", "refused", "Config key 'max_epochs' must be at most 1e+06, "
+         "got 1e+308. Fix it in the config file or with --set max_epochs=VALUE.",
+         config_case("max_epochs", "1e308")),
+    Case("seed-huge", "`seed = 99999999999999999999999`", "CLI", "refused", "Config key 'seed' must be between 0 and "
+         "1e+08, got 99999999999999999999999.", config_case("seed", "99999999999999999999999")),
+    Case("val-draws-huge", "`val_draws = 1000000000000`", "CLI", "refused", "Config key 'val_draws' must be at most "
+         "1024, got 1000000000000.", config_case("val_draws", "1000000000000")),
+    Case("batch-size-huge", "`batch_size = 100000000`", "CLI", "refused", "Config key 'batch_size' must be at most "
+         "65536, got 100000000.", config_case("batch_size", "100000000")),
+    Case("token-noise-negative", "`token_noise = -1`", "CLI", "refused", "Config key 'token_noise' must be between 0 "
+         "and 100, got -1.0.", config_case("token_noise", "-1")),
+    Case("section-checked-at-parse", "`demo` config with `[train] t_min = 0.9, t_max = 0.1`", "API", "refused",
+         "In section [train] (keys train.KEY): Config: need 0 <= t_min < t_max <= 1.", case_section_checked_at_parse),
+    Case("yaml-alias-bomb", "a YAML config whose nested aliases expand to billions of strings", "CLI", "refused",
+         "bomb.yaml: YAML aliases (*name) are not allowed in a config (nested aliases can expand to gigabytes); "
+         "write the values out.", case_yaml_alias_bomb),
+    Case("config-unreadable", "a config file of another user, mode 0600", "CLI", "refused",
+         "Cannot read config file …/fit.toml: permission denied (reading it, not writing). Make it readable for this "
+         "user (chmod/chown).", case_config_unreadable),
 ]
 
 
