@@ -122,9 +122,9 @@ class PPDStageCSampler:
 
     def sample(self, model, ppd_adapter, user_embedding, positive, negative, latent_image, seed, steps, cfg,
                sampler_name, scheduler, denoise, weight, start_percent, end_percent):
+        check_strength(_strength_inputs(), weight, start_percent, end_percent)
         from nodes import common_ksampler  # ComfyUI's own KSampler path (top-level 'nodes' is ComfyUI's module)
 
-        check_strength(_strength_inputs(), weight, start_percent, end_percent)
         from .stage_c_patch import apply_adapter
 
         patched = apply_adapter(model, ppd_adapter, user_embedding, weight, start_percent, end_percent)

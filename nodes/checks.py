@@ -32,6 +32,10 @@ def strength_problem(specs: dict, weight=None, start_percent=None, end_percent=N
     if start_percent is not None and end_percent is not None and float(start_percent) > float(end_percent):
         return (f"start_percent ({start_percent}) is after end_percent ({end_percent}): the user would never count. "
                 "Make start_percent <= end_percent (0 and 1 = the whole run).")
+    if start_percent is not None and end_percent is not None and float(start_percent) == float(end_percent):
+        return (f"start_percent and end_percent are both {start_percent}: an empty window, so the user would never "
+                "count and the node would change nothing. Make start_percent < end_percent (0 and 1 = the whole run), "
+                "or set weight 0 to sample without the user.")
     return None
 
 

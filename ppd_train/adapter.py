@@ -16,6 +16,7 @@ This module knows no model framework. ``stage_c.py`` binds it to diffusers, ``no
 
 from __future__ import annotations
 
+import math
 import os
 import typing
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from torch import nn
 
 from .errors import FileFormatError, IncompatibleError
 from .guards import non_finite
-from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
+from .safetensors_io import atomic_save_safetensors, check_format, dumps_json, read_json_metadata, read_safetensors
 
 FORMAT_NAME = "ppd-adapter"
 FORMAT_VERSION = 1
@@ -78,6 +79,8 @@ class AdapterConfig:
         if not self.proj_dim:
             object.__setattr__(self, "proj_dim", max(self.block_widths))
         for w, h in zip(self.block_widths, self.block_heads):
+            if w < 1 or h < 1:
+                raise IncompatibleError(f"Adapter config: a block of width {w} with {h} heads; both must be >= 1.")
             if w % h:
                 raise IncompatibleError(f"Adapter config: block width {w} is not divisible by its {h} heads.")
         if self.embed_dim <= 0 or self.num_tokens <= 0:
@@ -100,14 +103,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict, path: str | os.PathLike = "<adapter>") -> AdapterConfig:
-        if d.get("format") != FORMAT_NAME:
-            raise FileFormatError(f"{path} is not a PPD adapter (format={d.get('format')!r}).")
-        version = d.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise FileFormatError(
-                f"{path} uses PPD adapter format version {version}; this version of PPD reads up to "
-                f"{FORMAT_VERSION}. Update the PPD pack."
-            )
+        check_format(d, path, "PPD adapter", FORMAT_NAME, FORMAT_VERSION)
         try:
             sizes = {"embed_dim": (d["embed_dim"], MAX_WIDTH), "num_tokens": (d["num_tokens"], MAX_TOKENS),
                      "proj_dim": (d["proj_dim"], MAX_WIDTH)}
@@ -115,17 +111,38 @@ class AdapterConfig:
             sizes.update({f"block_widths[{i}]": (w, MAX_WIDTH) for i, w in enumerate(widths)})
             sizes.update({f"block_heads[{i}]": (h, MAX_WIDTH) for i, h in enumerate(heads)})
             for key, (value, top) in sizes.items():
-                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
-                    raise ValueError(f"{key} = {value!r} is not a whole number between 0 and {top}")
+                low = 0 if key == "proj_dim" else 1  # proj_dim 0: the widest block
+                if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= top:
+                    raise ValueError(f"{key} = {value!r} is not a whole number between {low} and {top}")
             if len(widths) > MAX_BLOCKS:
                 raise ValueError(f"{len(widths)} blocks (at most {MAX_BLOCKS})")
             return cls(block_widths=tuple(widths), block_heads=tuple(heads), embed_dim=d["embed_dim"],
-                       num_tokens=d["num_tokens"], proj_dim=d["proj_dim"], embedder=str(d.get("embedder", "unknown")),
-                       training=dict(d.get("training") or {}))
-        except (KeyError, TypeError, ValueError) as e:
+                       num_tokens=d["num_tokens"], proj_dim=d["proj_dim"], embedder=d["embedder"],
+                       training=_training(d.get("training")))
+        except (KeyError, TypeError, ValueError, IncompatibleError) as e:
             detail = str(e) if isinstance(e, ValueError) else repr(e)
             raise FileFormatError(f"{path}: adapter metadata is incomplete or damaged ({detail}). The file was edited "
                                   "or damaged; export it again with ppd-train.") from None
+
+
+def _training(summary) -> dict:
+    """The trainer's summary, checked where others take numbers from it (``tune-user`` tunes with the adapter's own
+    beta and timestep range: a negative beta would tune towards the rejected images)."""
+    if summary is None:
+        return {}
+    if not isinstance(summary, dict):
+        raise ValueError(f"training = {summary!r} is not a JSON object")
+    for key, low, high in (("beta", 0.0, math.inf), ("t_min", 0.0, 1.0), ("t_max", 0.0, 1.0)):
+        value = summary.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or not low <= value <= high or (key == "beta" and value == 0):
+            span = "a finite number > 0" if key == "beta" else "a number from 0 to 1"
+            raise ValueError(f"training.{key} = {value!r} is not {span}")
+    if summary.get("t_min") is not None and summary.get("t_max") is not None and summary["t_min"] >= summary["t_max"]:
+        raise ValueError(f"training.t_min = {summary['t_min']!r} is not below training.t_max = {summary['t_max']!r}")
+    return dict(summary)
 
 
 @dataclass
@@ -239,7 +256,7 @@ def save_adapter(adapter: PPDAdapter, path: str | os.PathLike, training: dict | 
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    tensors, metadata = read_safetensors(path, "PPD adapter")
+    tensors, metadata = read_safetensors(path, "PPD adapter", floats_only=True)
     config = AdapterConfig.from_dict(read_json_metadata(metadata, METADATA_KEY, path, "PPD adapter"), path)
     return config, tensors
 

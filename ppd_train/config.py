@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import types
@@ -26,20 +27,64 @@ class ConfigError(PPDError):
     pass
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of keys; more is a mistake (or a bomb)
+# Sane bounds of numeric keys, by name in any config class, checked at parse time with the key named. Past them a
+# value overflows a seed or a step count, or a loop runs for hours instead of refusing. What a value means (lr > 0,
+# t_min < t_max) is each class's validate(); None leaves that side to it. Keys not named get DEFAULT_LIMITS.
+LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "seed": (0, 10**8), "max_steps": (None, 10**8), "max_epochs": (None, 10**6), "batch_size": (None, 65536),
+    "grad_accum": (None, 4096), "val_draws": (None, 1024), "val_every": (None, 10**8), "patience": (None, 10**6),
+    "warmup_steps": (None, 10**8), "checkpoint_every": (None, 10**8), "keep_checkpoints": (None, 10**6),
+    "log_every": (None, 10**8), "max_nan_steps": (None, 10**6), "proj_dim": (None, 65536), "beta": (None, 1e9),
+    "token_noise": (0, 100), "samples": (1, 10**6), "steps": (1, 10**4), "threads": (0, 4096),
+}
+DEFAULT_LIMITS = (-1e9, 1e9)
+
+
+def _bounded(value: int | float, key: str) -> int | float:
+    if not math.isfinite(value):  # NaN/inf: each class's validate() says what the key needs
+        return value
+    low, high = LIMITS.get(key.rsplit(".", 1)[-1], DEFAULT_LIMITS)
+    lo = DEFAULT_LIMITS[0] if low is None else low
+    hi = DEFAULT_LIMITS[1] if high is None else high
+    if not lo <= value <= hi:
+        span = f"at most {hi:g}" if low is None and value > hi else f"between {lo:g} and {hi:g}"
+        raise ConfigError(f"Config key '{key}' must be {span}, got {value!r}. Fix it in the config file or with "
+                          f"--set {key}=VALUE.")
+    return value
+
+
 def _read_file(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Config file {path} is a folder; give the .toml or .yaml file.")
     if not path.is_file():
-        raise ConfigError(f"Config file not found: {path}.")
+        raise ConfigError(f"Config file not found: {path}." if not path.exists() else
+                          f"Config file {path} is not a regular file (a pipe, socket or device).")
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"Config file {path} is over {MAX_CONFIG_BYTES >> 20} MiB; a config is a page of keys.")
+        text = path.read_text(encoding="utf-8")
+    except PermissionError:
+        raise ConfigError(f"Cannot read config file {path}: permission denied (reading it, not writing). Make it "
+                          "readable for this user (chmod/chown).") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8.") from None
     try:
         if path.suffix == ".toml":
-            return tomllib.loads(path.read_text(encoding="utf-8"))
+            return tomllib.loads(text)
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):
+                raise ConfigError(f"{path}: YAML aliases (*name) are not allowed in a config (nested aliases can "
+                                  "expand to gigabytes); write the values out.")
+            data = yaml.safe_load(text) or {}
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: the top level must be a mapping of keys.")
             return data
+    except ConfigError:
+        raise
     except (tomllib.TOMLDecodeError, ValueError) as e:
         raise ConfigError(f"{path}: cannot parse ({e}).") from None
     raise ConfigError(f"{path}: config files are .toml or .yaml.")
@@ -67,14 +112,17 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str)
                                                                              and not value.lstrip("-").isdigit()):
             raise ConfigError(f"Config key '{key}': expected an integer, got {value!r}.")
-        return int(value)
+        if isinstance(value, str) and len(value) > 30:
+            raise ConfigError(f"Config key '{key}': {value[:30]}... is far too large.")
+        return _bounded(int(value), key)
     if typ is float:
         try:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"Config key '{key}': expected a number, got {value!r}.") from None
+        return _bounded(number, key)
     if typ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"Config key '{key}': expected text, got {value!r}.")
@@ -107,6 +155,11 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     version = getattr(obj, "config_version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError(f"config_version {version} is not supported (this PPD reads {CONFIG_VERSION}).")
+    if prefix and hasattr(obj, "validate"):  # a section is checked now, before a long run starts, naming its keys
+        try:
+            obj.validate()
+        except PPDError as e:
+            raise ConfigError(f"In section [{prefix[:-1]}] (keys {prefix}KEY): {e}") from None
     return obj
 
 

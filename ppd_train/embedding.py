@@ -15,7 +15,7 @@ import torch
 
 from .errors import IncompatibleError
 from .guards import finite_number
-from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
+from .safetensors_io import atomic_save_safetensors, check_format, dumps_json, read_json_metadata, read_safetensors
 
 FORMAT_NAME = "ppd-user-embedding"
 FORMAT_VERSION = 1
@@ -52,15 +52,14 @@ class UserEmbedding:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> UserEmbedding:
-        tensors, metadata = read_safetensors(path, "user embedding")
+        tensors, metadata = read_safetensors(path, "user embedding", floats_only=True)
         meta = read_json_metadata(metadata, METADATA_KEY, path, "user embedding")
-        if meta.pop("format", None) != FORMAT_NAME or "tokens" not in tensors:
-            raise IncompatibleError(f"{path} is not a PPD user embedding.")
-        version = meta.pop("format_version", None)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise IncompatibleError(f"{path} uses user-embedding format {version}; update the PPD pack.")
+        check_format(meta, path, "PPD user embedding", FORMAT_NAME, FORMAT_VERSION)
+        if "tokens" not in tensors:
+            raise IncompatibleError(f"{path} is not a PPD user embedding (it has no 'tokens' tensor).")
+        meta = {k: v for k, v in meta.items() if k not in ("format", "format_version")}
         try:
-            return cls(tensors["tokens"], str(meta.pop("embedder")), meta)
+            return cls(tensors["tokens"], meta.pop("embedder"), meta)
         except IncompatibleError as e:
             raise IncompatibleError(f"{path}: {e}") from None
 
@@ -150,18 +149,24 @@ def save_embedding_table(path: str | os.PathLike, embeddings: dict[str, UserEmbe
 
 def load_embedding_table(path: str | os.PathLike) -> tuple[dict[str, UserEmbedding], dict]:
     """-> (user id -> embedding, the table's info dict)."""
-    tensors, metadata = read_safetensors(path, "embedding table")
+    tensors, metadata = read_safetensors(path, "embedding table", floats_only=True)
     meta = read_json_metadata(metadata, TABLE_KEY, path, "embedding table (made by `ppd-train embed`)")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise IncompatibleError(f"{path} uses embedding-table format {version}; update the PPD pack.")
-    users = meta.get("users", {})
+    check_format(meta, path, "PPD embedding table", TABLE_FORMAT, FORMAT_VERSION)
+    users, info = meta.get("users", {}), meta.get("info", {})
+    if not isinstance(users, dict) or not isinstance(info, dict):
+        raise IncompatibleError(f"{path}: the table's 'users' or 'info' metadata is not a JSON object; the file is "
+                                "damaged.")
     out = {}
-    for uid, umeta in users.items():
-        if f"user/{uid}" not in tensors:
-            raise IncompatibleError(f"{path}: user {uid} is listed but has no tokens; the file is damaged.")
-        out[uid] = UserEmbedding(tensors[f"user/{uid}"], meta["embedder"], umeta)
-    return out, dict(meta.get("info", {}))
+    try:
+        for uid, umeta in users.items():
+            if f"user/{uid}" not in tensors:
+                raise IncompatibleError(f"user {uid} is listed but has no tokens; the file is damaged")
+            out[uid] = UserEmbedding(tensors[f"user/{uid}"], meta["embedder"], umeta)
+        if out:
+            check_compatible(list(out.values()))
+    except IncompatibleError as e:
+        raise IncompatibleError(f"{path}: {e}") from None
+    return out, dict(info)
 
 
 def load_embeddings(path: str | os.PathLike) -> dict[str, UserEmbedding]:

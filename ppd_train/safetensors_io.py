@@ -48,6 +48,10 @@ def _new_temp(path: Path) -> str:
     on this machine (their pid is gone) are removed first, so a kill during a save does not leave a checkpoint-sized
     file forever.
     """
+    refuse_link(path)
+    if path.is_dir():
+        raise FileFormatError(f"{path} is a folder; PPD writes a file there only when that name is free or a file. "
+                              "Choose another file name.")
     path.parent.mkdir(parents=True, exist_ok=True)
     me = f"{_HOST}-{os.getpid()}"
     for old in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(_HOST)}-*.tmp"):
@@ -61,6 +65,15 @@ def _new_temp(path: Path) -> str:
             return str(tmp)
         except FileExistsError:
             continue
+
+
+def refuse_link(path: Path) -> None:
+    """The one policy for links on writes: never write over (or through) a symbolic link. Replacing it would leave the
+    file it points to stale while the link's name now holds other bytes; writing into it would change a file outside
+    the folder the user chose."""
+    if path.is_symlink():
+        raise FileFormatError(f"{path} is a symbolic link (to {os.readlink(path)}); PPD does not write over or through "
+                              "links. Remove the link or choose another file name.")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -113,16 +126,16 @@ def require_safetensors(folder: str | os.PathLike, what: str) -> None:
                           "trust.")
 
 
-def read_safetensors(path: str | os.PathLike, what: str,
-                     advice: str = "download or export it again") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | os.PathLike, what: str, advice: str = "download or export it again",
+                     floats_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read all tensors and the metadata of a safetensors file, turning every failure into a clear FileFormatError.
 
     ``what`` names the kind of file for messages ("PPD adapter", "user embedding"); ``advice`` is the fix for a damaged
-    one.
+    one. ``floats_only``: refuse integer and boolean tensors (weights and tokens are floats: a cast would hide the
+    damage).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"{what} file not found: {path}. Check the path (and the folder it was looked for in).")
+    require_file(path, what)
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise FileFormatError(
             f"{path} looks like a pickled PyTorch file ({path.suffix}); {what} files are loaded from .safetensors "
@@ -132,12 +145,66 @@ def read_safetensors(path: str | os.PathLike, what: str,
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except PermissionError:
+        raise _unreadable(path, what) from None
     except Exception as e:  # safetensors raises its own error types (and OSError) for bad headers/truncation
         raise FileFormatError(
             f"{path} is not a readable safetensors file ({type(e).__name__}: {e}). It may be truncated (an interrupted "
             f"download or copy) or not a {what} file at all; {advice}."
         ) from None
+    if floats_only:
+        ints = [f"'{k}' ({str(t.dtype).removeprefix('torch.')})" for k, t in tensors.items()
+                if not t.is_floating_point()]
+        if ints:
+            raise FileFormatError(f"{path}: tensor {', '.join(ints[:3])} is not floating point; a {what} holds float "
+                                  "weights only (an integer tensor would be silently rounded into one). The file was "
+                                  f"edited or is not a {what}; {advice}.")
     return tensors, metadata
+
+
+def require_file(path: Path, what: str) -> None:
+    """``path`` is an existing regular file that this process may read; else say which of those it is not."""
+    try:
+        _require_file(path, what)
+    except PermissionError:  # a folder on the way, or the file itself
+        raise _unreadable(path, what) from None
+
+
+def _require_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise FileFormatError(f"{path} is a folder, not a {what} file. Give the file inside it.")
+    if path.exists() and not path.is_file():
+        raise FileFormatError(f"{path} is not a regular file (a pipe, socket or device); give a {what} file.")
+    if not path.exists():
+        raise FileFormatError(f"{what} file not found: {path}. Check the path (and the folder it was looked for in).")
+    with open(path, "rb"):  # safetensors reports a file it may not open as "No such file": ask the OS first
+        pass
+
+
+def _unreadable(path: Path, what: str) -> FileFormatError:
+    return FileFormatError(f"Cannot read {what} file {path}: permission denied (reading it, not writing). Make it "
+                           "readable for this user (chmod/chown), or copy it somewhere this user can read.")
+
+
+def check_format(meta: dict, path: str | os.PathLike, what: str, name: str, newest: int) -> int:
+    """The header every PPD file's metadata starts with: ``format`` (which kind of file), ``format_version`` (a whole
+    number from 1 to ``newest``) and ``embedder`` (the id of what made the tokens; adapters check it against
+    embeddings). Returns the version. One rule for adapters, user embeddings and embedding tables."""
+    if meta.get("format") != name:
+        raise FileFormatError(f"{path} is not a {what} (format={meta.get('format')!r}, expected {name!r}). Pick a "
+                              "file made by PPD (ppd-train or the PPD nodes).")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise FileFormatError(f"{path}: the {what}'s format_version is {version!r}, not a whole number >= 1: the "
+                              "file is damaged or was edited. Export it again with PPD.")
+    if version > newest:
+        raise FileFormatError(f"{path} uses {what} format version {version}; this version of PPD reads up to "
+                              f"{newest}. Update the PPD pack.")
+    embedder = meta.get("embedder")
+    if not isinstance(embedder, str) or not embedder.strip():
+        raise FileFormatError(f"{path}: the {what} does not say which embedder made its tokens (metadata 'embedder' "
+                              f"is {embedder!r}): the file is damaged or was edited. Export it again with PPD.")
+    return version
 
 
 def read_json_metadata(metadata: dict[str, str], key: str, path: str | os.PathLike, what: str) -> dict:

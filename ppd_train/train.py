@@ -461,6 +461,12 @@ class Trainer:
 
         cfg = self.cfg
         if resume and self.resume(force):
+            if self.step > self.max_steps:  # its weights are past this budget: no file may claim fewer steps
+                raise PPDError(f"The checkpoint in {self.out_dir / 'checkpoints'} is at step {self.step} > max_steps "
+                               f"{self.max_steps}: its weights have {self.step} steps of training, and an adapter "
+                               f"written now would hold them under a summary of {self.max_steps}. Set max_steps "
+                               f">= {self.step} to finish this run from there, or use another out_dir (or "
+                               f"--no-resume) to train {self.max_steps} steps from the start.")
             done = self.out_dir / "adapter.safetensors"
             # a rerun of a finished run: rewriting the adapter would only replace its summary with one of 0 steps
             if (self.step >= self.max_steps or self.stopped_early) and done.is_file():

@@ -82,9 +82,12 @@ def test_metadata_round_trip_and_damage():
     assert AdapterConfig.from_dict(json.loads(narrow.to_json())).proj_dim == 16
     with pytest.raises(FileFormatError, match=r"^<adapter> is not a PPD adapter"):
         AdapterConfig.from_dict({})
-    minimal = {k: v for k, v in d.items() if k not in ("embedder", "training")}
-    assert AdapterConfig.from_dict(minimal).embedder == "unknown" and AdapterConfig.from_dict(minimal).training == {}
-    with pytest.raises(FileFormatError, match=r"x.safetensors is not a PPD adapter \(format='lora'\)"):
+    assert AdapterConfig.from_dict({k: v for k, v in d.items() if k != "training"}).training == {}
+    with pytest.raises(FileFormatError, match=r"x.safetensors: the PPD adapter does not say which embedder made its "
+                                              r"tokens \(metadata 'embedder' is None\): the file is damaged"):
+        AdapterConfig.from_dict({k: v for k, v in d.items() if k != "embedder"}, "x.safetensors")
+    with pytest.raises(FileFormatError, match=r"x.safetensors is not a PPD adapter "
+                                              r"\(format='lora', expected 'ppd-adapter'\)"):
         AdapterConfig.from_dict({**d, "format": "lora"}, "x.safetensors")
     for key in ("block_widths", "embed_dim", "proj_dim"):
         with pytest.raises(FileFormatError, match="x.safetensors: adapter metadata is incomplete or damaged"):
@@ -92,7 +95,7 @@ def test_metadata_round_trip_and_damage():
     with pytest.raises(FileFormatError, match="incomplete or damaged"):
         AdapterConfig.from_dict({**d, "embed_dim": "wide"}, "x.safetensors")
     for key, value in (("embed_dim", "wide"), ("num_tokens", -1), ("proj_dim", 10**9)):  # the message names the key
-        with pytest.raises(FileFormatError, match=rf"\({key} = {value!r} is not a whole number between 0 and \d+\)"):
+        with pytest.raises(FileFormatError, match=rf"\({key} = {value!r} is not a whole number between [01] and \d+\)"):
             AdapterConfig.from_dict({**d, key: value}, "x.safetensors")
 
 
@@ -250,7 +253,8 @@ def test_adapter_files_say_what_they_are(tiny_unet, tmp_path):
     assert metadata["format"] == "ppd-adapter"  # for any safetensors reader
     meta = json.loads(metadata["ppd_adapter"])
     save_file(tensors, tmp_path / "b.safetensors", metadata={"ppd_adapter": json.dumps({**meta, "format": "lora"})})
-    with pytest.raises(FileFormatError, match=r"b.safetensors is not a PPD adapter \(format='lora'\)"):
+    with pytest.raises(FileFormatError, match=r"b.safetensors is not a PPD adapter "
+                                              r"\(format='lora', expected 'ppd-adapter'\)"):
         load_adapter(tmp_path / "b.safetensors")
     with pytest.raises(FileFormatError, match="PPD adapter file not found"):
         load_adapter(tmp_path / "missing.safetensors")

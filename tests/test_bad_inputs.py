@@ -996,6 +996,184 @@ def case_picker_line_separator(ctx: Ctx) -> None:
     assert writer.count_pairs(ctx.tmp / "set") == 2
 
 
+# --- round 2: files and config ---
+def case_resume_past_max_steps(ctx: Ctx) -> str:
+    out = ctx.tmp / "run"
+    assert ctx.cli(*ctx.fit_args(out))[0] == 0
+    for name in ("adapter.safetensors", "adapter_last.safetensors"):
+        (out / name).unlink()  # e.g. a run stopped after its step-3 checkpoint, rerun with a lower budget
+    text = cli_refused(ctx, *ctx.fit_args(out, "max_steps=2"))
+    assert not (out / "adapter.safetensors").exists(), "an adapter with step-3 weights and a 2-step summary"
+    return text
+
+
+def _tune_with_adapter(ctx: Ctx, adapter: Path) -> str:
+    _embedding().save(ctx.tmp / "start.safetensors")
+    return cli_refused(ctx, "tune-user", "--stage-c", str(ctx.files / "stage_c"), "--adapter", str(adapter),
+                       "--embedding", str(ctx.tmp / "start.safetensors"), "--data", _one_user_data(ctx),
+                       "--out", str(ctx.tmp / "tuned.safetensors"), "--quiet", "--steps", "1")
+
+
+def adapter_meta_case(via_tune: bool = False, training: dict | None = None, **change) -> Callable[[Ctx], str]:
+    """An adapter whose metadata was edited (``None`` removes a key; ``training`` is merged into the summary)."""
+    def edit(d: dict) -> None:
+        d["training"] = {**d.get("training", {}), **(training or {})}
+        for key, value in change.items():
+            if value is None:
+                d.pop(key, None)
+            else:
+                d[key] = value
+
+    def run(ctx: Ctx) -> str:
+        path = _adapter_file(ctx, edit_meta=edit)
+        return _tune_with_adapter(ctx, path) if via_tune else refused(lambda: _load_adapter(path))
+    return run
+
+
+def case_adapter_int_tensor(ctx: Ctx) -> str:
+    path = _adapter_file(ctx, edit_tensors=lambda t: t.update(token_pos=(t["token_pos"] * 100).to(torch.int32)))
+    return refused(lambda: _load_adapter(path))
+
+
+def _embedding_file(ctx: Ctx, edit_meta=None, edit_tensors=None) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = ctx.tmp / "e.safetensors"
+    _embedding().save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(path)
+    d = json.loads(meta["ppd_user_embedding"])
+    if edit_meta:
+        edit_meta(d)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, path, metadata={**meta, "ppd_user_embedding": json.dumps(d)})
+    return path
+
+
+def case_embedding_bool_tensor(ctx: Ctx) -> str:
+    from ppd_train.embedding import UserEmbedding
+
+    path = _embedding_file(ctx, edit_tensors=lambda t: t.update(tokens=t["tokens"] > 0))
+    return refused(lambda: UserEmbedding.load(path))
+
+
+def case_embedding_no_embedder(ctx: Ctx) -> str:
+    from ppd_train.embedding import UserEmbedding
+
+    path = _embedding_file(ctx, edit_meta=lambda d: d.pop("embedder"))
+    return refused(lambda: UserEmbedding.load(path))
+
+
+def case_table_mixed_shapes(ctx: Ctx) -> str:
+    from safetensors.torch import load_file, save_file
+
+    from ppd_train.embedding import load_embedding_table, save_embedding_table
+
+    path = ctx.tmp / "t.safetensors"
+    save_embedding_table(path, {"a": _embedding(), "b": _embedding(seed=1)})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(path)
+    tensors["user/b"] = tensors["user/b"][:3]  # one user with 3 tokens, the other with 5
+    save_file(tensors, path, metadata=meta)
+    return refused(lambda: load_embedding_table(path))
+
+
+def case_write_over_symlink(ctx: Ctx) -> str:
+    elsewhere = ctx.tmp / "elsewhere.safetensors"
+    elsewhere.write_bytes(b"someone else's file")
+    (ctx.tmp / "e.safetensors").symlink_to(elsewhere)
+    text = refused(lambda: _embedding().save(ctx.tmp / "e.safetensors"))
+    assert (ctx.tmp / "e.safetensors").is_symlink() and elsewhere.read_bytes() == b"someone else's file"
+    return text
+
+
+def case_adapter_is_folder(ctx: Ctx) -> str:
+    (ctx.tmp / "a.safetensors").mkdir()
+    return refused(lambda: _load_adapter(ctx.tmp / "a.safetensors"))
+
+
+def case_embedding_is_fifo(ctx: Ctx) -> str:
+    from ppd_train.embedding import UserEmbedding
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this system")
+    os.mkfifo(ctx.tmp / "e.safetensors")
+    return refused(lambda: UserEmbedding.load(ctx.tmp / "e.safetensors"))
+
+
+def case_adapter_unreadable(ctx: Ctx) -> str:
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())  # in /tmp, so that another user may reach it
+    os.chmod(folder, 0o755)
+    path = folder / "a.safetensors"
+    shutil.copy(_adapter_file(ctx), path)
+    root = os.geteuid() == 0
+    os.chmod(path, 0o600 if root else 0)  # not root: even its owner may not read a mode-0 file
+    if root:  # root reads every file: read it as nobody, as another user of a shared machine would
+        os.seteuid(65534)
+    try:
+        return refused(lambda: _load_adapter(path))
+    finally:
+        if root:
+            os.seteuid(0)
+        shutil.rmtree(folder)
+
+
+def case_empty_window_sampler(ctx: Ctx) -> str:
+    nodes = ctx.node("nodes.adapter_nodes")
+    queued = nodes.PPDStageCSampler.VALIDATE_INPUTS(start_percent=0.4, end_percent=0.4)
+    assert isinstance(queued, str), queued
+    # the same values through links (None at queue time) are refused when the node runs, before anything is sampled
+    others = dict.fromkeys(("model", "ppd_adapter", "user_embedding", "positive", "negative", "latent_image"))
+    run = dict(others, seed=0, steps=20, cfg=4.0, sampler_name="euler", scheduler="simple", denoise=1.0, weight=1.0,
+               start_percent=0.4, end_percent=0.4)
+    assert refused(lambda: nodes.PPDStageCSampler().sample(**run)) == queued
+    return queued
+
+
+def case_yaml_alias_bomb(ctx: Ctx) -> str:
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+              f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(9)]
+    (ctx.tmp / "bomb.yaml").write_text("\n".join(lines) + "\n")  # 9^10 strings once expanded
+    return cli_refused(ctx, "fit", "--config", str(ctx.tmp / "bomb.yaml"))
+
+
+def case_config_unreadable(ctx: Ctx) -> str:
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())
+    os.chmod(folder, 0o755)
+    path = folder / "fit.toml"
+    path.write_text("lr = 1e-4\n")
+    root = os.geteuid() == 0
+    os.chmod(path, 0o600 if root else 0)
+    if root:  # as another user of a shared machine would find it
+        os.seteuid(65534)
+    try:
+        return cli_refused(ctx, "fit", "--config", str(path))
+    finally:
+        if root:
+            os.seteuid(0)
+        shutil.rmtree(folder)
+
+
+def case_section_checked_at_parse(ctx: Ctx) -> str:
+    from ppd_train.config import from_dict
+    from ppd_train.synthetic import DemoConfig
+
+    return refused(lambda: from_dict(DemoConfig, {"train": {"t_min": 0.9, "t_max": 0.1}}))
+
+
 # ------------------------------------------------------------------------------------------------- the catalogue
 CASES = [
     # trainer: ppd-train fit
@@ -1110,7 +1288,7 @@ CASES = [
          'with a lower lr or beta.', case_adapter_nan),
     Case("adapter-huge-metadata", "adapter metadata `num_tokens = 1e9`", "node", "refused",
          '…/a.safetensors: adapter metadata is incomplete or damaged (num_tokens = '
-         '1000000000 is not a whole number between 0 and 4096). The file was edited or '
+         '1000000000 is not a whole number between 1 and 4096). The file was edited or '
          'damaged; export it again with ppd-train.', case_adapter_huge_meta),
     Case("adapter-extra-tensor", "an adapter with one extra tensor", "node", "refused", '…/a.safetensors: tensors do '
          "not match the adapter's own metadata (unexpected ['extra']). The file is damaged or was edited; export it "
@@ -1330,6 +1508,75 @@ CASES = [
          "0664 (0666 less the umask, like any file), written atomically", case_picker_umask),
     Case("picker-line-separator", "a picker prompt holding U+2028 or U+0085", "node", "handled",
          "escaped in pairs.jsonl: one row per pair, read back as typed", case_picker_line_separator),
+    # --- round 2: files and config ---
+    Case("resume-past-max-steps", "`fit` resumed with `max_steps` below the checkpoint's step", "CLI", "refused",
+         'The checkpoint in …/run/checkpoints is at step 3 > max_steps 2: its weights have 3 steps of training, and an '
+         'adapter written now would hold them under a summary of 2. Set max_steps >= 3 to finish this run from there, '
+         'or use another out_dir (or --no-resume) to train 2 steps from the start.', case_resume_past_max_steps),
+    Case("adapter-beta-negative", "an adapter whose metadata says it was trained with `beta = -100`, to `tune-user`",
+         "CLI", "refused", 'a.safetensors: adapter metadata is incomplete or damaged (training.beta = -100.0 is not a '
+         'finite number > 0). The file was edited or damaged; export it again with ppd-train.',
+         adapter_meta_case(via_tune=True, training={"beta": -100.0})),
+    Case("adapter-beta-text", 'adapter metadata `beta = "high"`', "node", "refused",
+         "a.safetensors: adapter metadata is incomplete or damaged (training.beta = 'high' is not a finite number > "
+         "0).", adapter_meta_case(training={"beta": "high"})),
+    Case("adapter-no-embedder", "an adapter file without `embedder` metadata", "node", "refused",
+         "a.safetensors: the PPD adapter does not say which embedder made its tokens (metadata 'embedder' is None): "
+         "the file is damaged or was edited. Export it again with PPD.", adapter_meta_case(embedder=None)),
+    Case("adapter-format-version-null", "adapter metadata `format_version: null`", "node", "refused",
+         "a.safetensors: the PPD adapter's format_version is None, not a whole number >= 1: the file is damaged or "
+         "was edited. Export it again with PPD.", adapter_meta_case(format_version=None)),
+    Case("adapter-block-heads-0", "adapter metadata `block_heads` holding 0", "node", "refused",
+         "a.safetensors: adapter metadata is incomplete or damaged (block_heads[0] = 0 is not a whole number between 1 "
+         "and 65536).", adapter_meta_case(block_heads=[0, 2, 2, 2])),
+    Case("adapter-int-tensor", "an adapter file holding an int32 weight", "node", "refused",
+         "a.safetensors: tensor 'token_pos' (int32) is not floating point; a PPD adapter holds float weights only (an "
+         "integer tensor would be silently rounded into one).", case_adapter_int_tensor),
+    Case("embedding-bool-tensor", "a user-embedding file whose tokens are booleans", "node", "refused",
+         "e.safetensors: tensor 'tokens' (bool) is not floating point; a user embedding holds float weights only",
+         case_embedding_bool_tensor),
+    Case("embedding-no-embedder", "a user-embedding file without `embedder` metadata", "node", "refused",
+         "e.safetensors: the PPD user embedding does not say which embedder made its tokens (metadata 'embedder' is "
+         "None): the file is damaged or was edited.", case_embedding_no_embedder),
+    Case("table-mixed-shapes", "an embedding table whose users have different token counts", "CLI", "refused",
+         "t.safetensors: Cannot mix user embedding (5 x 24, embedder 'test') with user embedding (3 x 24, embedder "
+         "'test'): they come from different embedders or layers.", case_table_mixed_shapes),
+    Case("write-over-symlink", "saving a user embedding to a name that is a symbolic link", "node", "refused",
+         "e.safetensors is a symbolic link (to …elsewhere.safetensors); PPD does not write over or through links. "
+         "Remove the link or choose another file name.", case_write_over_symlink),
+    Case("adapter-is-folder", "a folder given as the adapter file", "node", "refused",
+         "a.safetensors is a folder, not a PPD adapter file. Give the file inside it.", case_adapter_is_folder),
+    Case("embedding-is-fifo", "a FIFO (named pipe) given as the user-embedding file", "node", "refused",
+         "e.safetensors is not a regular file (a pipe, socket or device); give a user embedding file.",
+         case_embedding_is_fifo),
+    Case("adapter-unreadable", "an adapter file of another user, mode 0600", "node", "refused",
+         "Cannot read PPD adapter file …/a.safetensors: permission denied (reading it, not writing). Make it readable "
+         "for this user (chmod/chown), or copy it somewhere this user can read.", case_adapter_unreadable),
+    Case("empty-window", "Apply PPD Adapter with `start_percent` = `end_percent` = 0.4", "node", "refused",
+         "start_percent and end_percent are both 0.4: an empty window, so the user would never count and the node "
+         "would change nothing. Make start_percent < end_percent (0 and 1 = the whole run), or set weight 0 to sample "
+         "without the user.", strength_case(start_percent=0.4, end_percent=0.4)),
+    Case("empty-window-sampler", "PPD Stage C Sampler with `start_percent` = `end_percent` = 0.4", "node", "refused",
+         "start_percent and end_percent are both 0.4: an empty window", case_empty_window_sampler),
+    Case("max-epochs-huge", "`max_epochs = 1e308`", "CLI", "refused", "Config key 'max_epochs' must be at most 1e+06, "
+         "got 1e+308. Fix it in the config file or with --set max_epochs=VALUE.",
+         config_case("max_epochs", "1e308")),
+    Case("seed-huge", "`seed = 99999999999999999999999`", "CLI", "refused", "Config key 'seed' must be between 0 and "
+         "1e+08, got 99999999999999999999999.", config_case("seed", "99999999999999999999999")),
+    Case("val-draws-huge", "`val_draws = 1000000000000`", "CLI", "refused", "Config key 'val_draws' must be at most "
+         "1024, got 1000000000000.", config_case("val_draws", "1000000000000")),
+    Case("batch-size-huge", "`batch_size = 100000000`", "CLI", "refused", "Config key 'batch_size' must be at most "
+         "65536, got 100000000.", config_case("batch_size", "100000000")),
+    Case("token-noise-negative", "`token_noise = -1`", "CLI", "refused", "Config key 'token_noise' must be between 0 "
+         "and 100, got -1.0.", config_case("token_noise", "-1")),
+    Case("section-checked-at-parse", "`demo` config with `[train] t_min = 0.9, t_max = 0.1`", "API", "refused",
+         "In section [train] (keys train.KEY): Config: need 0 <= t_min < t_max <= 1.", case_section_checked_at_parse),
+    Case("yaml-alias-bomb", "a YAML config whose nested aliases expand to billions of strings", "CLI", "refused",
+         "bomb.yaml: YAML aliases (*name) are not allowed in a config (nested aliases can expand to gigabytes); "
+         "write the values out.", case_yaml_alias_bomb),
+    Case("config-unreadable", "a config file of another user, mode 0600", "CLI", "refused",
+         "Cannot read config file …/fit.toml: permission denied (reading it, not writing). Make it readable for this "
+         "user (chmod/chown).", case_config_unreadable),
 ]
 
 

@@ -292,11 +292,11 @@ def test_user_embedding_files_are_checked(tmp_path):
                             ({"format": None}, {"tokens": tokens})):
         broken = {k: v for k, v in {**meta, **change}.items() if v is not None}
         save_file(tensors, tmp_path / "b.safetensors", metadata={"ppd_user_embedding": json.dumps(broken)})
-        with pytest.raises(IncompatibleError, match="b.safetensors is not a PPD user embedding"):
+        with pytest.raises(PPDError, match="b.safetensors is not a PPD user embedding"):
             UserEmbedding.load(tmp_path / "b.safetensors")
     no_version = {k: v for k, v in meta.items() if k != "format_version"}
     save_file({"tokens": tokens}, tmp_path / "b.safetensors", metadata={"ppd_user_embedding": json.dumps(no_version)})
-    with pytest.raises(IncompatibleError, match="user-embedding format None"):
+    with pytest.raises(FileFormatError, match="format_version is None, not a whole number >= 1: the file is damaged"):
         UserEmbedding.load(tmp_path / "b.safetensors")
     save_file({"tokens": torch.full((2, 3), float("nan"))}, tmp_path / "b.safetensors",
               metadata={"ppd_user_embedding": json.dumps(meta)})

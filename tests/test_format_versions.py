@@ -10,7 +10,7 @@ from helpers import trained_looking_adapter
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ppd_train.adapter import FORMAT_VERSION, load_adapter, save_adapter
+from ppd_train.adapter import load_adapter, save_adapter
 from ppd_train.embedding import UserEmbedding, load_embedding_table, save_embedding_table
 from ppd_train.errors import PPDError
 from ppd_train.tiny import build_tiny_stage_c
@@ -25,42 +25,46 @@ def _rewrite_version(path, key: str, version) -> None:
     save_file(tensors, path, metadata={**metadata, key: json.dumps(meta)})
 
 
-@pytest.mark.parametrize("version, ok", [(FORMAT_VERSION, True), (FORMAT_VERSION + 1, False), ("1", False),
-                                         (None, False)])
-def test_adapter_version(tmp_path, version, ok):
+NEWER = r"format version 2; this version of PPD reads up to 1\. Update the PPD pack"
+DAMAGED = r"format_version is {!r}, not a whole number >= 1: the file is damaged or was edited"
+# a newer file asks for an update; a version that is no version at all (null, text, 0, true) says the file is damaged
+VERSIONS = [(1, None), (2, NEWER), ("1", DAMAGED), (None, DAMAGED), (0, DAMAGED), (True, DAMAGED)]
+
+
+def _refused_or_read(read, path, version, refusal) -> object:
+    if refusal is None:
+        return read(path)
+    with pytest.raises(PPDError, match=refusal.format(version)):
+        read(path)
+    return None
+
+
+@pytest.mark.parametrize("version, refusal", VERSIONS)
+def test_adapter_version(tmp_path, version, refusal):
     path = tmp_path / "a.safetensors"
     save_adapter(trained_looking_adapter(build_tiny_stage_c()), path)
     _rewrite_version(path, "ppd_adapter", version)
-    if ok:
-        assert load_adapter(path).config.block_widths == (32,) * 4
-    else:
-        with pytest.raises(PPDError, match=rf"format version {version}; this version of PPD reads up to 1\. Update"):
-            load_adapter(path)
+    adapter = _refused_or_read(load_adapter, path, version, refusal)
+    assert refusal or adapter.config.block_widths == (32,) * 4
 
 
 def _embedding() -> UserEmbedding:
     return UserEmbedding(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), "x", {"user_id": "u"})
 
 
-@pytest.mark.parametrize("version, ok", [(1, True), (2, False), (None, False)])
-def test_user_embedding_version(tmp_path, version, ok):
+@pytest.mark.parametrize("version, refusal", VERSIONS)
+def test_user_embedding_version(tmp_path, version, refusal):
     path = tmp_path / "u.safetensors"
     _embedding().save(path)
     _rewrite_version(path, "ppd_user_embedding", version)
-    if ok:
-        assert torch.equal(UserEmbedding.load(path).tokens, _embedding().tokens)
-    else:
-        with pytest.raises(PPDError, match=f"user-embedding format {version}; update the PPD pack"):
-            UserEmbedding.load(path)
+    emb = _refused_or_read(UserEmbedding.load, path, version, refusal)
+    assert refusal or torch.equal(emb.tokens, _embedding().tokens)
 
 
-@pytest.mark.parametrize("version, ok", [(1, True), (2, False), (None, False)])
-def test_embedding_table_version(tmp_path, version, ok):
+@pytest.mark.parametrize("version, refusal", VERSIONS)
+def test_embedding_table_version(tmp_path, version, refusal):
     path = tmp_path / "t.safetensors"
     save_embedding_table(path, {"u": _embedding()})
     _rewrite_version(path, "ppd_embedding_table", version)
-    if ok:
-        assert list(load_embedding_table(path)[0]) == ["u"]
-    else:
-        with pytest.raises(PPDError, match=f"embedding-table format {version}; update the PPD pack"):
-            load_embedding_table(path)
+    table = _refused_or_read(load_embedding_table, path, version, refusal)
+    assert refusal or list(table[0]) == ["u"]

@@ -83,7 +83,7 @@ def test_read_refusals_name_the_file(tmp_path):
     with pytest.raises(FileFormatError, match=r"widget file not found: .*nope\.safetensors"):
         read_safetensors(tmp_path / "nope.safetensors", "widget")
     (tmp_path / "dir.safetensors").mkdir()
-    with pytest.raises(FileFormatError, match="not found"):
+    with pytest.raises(FileFormatError, match=r"dir\.safetensors is a folder, not a widget file"):
         read_safetensors(tmp_path / "dir.safetensors", "widget")
     save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
     assert read_safetensors(tmp_path / "plain.safetensors", "widget")[1] == {}  # no metadata at all: empty, no error
