@@ -190,3 +190,19 @@ def test_embed_command_saves_and_reports_it(tmp_path, capsys):
     low = sorted(u for u, e in table.items() if e.meta["confidence"]["low_confidence"])
     err = capsys.readouterr().err
     assert low and f"{len(low)} of 2 users have low pair confidence ({', '.join(low)})" in err
+
+
+def test_the_targets_count_the_failures():
+    from ppd_train.synthetic import Targets, check_targets
+
+    base = {"seen": {"win_rate": 1.0}, "unseen": {"win_rate": 1.0}, "all": {"drift_sd": 0.1, "noise_ratio": 1.0},
+            "interpolation": {"monotone": True}}
+    ok = {"below_half": 2, "pairs_say_too_little": 2, "adapter_wrong": 0, "failing_flagged": 2}
+    assert check_targets({**base, "failures": ok}, Targets()) == []
+    assert check_targets({**base, "failures": {**ok, "adapter_wrong": 1, "pairs_say_too_little": 1}}, Targets()) == [
+        "1 user(s) below 50% although their pairs agree with their preference"]
+    assert check_targets({**base, "failures": {**ok, "failing_flagged": 1}}, Targets()) == [
+        "1 user(s) below 50% not flagged low-confidence"]
+    assert check_targets({**base, "failures": {**ok, "failing_flagged": 1}}, Targets(failing_flagged=False)) == []
+    assert check_targets({**base, "failures": {**ok, "adapter_wrong": 1}}, Targets(adapter_wrong_users=1)) == []
+    assert check_targets(base, Targets()) == []  # a run from before the diagnosis
