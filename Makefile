@@ -49,7 +49,7 @@ test-comfyui:
 # step it shares with tune-user) and tune.py go last, in a run of their own. MUTATE="loss embedding" mutates only
 # those modules. Every module here must also be in pyproject's [tool.mutmut] only_mutate.
 MUTATE ?= loss safetensors_io checkpoint embedding user_attention adapter pairs stage_c evaluate synthetic optim \
-	pair_writer run_lock
+	pair_writer run_lock picker confidence
 MUTATE_LAST ?= train pair_step tune
 MUTATE_JOBS ?= 2
 mutate: venv
