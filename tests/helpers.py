@@ -104,3 +104,17 @@ SMALL = {"seen_users": 24, "unseen_users": 8, "unseen_mixtures": 3, "pairs_per_u
 SMALL_WORLDS = {"small-k4": (1, SMALL), "small-k3-c4": (3, {**SMALL, "k_styles": 3, "n_captions": 4})}
 # Seed 2 of the k3 world meets every target but one: its interpolation is not monotone (seen 95%, unseen 100%,
 # drift 0.43 sd), a miss of the kind docs/world-sweep.md explains for two of its nine worlds.
+
+
+def write_tiny_clip_vision(folder, seed: int = 0):
+    """A tiny real CLIP vision model with projection and its PIL processor, saved as a local checkpoint folder."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=16)
+    torch.manual_seed(seed)
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -167,19 +167,12 @@ def test_the_world_diagnoses_a_failing_user():
 
 
 def test_embed_command_saves_and_reports_it(tmp_path, capsys):
-    from helpers import write_pair_folder
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from helpers import write_pair_folder, write_tiny_clip_vision
 
     from ppd_train.cli import main
     from ppd_train.embedding import load_embedding_table
 
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=16)
-    torch.manual_seed(0)
-    CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        tmp_path / "clip")
+    write_tiny_clip_vision(tmp_path / "clip")
     folders = [write_pair_folder(tmp_path / name, n=5, seed=s, user_id=name) for s, name in enumerate(("ann", "bo"))]
     out = tmp_path / "users.safetensors"
     assert main(["embed", "--pairs", *map(str, folders), "--clip", str(tmp_path / "clip"), "--out", str(out),

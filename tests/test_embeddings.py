@@ -126,17 +126,11 @@ def test_layer_errors(tiny_llava_dir):
 
 
 def test_pair_difference_with_clip_from_disk(tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from helpers import write_tiny_clip_vision
 
     from ppd_train.embedders.pairdiff import PairDifferenceEmbedder
 
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=16)
-    torch.manual_seed(0)
-    CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        tmp_path / "clip")
+    write_tiny_clip_vision(tmp_path / "clip")
     embedder = PairDifferenceEmbedder.from_clip(tmp_path / "clip")
     users = _users(2)
     embs = embedder.embed(users)
