@@ -256,7 +256,7 @@ def _cmd_tune_user(args: argparse.Namespace) -> int:
         if not (args.effnet and args.clip_text):
             raise PPDError("--pairs are images: give --effnet and --clip-text too, the encoders `ppd-train prepare` "
                            "uses (or pass a prepared --data file).")
-        users = load_users(args.pairs)
+        users = load_users(args.pairs, merge_users=args.merge_users)
         user = args.user or (next(iter(users)) if len(users) == 1 else None)
         if user is None or user not in users:
             raise PPDError(f"The pairs hold the users {', '.join(sorted(users)[:8])}; say which one with --user."
@@ -293,6 +293,11 @@ def _cmd_tune_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_users_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--merge-users", action="store_true", help="a user id found in two sources is one person: pool "
+                   "their pairs (without it, refused)")
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML or YAML config file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -315,8 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="embed every user of a dataset into one table file (resumable)")
     p.add_argument("--pairs", nargs="+", required=True, help="pair folders and/or Pick-a-Pic parquet shards")
-    p.add_argument("--merge-users", action="store_true", help="a user id found in two sources is one person: pool "
-                   "their pairs (without it, refused)")
+    _merge_users_arg(p)
     p.add_argument("--out", required=True, help="output table (.safetensors); rerun the same command to resume")
     p.add_argument("--vlm", help="local LLaVA-OneVision folder (transformers format)")
     p.add_argument("--clip", help="local CLIP vision folder: pair-difference embedder")
@@ -335,8 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="encode pairs into cached Stage C latents + CLIP-G text for training")
     p.add_argument("--pairs", nargs="+", required=True, help="pair folders and/or Pick-a-Pic parquet shards")
-    p.add_argument("--merge-users", action="store_true", help="a user id found in two sources is one person: pool "
-                   "their pairs (without it, refused)")
+    _merge_users_arg(p)
     p.add_argument("--effnet", required=True, help="Stable Cascade's effnet_encoder.safetensors")
     p.add_argument("--clip-text", required=True, help="local CLIP-G text encoder folder (transformers format)")
     p.add_argument("--embeddings", help="embedding table from `ppd-train embed`: keeps its users, drops their "
@@ -363,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--pairs", nargs="+", help="the user's pair folders and/or Pick-a-Pic shards (images)")
     p.add_argument("--data", help="or: a DPO data file from `ppd-train prepare`")
+    _merge_users_arg(p)
     p.add_argument("--user", help="which user, when the pairs hold several")
     p.add_argument("--effnet", help="Stable Cascade's effnet_encoder.safetensors (with --pairs)")
     p.add_argument("--clip-text", help="local CLIP-G text encoder folder (with --pairs)")

@@ -198,6 +198,16 @@ def case_tune_several_users(ctx: Ctx) -> str:
     return tune_case("--data", str(ctx.files / "data.safetensors"))(ctx)
 
 
+def case_tune_user_in_two_folders(ctx: Ctx) -> str:
+    from helpers import write_pair_folder
+
+    folders = [str(write_pair_folder(ctx.tmp / name, n=3, seed=s, user_id="ann")) for s, name in enumerate("ab")]
+    encoders = ["--effnet", str(ctx.tmp / "effnet.safetensors"), "--clip-text", str(ctx.tmp / "clip_g")]
+    merged = tune_case("--pairs", *folders, "--merge-users", *encoders)(ctx)
+    assert "is in both" not in merged and "effnet" in merged  # with the flag it goes on, to the (missing) encoders
+    return tune_case("--pairs", *folders, *encoders)(ctx)
+
+
 def case_tune_out_exists(ctx: Ctx) -> str:
     return tune_case("--data", _one_user_data(ctx), out_exists=True)(ctx)
 
@@ -1261,6 +1271,10 @@ CASES = [
     Case("tune-several-users", "`tune-user --data` holding several users, no `--user`", "CLI", "refused",
          "The pairs hold 3 users (seen00, seen01, seen02...); say which one to tune with --user.",
          case_tune_several_users),
+    Case("tune-user-two-folders", "`tune-user --pairs a b`, both folders holding user `ann`", "CLI", "refused",
+         "User 'ann' is in both …/a and …/b: PPD would take two people for one (or count one person's pairs twice). "
+         "Give one of them another user_id (or rename its folder), or pass --merge-users if both hold the same "
+         "person's pairs.", case_tune_user_in_two_folders),
     Case("tune-out-exists", "`tune-user --out` naming an existing file (it stays untouched)", "CLI", "refused",
          "…/tuned.safetensors exists; choose another --out, or pass --force to replace it.",
          case_tune_out_exists),
