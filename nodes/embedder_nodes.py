@@ -114,7 +114,7 @@ class PPDVLMUserEmbedder:
     RETURN_NAMES = ("user_embedding", "profile", "confidence")
     OUTPUT_TOOLTIPS = ("The user's taste, for the PPD sampler (or to save and share).",
                        "What the VLM wrote about the user (empty in direct mode).",
-                       "Do the pairs say enough? How well the pairs agree with each other (0-1) and, when LOW, about "
+                       "Do the pairs say enough? How sure the pairs are about your taste (0-1) and, when LOW, about "
                        "how many more pairs to pick in the Preference Picker. Saved in the embedding file too.")
     FUNCTION = "embed"
 
