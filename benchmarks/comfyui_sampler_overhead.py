@@ -83,7 +83,7 @@ def main() -> None:
                                             torch.randn(2, 1, text_width, generator=g), torch.zeros(2, 1, 768))]
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
-        cfg = adapter_mod.AdapterConfig.for_stage_c(info, embed_dim=896, num_tokens=tokens, embedder="bench")
+        cfg = adapter_mod.AdapterConfig.for_model(info, embed_dim=896, num_tokens=tokens, embedder="bench")
         adapter = adapter_mod.PPDAdapter(cfg)
         torch.nn.init.normal_(adapter.blocks[0].to_v.weight)  # non-zero, so the user term is really computed
         user = embedding_mod.UserEmbedding(torch.randn(tokens, 896, generator=g), "bench")

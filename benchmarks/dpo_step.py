@@ -54,7 +54,7 @@ def run(recipe: str, optimizer: str, kind: str, checkpointing: bool, batch: int,
         unet.enable_gradient_checkpointing()
     info = stage_c_info(unet)
     torch.manual_seed(0)
-    adapter = PPDAdapter(AdapterConfig.for_stage_c(info, embed_dim=896, num_tokens=29)).to(device, dtype)
+    adapter = PPDAdapter(AdapterConfig.for_model(info, embed_dim=896, num_tokens=29)).to(device, dtype)
     binding = PPDBinding(unet, adapter)
     opt = make_optimizer(optimizer, adapter.parameters(), 1e-5, 0.0)  # the trainer's optimizers
     b2 = 2 * batch

@@ -49,7 +49,7 @@ def counts(kind: str) -> tuple[int, int]:
     """(Stage C parameters, adapter parameters), counted without allocating."""
     with torch.device("meta"):
         unet = build(kind, torch.device("meta"), torch.float32)
-        adapter = PPDAdapter(AdapterConfig.for_stage_c(stage_c_info(unet), embed_dim=896, num_tokens=29))
+        adapter = PPDAdapter(AdapterConfig.for_model(stage_c_info(unet), embed_dim=896, num_tokens=29))
     return sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in adapter.parameters())
 
 

@@ -19,7 +19,7 @@ import statistics
 import torch
 from measure import fmt, in_fresh_process, interleaved, peak_memory_mib, spread, timed  # noqa: E402  (same folder)
 
-from ppd_train.adapter import KNOWN_STAGE_C, AdapterConfig, PPDAdapter, StageCInfo
+from ppd_train.adapter import KNOWN_STAGE_C, AdapterConfig, ModelInfo, PPDAdapter
 from ppd_train.optim import adamw, make_optimizer
 
 # trainer = ppd_train.optim.adamw (fused where available, the default), 8-bit = optimizer "adamw8bit"
@@ -29,8 +29,8 @@ VARIANTS = ("trainer", "8-bit", "for-each", "single-tensor")
 def run(variant: str, kind: str, steps: int, device: torch.device) -> dict:
     before = peak_memory_mib(device)
     width, heads, blocks = KNOWN_STAGE_C[kind]
-    info = StageCInfo((width,) * blocks, (heads,) * blocks)
-    adapter = PPDAdapter(AdapterConfig.for_stage_c(info, embed_dim=896, num_tokens=29)).to(device)
+    info = ModelInfo((width,) * blocks, (heads,) * blocks)
+    adapter = PPDAdapter(AdapterConfig.for_model(info, embed_dim=896, num_tokens=29)).to(device)
     params = list(adapter.parameters())
     if variant == "trainer":
         opt = adamw(params, 1e-5, 0.01)

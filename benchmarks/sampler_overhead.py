@@ -99,7 +99,7 @@ def main() -> None:
           f"{'ops base/ppd':>13s} {'syncs':>6s}")
     for t in map(int, args.tokens.split(",")):
         torch.manual_seed(1)
-        adapter = PPDAdapter(AdapterConfig.for_stage_c(info, embed_dim=args.embed_dim, num_tokens=t)).to(device, dtype)
+        adapter = PPDAdapter(AdapterConfig.for_model(info, embed_dim=args.embed_dim, num_tokens=t)).to(device, dtype)
         with torch.no_grad():
             for p in adapter.parameters():
                 p.normal_(0, 0.02)

@@ -14,7 +14,7 @@ from comfy.ldm.cascade.common import AttnBlock
 from comfy.ldm.cascade.stage_c import StageC
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..ppd_train.adapter import StageCInfo
+from ..ppd_train.adapter import ModelInfo
 from ..ppd_train.embedding import UserEmbedding
 from ..ppd_train.errors import IncompatibleError
 from ..ppd_train.user_attention import UserAttention, sampling_user, stacked
@@ -32,7 +32,7 @@ def attention_paths(diffusion_model: torch.nn.Module) -> list[str]:
     return paths
 
 
-def stage_c_of(model) -> tuple[list[str], StageCInfo]:
+def stage_c_of(model) -> tuple[list[str], ModelInfo]:
     """Attention paths and adapter-facing description of a ComfyUI Stage C MODEL, or a clear refusal."""
     diffusion_model = model.get_model_object("diffusion_model")
     if not isinstance(diffusion_model, StageC):
@@ -42,7 +42,7 @@ def stage_c_of(model) -> tuple[list[str], StageCInfo]:
     paths = attention_paths(diffusion_model)
     attns = [model.get_model_object(p) for p in paths]
     base = [a.base if isinstance(a, UserAttention) else a for a in attns]
-    return paths, StageCInfo(tuple(int(a.to_q.weight.shape[1]) for a in base), tuple(int(a.heads) for a in base))
+    return paths, ModelInfo(tuple(int(a.to_q.weight.shape[1]) for a in base), tuple(int(a.heads) for a in base))
 
 
 def apply_adapter(model, adapter: NamedAdapter, embedding: UserEmbedding, weight: float, start_percent: float,

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ..ppd_train.adapter import StageCInfo, check_embedding, check_stage_c
+from ..ppd_train.adapter import ModelInfo, check_base, check_embedding
 from ..ppd_train.dpo_data import DPOData
 from ..ppd_train.effnet import EfficientNetEncoder
 from ..ppd_train.embedding import UserEmbedding
@@ -236,9 +236,9 @@ def _number_problem(**values) -> str | None:
     return None
 
 
-def check_fit(adapter: NamedAdapter, info: StageCInfo, embedding: UserEmbedding) -> None:
+def check_fit(adapter: NamedAdapter, info: ModelInfo, embedding: UserEmbedding) -> None:
     """The sampler's refusals, before any heavy work: adapter vs Stage C, embedding vs adapter."""
-    check_stage_c(adapter.adapter.config, info, f"PPD adapter '{adapter.name}'", "the connected Stage C")
+    check_base(adapter.adapter.config, info, f"PPD adapter '{adapter.name}'", "the connected Stage C")
     check_embedding(adapter.adapter.config, tuple(embedding.tokens.shape), embedding.embedder,
                     f"PPD adapter '{adapter.name}'")
 

@@ -1,6 +1,8 @@
-"""The PPD adapter: decoupled user cross-attention for Stable Cascade Stage C, and its one file format.
+"""The PPD adapter: decoupled user cross-attention for a diffusion model, and its one file format.
 
-In every Stage C attention block the query that already attends to ``[image tokens ; text tokens]`` also attends to the
+A base model (Stable Cascade Stage C, the paper's and the default; SDXL) only says where the adapter attaches: its
+attention layers in forward order, each with a width and a head count (:class:`ModelInfo`). In every such layer the
+query that already attends to ``[image tokens ; text tokens]`` also attends to the
 user tokens, through new key/value projections, and the result is added before the block's output projection::
 
     out = out_proj( Attn(q, K, V) + w * Attn(q, K_u, V_u) ),   K_u = P(u) W'_k,  V_u = P(u) W'_v
@@ -33,30 +35,42 @@ FORMAT_NAME = "ppd-adapter"
 FORMAT_VERSION = 1
 METADATA_KEY = "ppd_adapter"
 
+# Base models an adapter can attach to; "stage_c" is the default and what files without a ``base`` were made for.
+BASES = {"stage_c": "Stage C", "sdxl": "SDXL"}
 # Attention-block layout of the released Stage C checkpoints: kind -> (width, heads, block count).
 KNOWN_STAGE_C = {"lite": (1536, 24, 32), "full": (2048, 32, 64)}
+# SDXL 1.0's cross-attention (attn2) layers in forward order: 4 at width 640, 20 + 10 (mid) + 30 at 1280, 6 at 640.
+Layout = tuple[tuple[int, ...], tuple[int, ...]]  # (widths, heads) of the attention layers in forward order
+KNOWN_SDXL: dict[str, Layout] = {"base": ((640,) * 4 + (1280,) * 60 + (640,) * 6, (10,) * 4 + (20,) * 60 + (10,) * 6)}
 # Sane upper bounds for sizes read from a file's metadata, checked before anything is allocated (a damaged or hostile
 # header could otherwise ask for terabytes): far above any real Stage C or VLM.
 MAX_BLOCKS, MAX_WIDTH, MAX_TOKENS = 1024, 65536, 4096
 
 
 @dataclass(frozen=True)
-class StageCInfo:
-    """What an adapter needs to know about a Stage C: its attention blocks in forward order."""
+class ModelInfo:
+    """What an adapter needs to know about a base model: which base, and its attention layers in forward order."""
 
     block_widths: tuple[int, ...]
     block_heads: tuple[int, ...]
+    base: str = "stage_c"
 
     @property
     def kind(self) -> str:
-        for name, (width, heads, count) in KNOWN_STAGE_C.items():
-            if self.block_widths == (width,) * count and self.block_heads == (heads,) * count:
+        known: dict[str, Layout]
+        if self.base == "sdxl":
+            known = dict(KNOWN_SDXL)
+        else:
+            known = {name: ((w,) * n, (h,) * n) for name, (w, h, n) in KNOWN_STAGE_C.items()}
+        for name, (widths, heads) in known.items():
+            if self.block_widths == widths and self.block_heads == heads:
                 return name
         return "custom"
 
     def describe(self) -> str:
         widths = sorted(set(self.block_widths))
-        return f"Stage C {self.kind} ({len(self.block_widths)} attention blocks, width {'/'.join(map(str, widths))})"
+        return (f"{BASES.get(self.base, self.base)} {self.kind} ({len(self.block_widths)} attention blocks, "
+                f"width {'/'.join(map(str, widths))})")
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,7 @@ class AdapterConfig:
     num_tokens: int  # T: tokens per user embedding
     proj_dim: int = 0  # c: width of the shared user projector (0 = widest block)
     embedder: str = "unknown"  # id of the embedder whose embeddings this adapter reads (see embedding.py)
+    base: str = "stage_c"  # the base model it attaches to (a key of BASES)
     training: dict = field(default_factory=dict, compare=False)  # summary written by the trainer
 
     def __post_init__(self) -> None:
@@ -85,20 +100,26 @@ class AdapterConfig:
                 raise IncompatibleError(f"Adapter config: block width {w} is not divisible by its {h} heads.")
         if self.embed_dim <= 0 or self.num_tokens <= 0:
             raise IncompatibleError("Adapter config: embed_dim and num_tokens must be positive.")
+        if self.base not in BASES:
+            raise IncompatibleError(f"Adapter config: base {self.base!r} is not one of {', '.join(BASES)}.")
 
     @classmethod
-    def for_stage_c(cls, info: StageCInfo, embed_dim: int, num_tokens: int, **kw) -> AdapterConfig:
+    def for_model(cls, info: ModelInfo, embed_dim: int, num_tokens: int, **kw) -> AdapterConfig:
         return cls(block_widths=info.block_widths, block_heads=info.block_heads, embed_dim=embed_dim,
-                   num_tokens=num_tokens, **kw)
+                   num_tokens=num_tokens, base=info.base, **kw)
 
     @property
-    def stage_c(self) -> StageCInfo:
-        return StageCInfo(self.block_widths, self.block_heads)
+    def model(self) -> ModelInfo:
+        return ModelInfo(self.block_widths, self.block_heads, self.base)
 
     def to_json(self) -> str:
         d = asdict(self)
-        d.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, stage_c_kind=self.stage_c.kind,
-                 block_count=len(self.block_widths))
+        if self.base == "stage_c":  # Stage C files stay exactly what they were before SDXL existed
+            del d["base"]
+            d.update(stage_c_kind=self.model.kind)
+        else:
+            d.update(model_kind=self.model.kind)
+        d.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, block_count=len(self.block_widths))
         return dumps_json(d)
 
     @classmethod
@@ -116,8 +137,11 @@ class AdapterConfig:
                     raise ValueError(f"{key} = {value!r} is not a whole number between {low} and {top}")
             if len(widths) > MAX_BLOCKS:
                 raise ValueError(f"{len(widths)} blocks (at most {MAX_BLOCKS})")
+            base = d.get("base", "stage_c")  # files written before SDXL support are Stage C adapters
+            if base not in BASES:
+                raise ValueError(f"base = {base!r} is not one of {', '.join(BASES)}")
             return cls(block_widths=tuple(widths), block_heads=tuple(heads), embed_dim=d["embed_dim"],
-                       num_tokens=d["num_tokens"], proj_dim=d["proj_dim"], embedder=d["embedder"],
+                       num_tokens=d["num_tokens"], proj_dim=d["proj_dim"], embedder=d["embedder"], base=base,
                        training=_training(d.get("training")))
         except (KeyError, TypeError, ValueError, IncompatibleError) as e:
             detail = str(e) if isinstance(e, ValueError) else repr(e)
@@ -288,13 +312,15 @@ def load_adapter(path: str | os.PathLike, device: torch.device | str = "cpu",
 
 
 # ---------------------------------------------------------------------------------------------------- compatibility
-def check_stage_c(config: AdapterConfig, model: StageCInfo, adapter_name: str = "the adapter",
-                  model_name: str = "the Stage C model") -> None:
-    """Refuse an adapter made for another Stage C, naming both sides."""
-    if config.stage_c != model:
+def check_base(config: AdapterConfig, model: ModelInfo, adapter_name: str = "the adapter",
+               model_name: str = "the Stage C model") -> None:
+    """Refuse an adapter made for another base model (or another size of it), naming both sides."""
+    if config.model != model:
+        fix = ("Load the Stage C checkpoint the adapter was trained on (lite vs full)" if model.base == config.base
+               == "stage_c" else "Load the model the adapter was trained on")
         raise IncompatibleError(
-            f"{adapter_name} was made for {config.stage_c.describe()}, but {model_name} is {model.describe()}. "
-            "Load the Stage C checkpoint the adapter was trained on (lite vs full), or pick an adapter for this model."
+            f"{adapter_name} was made for {config.model.describe()}, but {model_name} is {model.describe()}. "
+            f"{fix}, or pick an adapter for this model."
         )
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock, StableCascadeUNet
 
-from .adapter import KNOWN_STAGE_C, PPDAdapter, StageCInfo, UserKV, apply_user_attention, check_stage_c
+from .adapter import KNOWN_STAGE_C, ModelInfo, PPDAdapter, UserKV, apply_user_attention, check_base
 from .errors import FileFormatError, IncompatibleError
 from .safetensors_io import read_safetensors, require_safetensors
 
@@ -68,11 +68,11 @@ def attention_blocks(unet: StableCascadeUNet) -> list[tuple[str, SDCascadeAttnBl
     return found
 
 
-def stage_c_info(unet: StableCascadeUNet) -> StageCInfo:
+def stage_c_info(unet: StableCascadeUNet) -> ModelInfo:
     blocks = [b.attention for _, b in attention_blocks(unet)]
     if not blocks:
         raise IncompatibleError("This StableCascadeUNet has no attention blocks: it is not a Stage C model.")
-    return StageCInfo(tuple(a.to_q.in_features for a in blocks), tuple(a.heads for a in blocks))
+    return ModelInfo(tuple(a.to_q.in_features for a in blocks), tuple(a.heads for a in blocks))
 
 
 @dataclass
@@ -128,7 +128,7 @@ class PPDBinding:
     """An adapter attached to one diffusers Stage C. Without an active user the UNet is exactly the base model."""
 
     def __init__(self, unet: StableCascadeUNet, adapter: PPDAdapter) -> None:
-        check_stage_c(adapter.config, stage_c_info(unet))
+        check_base(adapter.config, stage_c_info(unet))
         self.unet = unet
         self.adapter = adapter
         self._state = _UserState()
@@ -214,7 +214,7 @@ def adapter_parameter_count(kind: str, embed_dim: int = 3584, num_tokens: int = 
 
     with torch.device("meta"):
         info = stage_c_info(StableCascadeUNet(**stage_c_config(kind)))
-        adapter = PPDAdapter(AdapterConfig.for_stage_c(info, embed_dim=embed_dim, num_tokens=num_tokens))
+        adapter = PPDAdapter(AdapterConfig.for_model(info, embed_dim=embed_dim, num_tokens=num_tokens))
     blocks = sum(p.numel() for p in adapter.blocks.parameters())
     total = sum(p.numel() for p in adapter.parameters())
     return {"blocks": blocks, "projector": total - blocks, "total": total, "block_count": len(info.block_widths)}

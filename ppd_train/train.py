@@ -228,7 +228,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         info = stage_c_info(unet)
-        self.adapter_config = AdapterConfig.for_stage_c(info, embed_dim=user_tokens.shape[-1],
+        self.adapter_config = AdapterConfig.for_model(info, embed_dim=user_tokens.shape[-1],
                                                         num_tokens=user_tokens.shape[-2], proj_dim=cfg.proj_dim,
                                                         embedder=embedder_id)
         adapter = PPDAdapter(self.adapter_config)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .adapter import PPDAdapter, StageCInfo, UserKV, apply_user_attention, check_embedding, check_stage_c
+from .adapter import ModelInfo, PPDAdapter, UserKV, apply_user_attention, check_base, check_embedding
 from .embedding import UserEmbedding
 from .errors import IncompatibleError
 
@@ -118,12 +118,12 @@ def stacked(current: torch.nn.Module, index: int, user: SamplingUser, attention:
     return UserAttention(current, index, [user], attention)
 
 
-def sampling_user(adapter: PPDAdapter, adapter_name: str, model: StageCInfo, embedding: UserEmbedding, weight: float,
+def sampling_user(adapter: PPDAdapter, adapter_name: str, model: ModelInfo, embedding: UserEmbedding, weight: float,
                   start_percent: float, end_percent: float,
                   percent_to_sigma: Callable[[float], float]) -> SamplingUser | None:
     """Check that adapter, model and embedding fit and the window is sane; None when the user changes nothing
     (weight 0 or an empty window), so the caller can return a plain clone, bit-identical to the base model."""
-    check_stage_c(adapter.config, model, f"PPD adapter '{adapter_name}'", "the connected Stage C")
+    check_base(adapter.config, model, f"PPD adapter '{adapter_name}'", "the connected Stage C")
     check_embedding(adapter.config, tuple(embedding.tokens.shape), embedding.embedder, f"PPD adapter '{adapter_name}'")
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise IncompatibleError(f"start_percent ({start_percent}) must be <= end_percent ({end_percent}), both in "

@@ -106,8 +106,8 @@ def tiny_adapter(comfy, embed_dim: int, num_tokens: int, embedder: str, seed: in
 
     adapter_mod = importlib.import_module("ppd_pack.ppd_train.adapter")
     tiny = comfy["fixtures"].TINY_C
-    info = adapter_mod.StageCInfo((tiny["c_hidden"][0],) * 4, (tiny["nhead"][0],) * 4)
-    adapter = adapter_mod.PPDAdapter(adapter_mod.AdapterConfig.for_stage_c(info, embed_dim, num_tokens,
+    info = adapter_mod.ModelInfo((tiny["c_hidden"][0],) * 4, (tiny["nhead"][0],) * 4)
+    adapter = adapter_mod.PPDAdapter(adapter_mod.AdapterConfig.for_model(info, embed_dim, num_tokens,
                                                                            embedder=embedder))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -11,7 +11,7 @@ from ppd_train.stage_c import stage_c_info
 def trained_looking_adapter(unet, embed_dim: int = 24, num_tokens: int = 5, seed: int = 1,
                             embedder: str = "test") -> PPDAdapter:
     """An adapter whose weights are all non-zero, as after training (a fresh one adds exactly nothing)."""
-    config = AdapterConfig.for_stage_c(stage_c_info(unet), embed_dim=embed_dim, num_tokens=num_tokens,
+    config = AdapterConfig.for_model(stage_c_info(unet), embed_dim=embed_dim, num_tokens=num_tokens,
                                        embedder=embedder)
     adapter = PPDAdapter(config)
     g = torch.Generator().manual_seed(seed)

@@ -24,7 +24,7 @@ def test_attention_blocks_in_forward_order(tiny_unet):
 def test_fresh_adapter_weight_zero_and_no_user_are_bit_identical(tiny_unet):
     inputs = stage_c_inputs()
     base = _out(tiny_unet, inputs)
-    adapter = PPDAdapter(AdapterConfig.for_stage_c(stage_c_info(tiny_unet), embed_dim=24, num_tokens=5))
+    adapter = PPDAdapter(AdapterConfig.for_model(stage_c_info(tiny_unet), embed_dim=24, num_tokens=5))
     binding = PPDBinding(tiny_unet, adapter)
     kv = adapter(torch.randn(2, 5, 24))
     with binding.user(kv, 1.0):  # fresh adapter: zero V_u, our processor path must equal diffusers' exactly

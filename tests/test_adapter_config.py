@@ -12,9 +12,10 @@ from helpers import stage_c_inputs, trained_looking_adapter
 
 from ppd_train.adapter import (
     AdapterConfig,
-    StageCInfo,
+    ModelInfo,
     UserKV,
     apply_user_attention,
+    check_base,
     check_embedding,
     load_adapter,
     save_adapter,
@@ -25,11 +26,11 @@ from ppd_train.tiny import tiny_stage_c_config
 
 
 def test_stage_c_kinds_and_descriptions():
-    assert StageCInfo((1536,) * 32, (24,) * 32).kind == "lite"
-    assert StageCInfo((2048,) * 64, (32,) * 64).describe() == "Stage C full (64 attention blocks, width 2048)"
-    assert StageCInfo((1536,) * 32, (32,) * 32).kind == "custom"  # lite widths, other heads
-    assert StageCInfo((2048,) * 32, (32,) * 32).kind == "custom"  # full width, lite depth
-    assert StageCInfo((64, 32, 64), (2, 2, 2)).describe() == "Stage C custom (3 attention blocks, width 32/64)"
+    assert ModelInfo((1536,) * 32, (24,) * 32).kind == "lite"
+    assert ModelInfo((2048,) * 64, (32,) * 64).describe() == "Stage C full (64 attention blocks, width 2048)"
+    assert ModelInfo((1536,) * 32, (32,) * 32).kind == "custom"  # lite widths, other heads
+    assert ModelInfo((2048,) * 32, (32,) * 32).kind == "custom"  # full width, lite depth
+    assert ModelInfo((64, 32, 64), (2, 2, 2)).describe() == "Stage C custom (3 attention blocks, width 32/64)"
 
 
 def test_released_stage_c_configs_have_the_published_sizes():
@@ -61,9 +62,9 @@ def test_a_unet_without_attention_is_not_stage_c():
 
 
 def test_config_checks_and_defaults():
-    info = StageCInfo((32, 64), (2, 4))
-    config = AdapterConfig.for_stage_c(info, embed_dim=24, num_tokens=5, embedder="e")
-    assert config.proj_dim == 64 and config.stage_c == info  # projector width: the widest block
+    info = ModelInfo((32, 64), (2, 4))
+    config = AdapterConfig.for_model(info, embed_dim=24, num_tokens=5, embedder="e")
+    assert config.proj_dim == 64 and config.model == info  # projector width: the widest block
     assert AdapterConfig((32, 64), (2, 4), 24, 5, proj_dim=16).proj_dim == 16
     bad = [dict(block_widths=(32,), block_heads=(2, 2)), dict(block_widths=(), block_heads=()),
            dict(block_widths=(30,), block_heads=(4,)), dict(embed_dim=0), dict(num_tokens=0), dict(num_tokens=-1)]
@@ -205,7 +206,7 @@ def test_processor_refuses_other_attention_layouts(tiny_unet):
 
 
 def test_refusals_name_both_sides_by_default(tiny_unet):
-    from ppd_train.adapter import check_stage_c
+    from ppd_train.adapter import check_base
 
     config = trained_looking_adapter(tiny_unet, embedder="e").config
     with pytest.raises(IncompatibleError, match=r"^the user embedding \(5 tokens x 24 from embedder 'f'\) does not fit "
@@ -213,7 +214,7 @@ def test_refusals_name_both_sides_by_default(tiny_unet):
         check_embedding(config, (5, 24), "f")
     with pytest.raises(IncompatibleError, match=r"^the adapter was made for Stage C custom \(4 attention blocks, width "
                                                 r"32\), but the Stage C model is Stage C lite"):
-        check_stage_c(config, StageCInfo((1536,) * 32, (24,) * 32))
+        check_base(config, ModelInfo((1536,) * 32, (24,) * 32))
 
 
 def test_adapters_and_user_kv_move_to_the_asked_device(tiny_unet, tmp_path):
@@ -258,3 +259,26 @@ def test_adapter_files_say_what_they_are(tiny_unet, tmp_path):
         load_adapter(tmp_path / "b.safetensors")
     with pytest.raises(FileFormatError, match="PPD adapter file not found"):
         load_adapter(tmp_path / "missing.safetensors")
+
+
+def test_the_base_is_recorded_checked_and_stage_c_files_are_unchanged(tmp_path):
+    """An adapter says which base it attaches to; Stage C files read and write exactly as before SDXL existed."""
+    sdxl = ModelInfo((640,) * 4 + (1280,) * 60 + (640,) * 6, (10,) * 4 + (20,) * 60 + (10,) * 6, base="sdxl")
+    assert sdxl.describe() == "SDXL base (70 attention blocks, width 640/1280)"
+    assert ModelInfo((64, 32), (2, 2), base="sdxl").kind == "custom"
+    stage_c = ModelInfo((32, 32), (2, 2))
+    for info in (stage_c, ModelInfo((32, 32), (2, 2), base="sdxl")):
+        config = AdapterConfig.for_model(info, embed_dim=6, num_tokens=3)
+        assert config.model == info
+        saved = json.loads(config.to_json())
+        assert ("base" in saved) == (info.base != "stage_c")  # a Stage C file holds no new key
+        assert AdapterConfig.from_dict(saved) == config
+    old = json.loads(AdapterConfig.for_model(stage_c, embed_dim=6, num_tokens=3).to_json())
+    assert AdapterConfig.from_dict(old).base == "stage_c"
+    with pytest.raises(FileFormatError, match="base = 'flux'"):
+        AdapterConfig.from_dict({**old, "base": "flux"})
+    with pytest.raises(IncompatibleError, match="base 'flux'"):
+        AdapterConfig.for_model(ModelInfo((32,), (2,), base="flux"), embed_dim=6, num_tokens=3)
+    on_sdxl = AdapterConfig.for_model(ModelInfo((32, 32), (2, 2), base="sdxl"), embed_dim=6, num_tokens=3)
+    with pytest.raises(IncompatibleError, match=r"made for SDXL custom .* but the Stage C model is Stage C custom"):
+        check_base(on_sdxl, stage_c)

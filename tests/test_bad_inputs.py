@@ -507,10 +507,10 @@ def case_adapter_pickle(ctx: Ctx) -> str:
 
 
 def case_adapter_other_stage_c(ctx: Ctx) -> str:
-    from ppd_train.adapter import StageCInfo, check_stage_c, read_adapter_config
+    from ppd_train.adapter import ModelInfo, check_base, read_adapter_config
 
     config = read_adapter_config(_adapter_file(ctx))[0]
-    return refused(lambda: check_stage_c(config, StageCInfo((1536,) * 32, (24,) * 32), "adapter 'a'"))
+    return refused(lambda: check_base(config, ModelInfo((1536,) * 32, (24,) * 32), "adapter 'a'"))
 
 
 def case_embedding_other_embedder(ctx: Ctx) -> str:

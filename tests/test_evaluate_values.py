@@ -122,7 +122,7 @@ def _binding(world: World, moving: bool) -> PPDBinding:
             for block in adapter.blocks:
                 block.to_v.weight.mul_(10.0)
     else:  # a fresh adapter: its user values are 0, PPD samples are the base model's, bit for bit
-        adapter = PPDAdapter(AdapterConfig.for_stage_c(stage_c_info(unet), embed_dim=24, num_tokens=5,
+        adapter = PPDAdapter(AdapterConfig.for_model(stage_c_info(unet), embed_dim=24, num_tokens=5,
                                                        embedder="test"))
     return PPDBinding(unet, adapter)
 

@@ -199,7 +199,7 @@ def test_save_and_load_user_embedding(pack, tmp_path):
 def test_adapter_file_loads_for_the_nodes(pack, tmp_path, tiny_unet):
     adapter_mod = mod(pack, "ppd_train.adapter")
     stage_c = mod(pack, "ppd_train.stage_c")
-    config = adapter_mod.AdapterConfig.for_stage_c(stage_c.stage_c_info(tiny_unet), embed_dim=24, num_tokens=5,
+    config = adapter_mod.AdapterConfig.for_model(stage_c.stage_c_info(tiny_unet), embed_dim=24, num_tokens=5,
                                                    embedder="test")
     adapter_mod.save_adapter(adapter_mod.PPDAdapter(config), tmp_path / "a.safetensors")
     named = mod(pack, "nodes.adapter_nodes").load_named_adapter(tmp_path / "a.safetensors", "a.safetensors")

@@ -120,7 +120,7 @@ def test_the_pair_step_matches_a_float64_reference_half_by_half():
 
 def test_a_zero_adapter_gives_the_loss_at_zero_margin():
     unet = build_tiny_stage_c(seed=0)
-    fresh = PPDAdapter(AdapterConfig.for_stage_c(stage_c_info(unet), embed_dim=24, num_tokens=5, embedder="test"))
+    fresh = PPDAdapter(AdapterConfig.for_model(stage_c_info(unet), embed_dim=24, num_tokens=5, embedder="test"))
     data, (t, eps, users) = _pairs(), _draws()
     stats = _step(PPDBinding(unet, fresh), data, t, eps, users, beta=2500.0)
     assert torch.equal(stats.margins, torch.zeros(B))  # the user path adds exactly nothing
@@ -132,7 +132,7 @@ def test_swapping_preferred_and_dispreferred_flips_the_gradient():
     unet = build_tiny_stage_c(seed=0)
     data, (t, eps, users), beta = _pairs(), _draws(), 300.0
     # At a zero adapter (margin 0) the two gradients are exact opposites
-    fresh = PPDAdapter(AdapterConfig.for_stage_c(stage_c_info(unet), embed_dim=24, num_tokens=5, embedder="test"))
+    fresh = PPDAdapter(AdapterConfig.for_model(stage_c_info(unet), embed_dim=24, num_tokens=5, embedder="test"))
     binding = PPDBinding(unet, fresh)
     _step(binding, data, t, eps, users, beta, backward=True)
     g = _grads(fresh)

@@ -7,17 +7,17 @@ import pytest
 import torch
 from reference import OptimizedAttention, attention64, comfy_attention, linear64, row_weights64, user_kv64
 
-from ppd_train.adapter import AdapterConfig, PPDAdapter, StageCInfo
+from ppd_train.adapter import AdapterConfig, ModelInfo, PPDAdapter
 from ppd_train.embedding import UserEmbedding
 from ppd_train.errors import IncompatibleError
 from ppd_train.user_attention import SamplingUser, UserAttention, row_weights, sampling_user, stacked
 
 WIDTH, HEADS, TOKENS, EMBED = 8, 2, 3, 6
-INFO = StageCInfo((WIDTH,) * 3, (HEADS,) * 3)
+INFO = ModelInfo((WIDTH,) * 3, (HEADS,) * 3)
 
 
 def _adapter(seed: int) -> PPDAdapter:
-    adapter = PPDAdapter(AdapterConfig.for_stage_c(INFO, embed_dim=EMBED, num_tokens=TOKENS, embedder="test"))
+    adapter = PPDAdapter(AdapterConfig.for_model(INFO, embed_dim=EMBED, num_tokens=TOKENS, embedder="test"))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in adapter.parameters():  # all non-zero, as after training (a fresh adapter adds nothing)
@@ -171,7 +171,7 @@ def test_sampling_user_refusals_name_the_adapter():
         with pytest.raises(IncompatibleError, match=rf"start_percent \({start}\) must be <= end_percent"):
             sampling_user(adapter, "a", INFO, emb, 1.0, start, end, _percent_to_sigma)
     with pytest.raises(IncompatibleError, match="PPD adapter 'a.safetensors' was made for .*connected Stage C is"):
-        sampling_user(adapter, "a.safetensors", StageCInfo((16,) * 3, (HEADS,) * 3), emb, 1.0, 0.0, 1.0,
+        sampling_user(adapter, "a.safetensors", ModelInfo((16,) * 3, (HEADS,) * 3), emb, 1.0, 0.0, 1.0,
                       _percent_to_sigma)
     with pytest.raises(IncompatibleError, match="does not fit PPD adapter 'a.safetensors'"):
         sampling_user(adapter, "a.safetensors", INFO, _embedding("other"), 1.0, 0.0, 1.0, _percent_to_sigma)

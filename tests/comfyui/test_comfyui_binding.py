@@ -168,8 +168,8 @@ def test_refusals_say_what_to_do(comfy, stage_c_file):
     user = _user(comfy, embedder="vlm:llava:direct:all")
     with pytest.raises(IncompatibleError, match="needs a Stable Cascade Stage C model, got StageB"):
         patch.apply_adapter(stage_b, good, user, 1.0, 0.0, 1.0)
-    lite = adapter_mod.PPDAdapter(adapter_mod.AdapterConfig.for_stage_c(
-        adapter_mod.StageCInfo((1536,) * 32, (24,) * 32), 24, 5, embedder="vlm:llava:direct:all"))
+    lite = adapter_mod.PPDAdapter(adapter_mod.AdapterConfig.for_model(
+        adapter_mod.ModelInfo((1536,) * 32, (24,) * 32), 24, 5, embedder="vlm:llava:direct:all"))
     with pytest.raises(IncompatibleError, match="made for Stage C lite .* but the connected Stage C is Stage C custom"):
         patch.apply_adapter(model, _named(comfy, lite, "lite.safetensors"), user, 1.0, 0.0, 1.0)
     with pytest.raises(IncompatibleError, match="embedder 'vlm:other:cot:all'.*Re-embed"):
@@ -201,8 +201,8 @@ def test_released_stage_c_sizes_are_recognised(comfy, kind):
     user = _user(comfy, embedder="vlm:llava:direct:all")
     for other, (w, h, n) in adapter_mod.KNOWN_STAGE_C.items():
         with torch.device("meta"):
-            adapter = adapter_mod.PPDAdapter(adapter_mod.AdapterConfig.for_stage_c(
-                adapter_mod.StageCInfo((w,) * n, (h,) * n), 24, 5, embedder="vlm:llava:direct:all"))
+            adapter = adapter_mod.PPDAdapter(adapter_mod.AdapterConfig.for_model(
+                adapter_mod.ModelInfo((w,) * n, (h,) * n), 24, 5, embedder="vlm:llava:direct:all"))
         if other == kind:
             patched = patch.apply_adapter(patcher, _named(comfy, adapter), user, 1.0, 0.0, 1.0)
             assert all(isinstance(patched.get_model_object(p), patch.UserAttention) for p in paths)

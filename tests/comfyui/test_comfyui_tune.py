@@ -201,8 +201,8 @@ def test_refusals_say_what_to_do(comfy, world):
         _tune(world, vae=previewer_only)
     with pytest.raises(IncompatibleError, match="needs a Stable Cascade Stage C model, got StageB"):
         _tune(world, model=world["stage_b"])
-    lite = adapter_mod.PPDAdapter(adapter_mod.AdapterConfig.for_stage_c(
-        adapter_mod.StageCInfo((1536,) * 32, (24,) * 32), 24, 5, embedder="test"))
+    lite = adapter_mod.PPDAdapter(adapter_mod.AdapterConfig.for_model(
+        adapter_mod.ModelInfo((1536,) * 32, (24,) * 32), 24, 5, embedder="test"))
     named = _mod("nodes.sockets").NamedAdapter("lite.safetensors", lite)
     with pytest.raises(IncompatibleError, match="'lite.safetensors' was made for Stage C lite .* but the connected"):
         _tune(world, ppd_adapter=named)
