@@ -243,13 +243,20 @@ AGREE_COS = 0.5
 def diagnose_users(world: World, embeddings: dict[str, UserEmbedding], per_user: dict[str, dict]) -> None:
     """Adds to each user's metrics what its evaluation pairs truly say (``evidence_cos``: cosine between their
     summed style difference and the user's preference; ``embedding_agrees``), what the pairs alone say
-    (``confidence``, ``low_confidence``: :mod:`ppd_train.confidence`) and, for a user PPD fails (win rate < 50%),
+    (``confidence``, ``low_confidence``: :mod:`ppd_train.confidence`), how far its taste is from the nearest other
+    seen user's (``nearest_seen_cos``) and, for a user PPD fails (win rate < 50%),
     why: ``"pairs say too little"`` (its pairs do not agree with its preference) or ``"adapter is wrong"``."""
+    seen = torch.stack([world.prefs[u] for u in world.seen])
     for uid, m in per_user.items():
         d = world.embed_evidence[uid].sum(0)
         cos = float(d @ world.prefs[uid] / d.norm().clamp_min(1e-12))
         conf = embeddings[uid].meta.get("confidence") or {}
+        near = seen @ world.prefs[uid]
+        if uid in world.seen:
+            near[world.seen.index(uid)] = -1.0  # itself does not count
         m["evidence_cos"] = cos
+        # how far the adapter must generalise for this user: its taste vs the nearest other seen user's
+        m["nearest_seen_cos"] = float(near.max()) if len(world.seen) > 1 or uid not in world.seen else float("nan")
         m["embedding_agrees"] = cos >= AGREE_COS
         m["confidence"] = conf.get("confidence", float("nan"))
         m["low_confidence"] = bool(conf.get("low_confidence", False))
@@ -292,11 +299,12 @@ def check_targets(metrics: dict, targets: Targets) -> list[str]:
 
 def _table(metrics: dict) -> str:
     lines = [f"{'user':8s} {'group':7s} {'win rate':>8s} {'reward gain':>11s} {'drift sd':>8s} {'noise':>6s} "
-             f"{'pairs cos':>9s} {'confid.':>7s}  why below 50%"]
+             f"{'pairs cos':>9s} {'nearest':>7s} {'confid.':>7s}  why below 50%"]
     for uid, m in metrics["users"].items():
         flag = "LOW" if m.get("low_confidence") else ""
         lines.append(f"{uid:8s} {m['group']:7s} {m['win_rate']:8.0%} {m['reward_gain']:11.3f} {m['drift_sd']:8.2f} "
                      f"{m['noise_ratio']:6.2f} {m.get('evidence_cos', float('nan')):9.2f} "
+                     f"{m.get('nearest_seen_cos', float('nan')):7.2f} "
                      f"{m.get('confidence', float('nan')):5.2f}{flag:>4s}  {m.get('failure') or ''}")
     lines.append("-" * 53)
     for group in ("seen", "heldout", "unseen"):

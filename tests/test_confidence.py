@@ -160,6 +160,11 @@ def test_the_world_diagnoses_a_failing_user():
     assert per_user[ids[2]]["failure"] is None and per_user[ids[3]]["failure"] is None  # 50% is not below 50%
     for m in per_user.values():
         assert isinstance(m["embedding_agrees"], bool) and isinstance(m["low_confidence"], bool)
+    # how far each taste is from the nearest *other* seen user's (a seen user does not count itself)
+    seen = torch.stack([world.prefs[u] for u in world.seen])
+    for uid, m in per_user.items():
+        others = [float(seen[i] @ world.prefs[uid]) for i, s in enumerate(world.seen) if s != uid]
+        assert m["nearest_seen_cos"] == pytest.approx(max(others), abs=1e-6) and m["nearest_seen_cos"] < 1 - 1e-6
     counts = failure_counts(per_user)
     assert counts["below_half"] == 3 and counts["adapter_wrong"] + counts["pairs_say_too_little"] == 3
     assert counts["adapter_wrong"] == 1 + (per_user[ids[4]]["failure"] == "adapter is wrong")
