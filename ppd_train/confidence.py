@@ -102,8 +102,9 @@ def advice(conf: dict, have: int | None = None) -> str:
                       "many more pairs."
     have = conf["n_pairs"] if have is None else have
     if have >= need:
-        return head + f": LOW - these pairs say too little about your taste; about {need} in all would do and you " \
-                      f"have {have}: embed again from them or tune the user on all of them."
+        return head + f": LOW - these pairs say too little about your taste; about {need} in all would do and " \
+                      f"you have {have}: embed again from all of them (the Pair Loader's num_pairs) or tune the " \
+                      "user on them."
     return head + f": LOW - these pairs say too little about your taste; pick about {need - have} more (about " \
                   f"{need} in all) with the Preference Picker, then embed again or tune the user."
 

@@ -258,7 +258,8 @@ def test_the_picker_counts_down_from_the_embeddings_pairs_needed():
     assert pure.pick_more(9, meta).startswith("pair confidence 0.30 from 4 pairs: LOW")
     for have in (14, 20):  # enough pairs now: embed again, nothing more to pick
         text = pure.pick_more(have, meta)
-        assert f"about 14 in all would do and you have {have}: embed again" in text and "pick about" not in text
+        assert f"about 14 in all would do and you have {have}: embed again from all of them (the Pair Loader's " \
+               "num_pairs)" in text and "pick about" not in text
     assert pure.pick_more(6, {"confidence": {**LOW, "low_confidence": False, "confidence": 0.72}}) == \
         "pair confidence 0.72 from 4 pairs (ok)"
     assert "pick many more" in pure.pick_more(6, {"confidence": {**LOW, "pairs_needed": None}})
