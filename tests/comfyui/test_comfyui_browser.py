@@ -391,7 +391,7 @@ def test_the_picker_counts_down_how_many_more_pairs_to_pick(page, ui_server, col
         assert entry["status"]["status_str"] == "success", entry["status"]
         (status,) = [t for out in entry["outputs"].values() for t in out.get("text", [])
                      if t.startswith(f"input/{SET}:")]
-        assert status.startswith(f"input/{SET}: {have + 1} pairs. P{head[1:]}") and \
+        assert status.startswith(f"input/{SET}: {have + 1} pair") and f". P{head[1:]}" in status and \
             f"pick about {need - have - 1} more (about {need} in all)" in status, status
     finally:
         page.execute_script("app.graph._nodes.find(n => n.type === 'PPDLoadUserEmbedding').mode = 2")
