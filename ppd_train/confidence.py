@@ -113,6 +113,17 @@ def confidence_text(meta: dict, have: int | None = None) -> str:
     """The line the nodes show for an embedding's metadata (files from before confidence existed say so); ``have``
     as in :func:`advice`."""
     conf = meta.get("confidence")
-    if not isinstance(conf, dict) or "confidence" not in conf:
+    if conf is None and "mix" in meta:
+        return "pair confidence: not measured (a blend of users, not made from pairs)"
+    if conf is None:
         return "pair confidence: not measured (an embedding made before this version)"
+    if not isinstance(conf, dict):
+        return "pair confidence: unreadable (the embedding's 'confidence' metadata is not a table; embed the " \
+               "pairs again)"
+    if missing := sorted(_KEYS - conf.keys()):
+        return f"pair confidence: unreadable (the embedding's 'confidence' metadata lacks {', '.join(missing)}; " \
+               "embed the pairs again)"
     return advice(conf, have)
+
+
+_KEYS = {"confidence", "n_pairs", "low_confidence", "pairs_needed"}  # what advice reads

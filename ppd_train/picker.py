@@ -109,7 +109,8 @@ def pick_more(pairs_in_set: int, meta: dict | None) -> str | None:
     if meta is None:
         return None
     text = confidence_text(meta, have=pairs_in_set)
-    made_from = (meta.get("confidence") or {}).get("n_pairs")
+    conf = meta.get("confidence")
+    made_from = conf.get("n_pairs") if isinstance(conf, dict) else None
     if isinstance(made_from, int) and made_from > pairs_in_set:
         text += (f" (That embedding was made from {made_from} pairs, more than this set holds: connect the one made "
                  "from this pair set.)")

@@ -268,6 +268,7 @@ def test_the_picker_counts_down_from_the_embeddings_pairs_needed():
     assert "more than this set holds" not in pure.pick_more(4, meta)
     assert pure.pick_more(3, {"n_pairs": 4}) == "pair confidence: not measured (an embedding made before this version)"
     assert pure.pick_more(3, None) is None  # no embedding connected: the picker never guesses a confidence
+    assert "is not a table" in pure.pick_more(3, {"confidence": 0.3})  # a damaged file: said, no traceback
 
 
 def test_the_status_output_names_the_set_and_what_to_do():
