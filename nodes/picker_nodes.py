@@ -23,10 +23,12 @@ from ..ppd_train.picker import (
     check_timeout,
     collect,
     pair_indices,
+    pick_more,
     resolve_pair_set,
+    status_text,
 )
 from .pair_nodes import comfy_images_to_pil
-from .sockets import CATEGORY, tip
+from .sockets import CATEGORY, EMBEDDING, tip
 
 SHOW_EVENT, DONE_EVENT = "ppd-picker-show", "ppd-picker-done"
 DEFAULT_TIMEOUT_S = 600  # per pair: long enough to look twice, short enough that a queue left alone moves on
@@ -45,12 +47,15 @@ class PPDPreferencePicker:
     DESCRIPTION = ("Shows each candidate pair side by side in the browser and waits for your pick (A, B or skip). "
                    "Every pick is added to the pair set input/<pair_set>/ (pairs.jsonl + PNGs), ready for the "
                    "Preference Pair Loader. Cancel the run to stop waiting; after timeout_s seconds without a "
-                   "choice the run stops by itself.")
+                   "choice the run stops by itself. With the embedding made from the pair set connected, it shows "
+                   "how sure those pairs were and how many more to pick.")
     CATEGORY = f"{CATEGORY}/pairs"
-    RETURN_TYPES = ("IMAGE", "INT")
-    RETURN_NAMES = ("chosen", "pair_count")
+    RETURN_TYPES = ("IMAGE", "INT", "STRING")
+    RETURN_NAMES = ("chosen", "pair_count", "status")
     OUTPUT_TOOLTIPS = ("The preferred image of each pair you decided (nothing runs downstream if you skipped all).",
-                       "How many pairs the pair set holds now.")
+                       "How many pairs the pair set holds now.",
+                       "The pair set and its size now, and, with user_embedding connected, that embedding's pair "
+                       "confidence and about how many more pairs to pick.")
     FUNCTION = "pick"
     OUTPUT_NODE = True
 
@@ -70,6 +75,9 @@ class PPDPreferencePicker:
                 "timeout_s": ("INT", tip("Seconds to wait for each choice; then the run stops with a message "
                                          "(nothing saved for that pair), so a queue left without a browser tab "
                                          "moves on.", default=DEFAULT_TIMEOUT_S, min=MIN_TIMEOUT_S, max=MAX_TIMEOUT_S)),
+                "user_embedding": (EMBEDDING, tip("The embedding made from this pair set (VLM User Embedder, or Load "
+                                                  "User Embedding of your saved profile): the picker shows its pair "
+                                                  "confidence and counts down how many more pairs to pick.")),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -88,7 +96,8 @@ class PPDPreferencePicker:
             return str(e)
         return True
 
-    def pick(self, images_a, prompt, pair_set, images_b=None, unique_id=None, timeout_s=DEFAULT_TIMEOUT_S):
+    def pick(self, images_a, prompt, pair_set, images_b=None, unique_id=None, timeout_s=DEFAULT_TIMEOUT_S,
+             user_embedding=None):
         import comfy.model_management
         from comfy_execution.graph_utils import ExecutionBlocker
 
@@ -99,13 +108,16 @@ class PPDPreferencePicker:
                             "from (it is saved with every pair and read by the VLM).")
         pair_indices(images_a.shape[0], None if images_b is None else images_b.shape[0])  # before any conversion
         side_b = images_a if images_b is None else images_b
+        meta = None if user_embedding is None else user_embedding.meta
         previews: dict[int, list[dict]] = {}
 
         def ask(k: int, total: int, image_a, image_b) -> str:
             previews[k] = [_temp_preview(image_a), _temp_preview(image_b)]
+            have = count_pairs(folder)
             request = PENDING.open({"node_id": unique_id, "prompt": prompt, "pair_set": set_name,
-                                    "pairs_in_set": count_pairs(folder), "index": k + 1, "total": total,
-                                    "timeout_s": timeout_s, "a": previews[k][0], "b": previews[k][1]})
+                                    "pairs_in_set": have, "index": k + 1, "total": total,
+                                    "timeout_s": timeout_s, "a": previews[k][0], "b": previews[k][1],
+                                    "confidence": pick_more(have, meta)})
             _send(SHOW_EVENT, request.payload)
             try:
                 return PENDING.wait(request, comfy.model_management.throw_exception_if_processing_interrupted,
@@ -118,7 +130,8 @@ class PPDPreferencePicker:
         chosen = [(images_a if p.side == "A" else side_b)[p.index:p.index + 1] for p in picks]
         shown = [previews[p.pair][CHOICES.index(p.side)] for p in picks]
         out = batch_images(chosen) if chosen else ExecutionBlocker(None)
-        return {"ui": {"images": shown}, "result": (out, count_pairs(folder))}
+        have = count_pairs(folder)
+        return {"ui": {"images": shown}, "result": (out, have, status_text(set_name, have, meta))}
 
 
 def batch_images(images: list):

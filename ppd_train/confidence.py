@@ -90,8 +90,9 @@ def pairs_needed(conf: float, n: int, target: float = TARGET_CONFIDENCE) -> int 
     return need if need <= MAX_PAIRS_ADVICE else None
 
 
-def advice(conf: dict) -> str:
-    """One line an artist can act on."""
+def advice(conf: dict, have: int | None = None) -> str:
+    """One line an artist can act on. ``have``: the pairs the user holds now, when more than the embedding was made
+    from (the Preference Picker counts down while its pair set grows); by default the embedding's own pairs."""
     head = f"pair confidence {conf['confidence']:.2f} from {conf['n_pairs']} pairs"
     if not conf["low_confidence"]:
         return head + " (ok)"
@@ -99,13 +100,30 @@ def advice(conf: dict) -> str:
     if need is None:
         return head + ": LOW - these pairs show no difference your taste could be read from; check them, or pick " \
                       "many more pairs."
-    return head + f": LOW - these pairs say too little about your taste; pick about {max(need - conf['n_pairs'], 1)}" \
-                  f" more (about {need} in all) with the Preference Picker, then embed again or tune the user."
+    have = conf["n_pairs"] if have is None else have
+    if have >= need:
+        return head + f": LOW - these pairs say too little about your taste; about {need} in all would do and " \
+                      f"you have {have}: embed again from all of them (the Pair Loader's num_pairs) or tune the " \
+                      "user on them."
+    return head + f": LOW - these pairs say too little about your taste; pick about {need - have} more (about " \
+                  f"{need} in all) with the Preference Picker, then embed again or tune the user."
 
 
-def confidence_text(meta: dict) -> str:
-    """The line the nodes show for an embedding's metadata (files from before confidence existed say so)."""
+def confidence_text(meta: dict, have: int | None = None) -> str:
+    """The line the nodes show for an embedding's metadata (files from before confidence existed say so); ``have``
+    as in :func:`advice`."""
     conf = meta.get("confidence")
-    if not isinstance(conf, dict) or "confidence" not in conf:
+    if conf is None and "mix" in meta:
+        return "pair confidence: not measured (a blend of users, not made from pairs)"
+    if conf is None:
         return "pair confidence: not measured (an embedding made before this version)"
-    return advice(conf)
+    if not isinstance(conf, dict):
+        return "pair confidence: unreadable (the embedding's 'confidence' metadata is not a table; embed the " \
+               "pairs again)"
+    if missing := sorted(_KEYS - conf.keys()):
+        return f"pair confidence: unreadable (the embedding's 'confidence' metadata lacks {', '.join(missing)}; " \
+               "embed the pairs again)"
+    return advice(conf, have)
+
+
+_KEYS = {"confidence", "n_pairs", "low_confidence", "pairs_needed"}  # what advice reads

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .confidence import confidence_text
 from .errors import PPDError
 from .pair_writer import PAIRS_FILE, append_pair, check_target
 from .pairs import PairError
@@ -97,6 +98,33 @@ def collect(folder: Path, prompt: str, images_a: Sequence[Any], images_b: Sequen
         append_pair(folder, prompt, *decided)
         picks.append(Pick(k, choice, i if choice == "A" else j))
     return picks
+
+
+# ---------------------------------------------------------------------------------------------- how many more pairs
+def pick_more(pairs_in_set: int, meta: dict | None) -> str | None:
+    """What the picker says about the embedding made from its pair set (``meta``: that embedding's metadata, None when
+    none is connected): the embedding's pair confidence, with "pick about N more" counted down from the pairs the
+    set holds now. The picker has no image encoder, so it never measures the confidence itself: the embedder did
+    (ppd_train.confidence); the picker only counts."""
+    if meta is None:
+        return None
+    text = confidence_text(meta, have=pairs_in_set)
+    conf = meta.get("confidence")
+    made_from = conf.get("n_pairs") if isinstance(conf, dict) else None
+    if isinstance(made_from, int) and made_from > pairs_in_set:
+        text += (f" (That embedding was made from {made_from} pairs, more than this set holds: connect the one made "
+                 "from this pair set.)")
+    return text
+
+
+def status_text(set_name: str, pairs_in_set: int, meta: dict | None) -> str:
+    """The picker's ``status`` output: the pair set, its size, and how many more pairs to pick when known."""
+    head = f"input/{set_name}: {pairs_in_set} pair{'' if pairs_in_set == 1 else 's'}. "
+    more = pick_more(pairs_in_set, meta)
+    if more is not None:
+        return head + more[0].upper() + more[1:]
+    return head + ("Do they say enough? Embed them (the build a user profile workflow; its confidence says how many "
+                   "more to pick), then connect that embedding to the picker's user_embedding to count down here.")
 
 
 # ------------------------------------------------------------------------------------------------------ pair sets

@@ -84,6 +84,11 @@ def test_pairs_needed_and_the_advice():
     assert "no difference" in advice({**conf, "pairs_needed": None})
     assert confidence_text({"n_pairs": 4}).startswith("pair confidence: not measured")
     assert confidence_text({"confidence": conf}) == advice(conf)
+    assert "pick about 6 more (about 14 in all)" in confidence_text({"confidence": conf}, have=8)
+    # a blend of users was not made from pairs; a damaged entry is named, never a raw KeyError
+    assert confidence_text({"mix": [{"user": "a", "weight": 1.0}]}).endswith("(a blend of users, not made from pairs)")
+    assert "lacks low_confidence, pairs_needed;" in confidence_text({"confidence": {"confidence": 0.3, "n_pairs": 4}})
+    assert "is not a table" in confidence_text({"confidence": 0.3})
     with pytest.raises(ValueError, match="N >= 1"):
         pair_confidence(torch.ones(3))
 

@@ -149,6 +149,7 @@ def test_picker_inputs_are_pinned(pack):
     assert [*spec["required"], *spec["optional"]] == API["PPDPreferencePicker"]["inputs"]
     assert all(opts[0].get("tooltip") for section in ("required", "optional") for _, *opts in spec[section].values())
     assert cls.OUTPUT_NODE and cls.IS_CHANGED() != cls.IS_CHANGED()  # NaN: every run asks again
+    assert cls.RETURN_NAMES == ("chosen", "pair_count", "status")  # outputs only appended
 
 
 def test_routes_register_only_on_a_running_server(pack):
@@ -243,6 +244,71 @@ def test_cancel_or_timeout_writes_nothing_for_that_pair_and_keeps_earlier_ones(t
     assert _written(folder) == [("p", BLUE, RED)]  # the first pair, answered before the cancel
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
         "pair_00001_chosen.png", "pair_00001_rejected.png", "pairs.jsonl"]
+
+
+# ------------------------------------------------------------------------------------------ how many more pairs
+LOW = {"confidence": 0.3, "n_pairs": 4, "dims": 4, "low_confidence": True, "pairs_needed": 14}
+
+
+def test_the_picker_counts_down_from_the_embeddings_pairs_needed():
+    # the embedder measured 0.30 from 4 pairs: about 14 in all would do; the picker counts the pairs the set holds now
+    meta = {"confidence": LOW}
+    assert "pick about 10 more (about 14 in all)" in pure.pick_more(4, meta)
+    assert "pick about 5 more (about 14 in all)" in pure.pick_more(9, meta)
+    assert pure.pick_more(9, meta).startswith("pair confidence 0.30 from 4 pairs: LOW")
+    for have in (14, 20):  # enough pairs now: embed again, nothing more to pick
+        text = pure.pick_more(have, meta)
+        assert f"about 14 in all would do and you have {have}: embed again from all of them (the Pair Loader's " \
+               "num_pairs)" in text and "pick about" not in text
+    assert pure.pick_more(6, {"confidence": {**LOW, "low_confidence": False, "confidence": 0.72}}) == \
+        "pair confidence 0.72 from 4 pairs (ok)"
+    assert "pick many more" in pure.pick_more(6, {"confidence": {**LOW, "pairs_needed": None}})
+    # an embedding from more pairs than the set holds is not this set's: said, not hidden
+    assert "made from 4 pairs, more than this set holds" in pure.pick_more(2, meta)
+    assert "more than this set holds" not in pure.pick_more(4, meta)
+    assert pure.pick_more(3, {"n_pairs": 4}) == "pair confidence: not measured (an embedding made before this version)"
+    assert pure.pick_more(3, None) is None  # no embedding connected: the picker never guesses a confidence
+    assert "is not a table" in pure.pick_more(3, {"confidence": 0.3})  # a damaged file: said, no traceback
+
+
+def test_the_status_output_names_the_set_and_what_to_do():
+    assert pure.status_text("anna/portraits", 9, {"confidence": LOW}) == (
+        "input/anna/portraits: 9 pairs. Pair confidence 0.30 from 4 pairs: LOW - these pairs say too little about "
+        "your taste; pick about 5 more (about 14 in all) with the Preference Picker, then embed again or tune the "
+        "user.")
+    bare = pure.status_text("my_pairs", 1, None)
+    assert bare.startswith("input/my_pairs: 1 pair. ") and "connect that embedding to the picker's user_embedding" \
+        in bare
+
+
+def test_the_count_goes_down_with_each_pick_from_a_real_embedding_file(tmp_path):
+    """An embedding whose confidence the real measure computed, saved and loaded as the node gets it; the picker's
+    question shows one pair fewer to pick after each pick written to disk, and a skip changes nothing."""
+    import torch
+
+    from ppd_train.confidence import pair_confidence
+    from ppd_train.embedding import UserEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    conf = pair_confidence(torch.randn(4, 3, generator=g) @ torch.randn(3, 32, generator=g))
+    assert conf["low_confidence"] and conf["pairs_needed"] is not None and conf["pairs_needed"] > 8
+    UserEmbedding(torch.zeros(2, 8), "test:embedder", {"confidence": conf}).save(tmp_path / "u.safetensors")
+    meta = UserEmbedding.load(tmp_path / "u.safetensors").meta
+    folder = tmp_path / "set"
+    for i in range(4):
+        append_pair(folder, "p", random_image(i), random_image(i + 10))
+    shown = []
+
+    def ask(k, total, a, b):
+        shown.append(pure.pick_more(count_pairs(folder), meta))  # what the node sends with each question
+        return ["A", "skip", "B"][k]
+
+    pure.collect(folder, "p", [_solid(RED)] * 3, [_solid(BLUE)] * 3, ask)
+    need = conf["pairs_needed"]
+    assert [f"pick about {need - have} more (about {need} in all)" in text for text, have in zip(shown, (4, 5, 5))] \
+        == [True] * 3
+    assert pure.status_text("set", count_pairs(folder), meta).startswith(
+        f"input/set: 6 pairs. Pair confidence {conf['confidence']:.2f} from 4 pairs: LOW")
 
 
 # ------------------------------------------------------------------------------------------------- waiting limits

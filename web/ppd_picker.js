@@ -39,6 +39,8 @@ const STYLE = `
   border: 1px solid var(--border-color, #555); background: var(--comfy-input-bg, #333); color: inherit; }
 #ppd-picker .row { display: flex; gap: 8px; justify-content: space-between; align-items: center; margin-top: 12px; }
 #ppd-picker .note { opacity: .7; font-size: 12px; }
+#ppd-picker .confidence { margin: -4px 0 12px; max-width: 80vw; font-size: 13px; }
+#ppd-picker .confidence.low { color: #fc6; }
 #ppd-picker .error { color: #f77; }
 `;
 
@@ -81,6 +83,9 @@ function render() {
     el("div", { className: "panel" },
       el("h3", { textContent: `Which one do you prefer? (pair ${q.index} of ${q.total})${more}` }),
       el("div", { className: "prompt", textContent: q.prompt }),
+      // how many more pairs to pick: the connected embedding's confidence, counted down by the node
+      ...(q.confidence ? [el("div", { className: `confidence${/: LOW\b/.test(q.confidence) ? " low" : ""}`,
+        textContent: q.confidence })] : []),
       el("div", { className: "pair" }, side("a", "A"), side("b", "B")),
       el("div", { className: "row" },
         el("span", { className: "note",

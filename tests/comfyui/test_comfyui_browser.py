@@ -251,7 +251,9 @@ def _dialog(page, timeout: float = 120) -> dict:
         const name = s => new URL(d.querySelector(`img[data-ppd-image=${s}]`).src).searchParams.get('filename');
         return {request_id: d.dataset.requestId, a: name('A'), b: name('B'),
                 title: d.querySelector('h3').textContent, prompt: d.querySelector('.prompt').textContent,
-                note: d.querySelector('.note').textContent};"""),
+                note: d.querySelector('.note').textContent,
+                confidence: d.querySelector('.confidence')?.textContent ?? null,
+                low: !!d.querySelector('.confidence.low')};"""),
         timeout, "the Preference Picker dialog")
 
 
@@ -279,6 +281,7 @@ def test_pick_b_in_the_browser_appends_the_pair(page, ui_server, collect_graph, 
     shown = _dialog(page)
     assert shown["prompt"] == collect_graph and "pair 1 of 1" in shown["title"]
     assert "the run stops if no choice comes within 10 min" in shown["note"]  # the node's default timeout_s
+    assert shown["confidence"] is None  # the shipped workflow's profile loader is muted: no confidence to show
     time.sleep(0.5)  # let the images paint before the screenshot
     _screenshot(page, tmp_path, "picker", publish=True)
     _click(page, "B")
@@ -298,6 +301,8 @@ def test_pick_b_in_the_browser_appends_the_pair(page, ui_server, collect_graph, 
     assert pixels(folder / row["rejected"]) == pixels(temp / shown["a"]) != pixels(temp / shown["b"])
     outputs = entry["outputs"]
     assert any(out.get("text") == ["1"] for out in outputs.values()), outputs  # pair_count shown by PreviewAny
+    status = [t for out in outputs.values() for t in out.get("text", []) if t.startswith(f"input/{SET}:")]
+    assert status and status[0].startswith(f"input/{SET}: 1 pair. Do they say enough?"), outputs
     assert any(img["filename"] == shown["b"] for out in outputs.values() for img in out.get("images", []))
     from ppd_pack.ppd_train.pairs import load_pair_folder
 
@@ -350,6 +355,46 @@ def test_queued_prompts_each_get_their_own_choice(page, ui_server, collect_graph
     _dialog_closed(page, q2["request_id"])
     assert ui_server.get("/ppd/picker/pending") == [] and not page.execute_script(
         "return !!document.getElementById('ppd-picker')")
+
+
+def test_the_picker_counts_down_how_many_more_pairs_to_pick(page, ui_server, collect_graph, tmp_path):
+    """The shipped workflow's muted profile loader unmuted (as its note says) with a saved embedding whose confidence
+    the real measure computed: the dialog shows that confidence and how many more pairs to pick, counted from the
+    pairs the set holds, and the status output has one fewer after the pick."""
+    import torch
+    from ppd_pack.ppd_train.confidence import pair_confidence
+    from ppd_pack.ppd_train.embedding import UserEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    conf = pair_confidence(torch.randn(4, 3, generator=g) @ torch.randn(3, 32, generator=g))
+    have, need = len(_rows(ui_server)), conf["pairs_needed"]
+    assert conf["low_confidence"] and need is not None and need > have + 1
+    folder = ui_server.base / "models" / "ppd_embeddings" / "ppd"
+    folder.mkdir(parents=True, exist_ok=True)
+    UserEmbedding(torch.zeros(2, 8), "test:browser", {"confidence": conf}).save(folder / "browser_user.safetensors")
+    page.execute_script("""
+        const n = app.graph._nodes.find(n => n.type === 'PPDLoadUserEmbedding');
+        n.mode = arguments[0]; n.widgets[0].value = arguments[1]; app.canvas.draw(true, true);""",
+        0, "ppd/browser_user.safetensors")
+    try:
+        pid = _run(page, ui_server)
+        shown = _dialog(page)
+        head = f"pair confidence {conf['confidence']:.2f} from 4 pairs: LOW"
+        assert shown["confidence"].startswith(head) and shown["low"], shown
+        assert f"pick about {need - have} more (about {need} in all)" in shown["confidence"], shown
+        # made from 4 pairs while the set holds fewer (the earlier tests' picks): said in the dialog
+        assert ("made from 4 pairs, more than this set holds" in shown["confidence"]) is (have < 4), shown
+        time.sleep(0.5)
+        _screenshot(page, tmp_path, "picker_confidence")
+        _click(page, "A")
+        entry = ui_server.wait(pid, 60)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        (status,) = [t for out in entry["outputs"].values() for t in out.get("text", [])
+                     if t.startswith(f"input/{SET}:")]
+        assert status.startswith(f"input/{SET}: {have + 1} pair") and f". P{head[1:]}" in status and \
+            f"pick about {need - have - 1} more (about {need} in all)" in status, status
+    finally:
+        page.execute_script("app.graph._nodes.find(n => n.type === 'PPDLoadUserEmbedding').mode = 2")
 
 
 def _picker_prompt(pair_set: str) -> dict:
