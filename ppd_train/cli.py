@@ -199,25 +199,35 @@ class Stopped(PPDError):
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
     from .adapter import load_adapter
+    from .binding import PPDBinding
     from .dpo_data import DPOData
     from .embedding import load_embedding_table
     from .evaluate import Conditions, EvalConfig, evaluate_users, load_reward
-    from .stage_c import PPDBinding, clip_image_dim, load_stage_c
 
     cfg = _load(EvalConfig, args)
     if cfg is None:
         return
     data = DPOData.load(cfg.data)
     table, _ = load_embedding_table(cfg.embeddings)
-    unet = load_stage_c(cfg.stage_c)
-    data.check_fits(unet.config, cfg.data, cfg.stage_c)
+    unet = load_base(cfg.stage_c, None, cfg.sdxl, None)
+    data.check_fits(unet.config, cfg.data, cfg.stage_c or cfg.sdxl)
     adapter = load_adapter(cfg.adapter)
     binding = PPDBinding(unet, adapter)
     heldout = set(adapter.config.training.get("heldout_users", []))  # held out of training by fit
     users = {u: table[u] for u in (cfg.users or sorted(table))}
-    cond = Conditions(data.text, data.pooled, clip_image_dim(unet),
-                      tuple(data.latents_w.shape[1:]))  # type: ignore[arg-type]
+    if data.base == "sdxl":  # sampled at the data's target size, uncropped, as SDXL's pipeline does
+        assert data.time_ids is not None
+        h, w = data.time_ids[0, 4:].tolist()
+        cond = Conditions(data.text, data.pooled, 0, tuple(data.latents_w.shape[1:]),  # type: ignore[arg-type]
+                          time_ids=torch.tensor([h, w, 0.0, 0.0, h, w]))
+    else:
+        from .stage_c import clip_image_dim
+
+        cond = Conditions(data.text, data.pooled, clip_image_dim(unet),
+                          tuple(data.latents_w.shape[1:]))  # type: ignore[arg-type]
     metrics = evaluate_users(binding, cond, users, load_reward(cfg.reward), set(data.user_ids) - heldout, cfg.samples,
                              cfg.seed, cfg.steps, heldout=heldout)
     from .safetensors_io import dumps_json

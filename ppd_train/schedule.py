@@ -38,12 +38,19 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> p
 def ddim_sample(denoise: Denoiser, noise: torch.Tensor, steps: int = 20, shift: float = 1.0,
                 t_start: float = 1.0) -> torch.Tensor:
     """DDIM (eta = 0) from pure noise at ``t_start`` (1: the top of the schedule) to t=0 in ``steps`` steps."""
+    return _ddim(denoise, noise, steps, t_start, lambda t: alpha_bar(t, shift), lambda t: t)
+
+
+def _ddim(denoise: Denoiser, noise: torch.Tensor, steps: int, t_start: float,
+          signal: Callable[[torch.Tensor], torch.Tensor], model_time: Callable[[torch.Tensor], torch.Tensor]):
+    """DDIM (eta = 0) on timestep ratios from ``t_start`` to 0; ``signal(t)`` is the schedule's alpha_bar and
+    ``model_time(t)`` what the model takes as its timestep."""
     x = noise
     ts = torch.linspace(t_start, 0.0, steps + 1)
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
-        ab, ab_next = alpha_bar(t, shift), alpha_bar(t_next, shift) if t_next > 0 else torch.tensor(1.0)
-        eps = denoise(x, t.expand(x.shape[0]).to(x.device))
+        ab, ab_next = signal(t), signal(t_next) if t_next > 0 else torch.tensor(1.0)
+        eps = denoise(x, model_time(t).expand(x.shape[0]).to(x.device))
         x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
         x = ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * eps
     return x
@@ -62,7 +69,17 @@ def sdxl_timesteps(t: torch.Tensor) -> torch.Tensor:
     return (t * SDXL_STEPS).long().clamp(0, SDXL_STEPS - 1)
 
 
+def sdxl_alpha_bar(t: torch.Tensor) -> torch.Tensor:
+    return _SDXL_ALPHAS_CUMPROD[sdxl_timesteps(t)]
+
+
+@torch.no_grad()
+def sdxl_ddim_sample(denoise: Denoiser, noise: torch.Tensor, steps: int = 20, t_start: float = 1.0) -> torch.Tensor:
+    """:func:`ddim_sample` on SDXL's discrete schedule: the model sees timesteps 0..999, ``t_start`` is a ratio."""
+    return _ddim(denoise, noise, steps, t_start, sdxl_alpha_bar, sdxl_timesteps)
+
+
 def sdxl_add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """DDPM forward process at the timesteps of ``t`` (epsilon prediction: the target is ``noise``)."""
-    ab = _SDXL_ALPHAS_CUMPROD[sdxl_timesteps(t)].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    ab = sdxl_alpha_bar(t).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise

@@ -179,3 +179,48 @@ def test_tune_user_on_sdxl(sdxl_files, tiny_sdxl_dir, tmp_path, capsys):
     assert main([*common, "--stage-c", str(tiny_sdxl_dir), "--data", str(root / "data.safetensors"),
                  "--user", "user1", "--out", str(tmp_path / "t3.safetensors")]) == 2
     assert "--stage-c (Stable Cascade Stage C) or --sdxl (SDXL), one of the two" in capsys.readouterr().err
+
+
+def test_sdxl_sampler_is_ddim_on_the_model_folders_schedule(tiny_sdxl_dir, tiny_sdxl):
+    """sdxl_ddim_sample, step by step by hand with the alphas of the model folder's own scheduler config."""
+    from diffusers import DDPMScheduler
+    from helpers import sdxl_inputs
+
+    from ppd_train.schedule import sdxl_ddim_sample
+
+    alphas = DDPMScheduler.from_pretrained(tiny_sdxl_dir / "scheduler", local_files_only=True).alphas_cumprod
+    inputs = sdxl_inputs()
+    kw = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
+
+    def denoise(x, t):
+        return tiny_sdxl(x, t, **kw).sample
+
+    x = inputs["sample"]
+    with torch.no_grad():
+        for step, nxt in ((920, 613), (613, 306), (306, None)):  # t_start 0.92, 3 steps: ratios .92 .613 .307 0
+            eps = denoise(x, torch.tensor([step, step]))
+            ab, ab_next = alphas[step], alphas[nxt] if nxt is not None else torch.tensor(1.0)
+            x = ab_next.sqrt() * (x - (1 - ab).sqrt() * eps) / ab.sqrt() + (1 - ab_next).sqrt() * eps
+    torch.testing.assert_close(sdxl_ddim_sample(denoise, inputs["sample"], 3, t_start=0.92), x)
+
+
+def test_eval_on_sdxl(sdxl_files, tiny_sdxl_dir, tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    root, _, _ = sdxl_files
+    assert _fit(root, tiny_sdxl_dir, tmp_path / "run", "--set", "max_steps=2") == 0
+    (tmp_path / "sdxl_rewards.py").write_text("def brightness(user_id, latents, caption_idx):\n"
+                                              "    return latents.mean(dim=(1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ev = tmp_path / "eval.toml"
+    ev.write_text(f'sdxl = "{tiny_sdxl_dir}"\nadapter = "{tmp_path / "run" / "adapter.safetensors"}"\n'
+                  f'embeddings = "{root / "users.safetensors"}"\ndata = "{root / "data.safetensors"}"\n'
+                  f'reward = "sdxl_rewards:brightness"\nsamples = 2\nsteps = 2\nout = "{tmp_path / "m.json"}"\n')
+    try:
+        assert main(["eval", "--config", str(ev)]) == 0
+    finally:
+        sys.modules.pop("sdxl_rewards", None)
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["seen"]["users"] == 3 and metrics["heldout"]["users"] == 1
+    assert all(0.0 <= m["win_rate"] <= 1.0 for m in metrics["users"].values())
