@@ -224,3 +224,26 @@ def test_eval_on_sdxl(sdxl_files, tiny_sdxl_dir, tmp_path, monkeypatch, capsys):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["seen"]["users"] == 3 and metrics["heldout"]["users"] == 1
     assert all(0.0 <= m["win_rate"] <= 1.0 for m in metrics["users"].values())
+
+
+def test_the_synthetic_world_runs_on_sdxl(tmp_path):
+    """`ppd-train demo --set world.base="sdxl"`: a tiny SDXL pre-trained on the world (4 latent channels), the adapter
+    trained and evaluated through the same code; a micro world here (the targets are the sweep's business)."""
+    import json
+
+    from ppd_train.synthetic import World, WorldConfig
+
+    world = World(WorldConfig(base="sdxl", k_styles=3), seed=0)
+    assert world.caption_means.shape[1] == 4 and world.pooled.shape[-1] == 16
+    micro = ["world.base=\"sdxl\"", "world.seen_users=4", "world.unseen_users=2", "world.unseen_mixtures=1",
+             "world.pairs_per_user=8", "world.embedding_views=2", "world.pretrain_steps=4", "world.pretrain_batch=8",
+             "world.eval_samples=2", "world.sample_steps=2", "train.max_steps=2", "train.batch_size=4",
+             "train.val_draws=1"]
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--quiet"] + [a for kv in micro for a in ("--set", kv)]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["config"]["world"]["base"] == "sdxl" and (tmp_path / "demo" / "base_sdxl" / "config.json").is_file()
+    assert load_adapter(metrics["adapter"]).config.base == "sdxl"
+    assert {m["group"] for m in metrics["users"].values()} >= {"seen", "unseen"}
+    with pytest.raises(PPDError, match="world.base = 'flux'"):
+        World(WorldConfig(base="flux"), seed=0)
