@@ -101,15 +101,15 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     from .pairs import load_users
     from .prepare import prepare_dpo_data
 
-    dtype = getattr(torch, args.dtype)
-    table = load_embedding_table(args.embeddings)[0] if args.embeddings else None
-    users = load_users(args.pairs, merge_users=args.merge_users)
     if args.sdxl and (args.effnet or args.clip_text):
         raise PPDError("prepare: give Stage C's encoders (--effnet and --clip-text) or an SDXL folder (--sdxl), not "
                        "both.")
     if not args.sdxl and not (args.effnet and args.clip_text):
         raise PPDError("prepare needs the base model's encoders: --effnet and --clip-text (Stage C), or --sdxl "
                        "(an SDXL diffusers folder, for its VAE and text encoders).")
+    dtype = getattr(torch, args.dtype)
+    table = load_embedding_table(args.embeddings)[0] if args.embeddings else None
+    users = load_users(args.pairs, merge_users=args.merge_users)
     image_size = args.image_size or (1024 if args.sdxl else 768)
     data = prepare_dpo_data(users, args.effnet, args.clip_text, args.out, embeddings=table,
                             image_size=image_size, batch_size=args.batch_size, device=args.device, dtype=dtype,
