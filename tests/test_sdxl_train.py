@@ -133,14 +133,14 @@ def test_fit_on_sdxl_selects_resumes_exactly_and_writes_an_sdxl_adapter(sdxl_fil
     assert all(torch.equal(last[k], resumed[k]) for k in last)
 
 
-def test_fit_on_sdxl_in_bf16_with_8bit_state(sdxl_files, tiny_sdxl_dir, tmp_path, request):
+def test_fit_on_sdxl_in_bf16_with_8bit_state_and_checkpointing(sdxl_files, tiny_sdxl_dir, tmp_path, request):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # one precision per process: a fresh state here
     request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     root, _, _ = sdxl_files
     assert _fit(root, tiny_sdxl_dir, tmp_path / "bf16", "--set", "max_steps=2", "--set", "mixed_precision=bf16",
-                "--set", "optimizer=adamw8bit") == 0
+                "--set", "optimizer=adamw8bit", "--set", "gradient_checkpointing=true") == 0
     tensors = read_adapter_config(tmp_path / "bf16" / "adapter_last.safetensors")[1]
     assert {t.dtype for t in tensors.values()} == {torch.float32}
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if "to_v" in k)
