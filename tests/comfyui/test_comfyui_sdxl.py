@@ -169,7 +169,8 @@ def test_the_real_sdxl_layout_and_refusals(comfy, sdxl):
         _apply(real, _adapter(patch.sdxl_of(sdxl)[1]), _user())
     stage_c = model_patcher.ModelPatcher(comfy["fixtures"]._model_config("c").get_model({}),
                                                load_device=torch.device("cpu"), offload_device="cpu")
-    with pytest.raises(IncompatibleError, match=r"'tiny_sdxl.safetensors' was made for SDXL base .*, but the connected Stage C is Stage C "):
+    with pytest.raises(IncompatibleError,
+                       match=r"'tiny_sdxl.safetensors' was made for SDXL base .*, but the connected Stage C is Stage"):
         _apply(stage_c, sdxl_adapter, _user())
     with pytest.raises(IncompatibleError, match="needs a Stable Cascade Stage C or an SDXL model, got BaseModel"):
         sd15 = supported_models.SD15({"use_checkpoint": False, "image_size": 32, "out_channels": 4,
