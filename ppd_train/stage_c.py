@@ -1,31 +1,20 @@
-"""Binding of the PPD adapter to diffusers' ``StableCascadeUNet`` (training, evaluation, the synthetic world).
-
-No diffusers model code is forked: each ``SDCascadeAttnBlock.attention`` gets a :class:`PPDAttnProcessor` that hands the
-call to the block's original processor whenever no user is active (so "adapter off" *is* the base model, bit for bit)
-and otherwise adds the user attention before ``to_out``. ``StableCascadeUNet`` has no ``set_attn_processor`` and its
-blocks pass no extra arguments, so the user's keys/values reach the processors through state the binding holds for
-the duration of a ``with binding.user(kv, weight):`` block.
-
-With gradient checkpointing, blocks are recomputed during backward: call ``backward()`` inside the same ``with`` block
-and run the adapter-off reference pass before the policy pass.
+"""Stable Cascade Stage C as a PPD base: where the adapter attaches (every ``SDCascadeAttnBlock.attention``, in
+forward order), its configs and its loader. The binding itself (:class:`PPDBinding`, the same for every base) lives in
+``binding.py``; it is re-exported here, where the trainer has always imported it from.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock, StableCascadeUNet
 
-from .adapter import KNOWN_STAGE_C, ModelInfo, PPDAdapter, UserKV, apply_user_attention, check_base
+from .adapter import KNOWN_STAGE_C, ModelInfo, PPDAdapter
+from .binding import PPDAttnProcessor as PPDAttnProcessor  # re-exported: one binding for every base
+from .binding import PPDBinding as PPDBinding
 from .errors import FileFormatError, IncompatibleError
 from .safetensors_io import read_safetensors, require_safetensors
 
@@ -73,100 +62,6 @@ def stage_c_info(unet: StableCascadeUNet) -> ModelInfo:
     if not blocks:
         raise IncompatibleError("This StableCascadeUNet has no attention blocks: it is not a Stage C model.")
     return ModelInfo(tuple(a.to_q.in_features for a in blocks), tuple(a.heads for a in blocks))
-
-
-@dataclass
-class _UserState:
-    kv: UserKV | None = None
-    weight: float | torch.Tensor = 1.0
-
-
-class PPDAttnProcessor:
-    """Processor for one Stage C attention block; not an ``nn.Module``, so it never ends up in the UNet's weights."""
-
-    def __init__(self, original, state: _UserState, index: int) -> None:
-        self.original = original
-        self.state = state
-        self.index = index
-
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
-        kv = self.state.kv
-        if kv is None:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        if (attention_mask is not None or encoder_hidden_states is None or hidden_states.dim() != 4
-                or attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_cross
-                or attn.norm_q is not None or attn.norm_k is not None):
-            raise IncompatibleError("PPD user attention supports Stable Cascade Stage C attention blocks only.")
-        # Same operations, in the same order, as diffusers' AttnProcessor2_0 for this block type; the user term is
-        # added to the attention output before to_out.
-        b, c, h, w = hidden_states.shape
-        x = hidden_states.view(b, c, h * w).transpose(1, 2)
-        query, key, value = attn.to_q(x), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        heads = attn.heads
-        head_dim = key.shape[-1] // heads
-
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(t.shape[0], -1, heads, head_dim).transpose(1, 2)
-
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return F.scaled_dot_product_attention(q, split(k), split(v), dropout_p=0.0, is_causal=False)
-
-        q = split(query)
-        out = F.scaled_dot_product_attention(q, split(key), split(value), attn_mask=None, dropout_p=0.0,
-                                             is_causal=False)
-        out = apply_user_attention(out, q, kv.keys[self.index], kv.values[self.index], self.state.weight, attend)
-        out = out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-
-class PPDBinding:
-    """An adapter attached to one diffusers Stage C. Without an active user the UNet is exactly the base model."""
-
-    def __init__(self, unet: StableCascadeUNet, adapter: PPDAdapter) -> None:
-        check_base(adapter.config, stage_c_info(unet))
-        self.unet = unet
-        self.adapter = adapter
-        self._state = _UserState()
-        self._originals: list[tuple[Attention, Any]] = []
-        for i, (_, block) in enumerate(attention_blocks(unet)):
-            attn = block.attention
-            if isinstance(attn.processor, PPDAttnProcessor):
-                raise IncompatibleError("This Stage C already has a PPD adapter attached; detach it first.")
-            self._originals.append((attn, attn.processor))
-            attn.set_processor(PPDAttnProcessor(attn.processor, self._state, i))
-
-    def detach(self) -> None:
-        for attn, original in self._originals:
-            attn.set_processor(original)
-        self._originals.clear()
-
-    @contextmanager
-    def user(self, kv: UserKV | None, weight: float | torch.Tensor = 1.0) -> Iterator[None]:
-        """Within the block, Stage C forwards see this user (``kv`` from ``adapter(tokens)``) at ``weight``.
-
-        ``weight`` may be a ``[B]`` tensor (per-sample weights; 0 = that sample gets no user). ``kv=None`` or weight 0
-        leaves the base model untouched.
-        """
-        if kv is not None and len(kv) != len(self._originals):
-            raise IncompatibleError(f"UserKV has {len(kv)} blocks, this Stage C has {len(self._originals)}.")
-        previous = (self._state.kv, self._state.weight)
-        off = kv is None or (not torch.is_tensor(weight) and float(weight) == 0.0)
-        self._state.kv, self._state.weight = (None, 1.0) if off else (kv, weight)
-        try:
-            yield
-        finally:
-            self._state.kv, self._state.weight = previous
-
-    @contextmanager
-    def adapter_off(self) -> Iterator[None]:
-        """The reference model of Diffusion-DPO: the same network with the user attention switched off."""
-        with self.user(None):
-            yield
 
 
 def load_stage_c(path: str | os.PathLike, dtype: torch.dtype = torch.float32,

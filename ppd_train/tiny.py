@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from typing import cast
+
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
 
+from .sdxl import sdxl_shape
 from .stage_c import stage_c_shape
 
 
@@ -90,3 +95,135 @@ def build_tiny_llava(folder, seed: int = 0, hidden: int = 32, layers: int = 2, i
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------------------- SDXL
+def tiny_sdxl_config(widths: tuple[int, ...] = (16, 32, 64), heads: tuple[int, ...] = (1, 2, 4),
+                     transformer_layers: tuple[int, ...] = (0, 1, 2), text_widths: tuple[int, int] = (16, 32)) -> dict:
+    """SDXL's UNet scaled down: its first level without attention, two attention levels of different widths (11
+    cross-attention layers at the defaults), cross-attention over two text encoders' states concatenated, pooled text
+    and size/crop numbers through ``text_time``."""
+    return sdxl_shape(widths, heads, transformer_layers, 1, text_widths, text_widths[1], 8, 8, 8)
+
+
+def build_tiny_sdxl_unet(seed: int = 0, **kw) -> UNet2DConditionModel:
+    """A randomly initialised tiny SDXL UNet, with non-zero weights everywhere (as in :func:`build_tiny_stage_c`)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_sdxl_config(**kw))
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.dim() > 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return unet.eval()
+
+
+_CLIP_SPECIAL = ["<unk>", "<|startoftext|>", "<|endoftext|>"]
+
+
+def _tiny_clip_tokenizer(pad_token: str):
+    """A byte-level BPE tokenizer trained here that frames every text as CLIP's does (start, text, end)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([_CORPUS + " a lighthouse at dusk, version 0 1 2 3 4 5 6 7 8 9 ! ."] * 3,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=_CLIP_SPECIAL,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                show_progress=False))
+    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>", pad_token=pad_token, model_max_length=77)
+
+
+def build_tiny_sdxl(folder, seed: int = 0, text_widths: tuple[int, int] = (16, 32), **unet_kw) -> None:
+    """Write a tiny real SDXL pipeline folder in diffusers' layout (``unet/``, ``vae/``, ``text_encoder/`` (CLIP-L's
+    class), ``text_encoder_2/`` (bigG's class, with projection), ``tokenizer/``, ``tokenizer_2/``, ``scheduler/``,
+    ``model_index.json``), safetensors weights, loadable offline like a downloaded one. The VAE halves the image size
+    (SDXL's divides it by 8): 16-pixel images make 8x8 latents."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    build_tiny_sdxl_unet(seed, text_widths=text_widths, **unet_kw).save_pretrained(folder / "unet")
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.13025)
+    vae.save_pretrained(folder / "vae")  # type: ignore[attr-defined]
+    # SDXL's tokenizers differ only in the padding token ("<|endoftext|>" vs "!")
+    for i, (width, cls, pad) in enumerate(((text_widths[0], CLIPTextModel, "<|endoftext|>"),
+                                           (text_widths[1], CLIPTextModelWithProjection, "!"))):
+        suffix = "_2" if i else ""
+        tokenizer = _tiny_clip_tokenizer(pad)
+        ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (("bos_token_id", "<|startoftext|>"),
+                                                                   ("eos_token_id", "<|endoftext|>"),
+                                                                   ("pad_token_id", pad))}
+        torch.manual_seed(seed + 2 + i)
+        model = cls(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                                   num_hidden_layers=3, num_attention_heads=2, projection_dim=width,
+                                   max_position_embeddings=77, hidden_act="gelu", **ids))
+        model.save_pretrained(folder / f"text_encoder{suffix}")
+        tokenizer.save_pretrained(folder / f"tokenizer{suffix}")
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                           timestep_spacing="leading").save_pretrained(folder / "scheduler")  # type: ignore[attr-defined]
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+
+
+_RESNET_TO_LDM = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+                  ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+
+
+def sdxl_unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The UNet's weights in the single-file (LDM) layout SDXL checkpoints ship in (``model.diffusion_model.*``):
+    the inverse of diffusers' ``convert_ldm_unet_checkpoint``, for writing single-file test checkpoints."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    from .sdxl import LDM_UNET_PREFIX
+
+    per = int(unet.config["layers_per_block"]) + 1
+    mapping = cast(dict[str, dict[str, str]], DIFFUSERS_TO_LDM_MAPPING["unet"])
+    fixed = {**mapping["layers"], **mapping["addition_embed_type"]}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in unet.state_dict().items():
+        parts = key.split(".")
+        if key in fixed:
+            new = fixed[key]
+        elif parts[0] in ("down_blocks", "up_blocks"):
+            b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+            down = parts[0] == "down_blocks"
+            blocks, first = ("input_blocks", 1 + b * per) if down else ("output_blocks", b * per)
+            if kind == "resnets":
+                new = f"{blocks}.{first + j}.0.{_ldm_resnet(rest)}"
+            elif kind == "attentions":
+                new = f"{blocks}.{first + j}.1.{rest}"
+            elif down:  # downsamplers.0.conv.*
+                new = f"input_blocks.{first + per - 1}.0.op.{parts[-1]}"
+            else:  # upsamplers.0.conv.*: after the block's last resnet (and attention, if it has one)
+                slot = 2 if hasattr(unet.up_blocks[b], "attentions") else 1
+                new = f"output_blocks.{first + per - 1}.{slot}.conv.{parts[-1]}"
+        elif parts[0] == "mid_block":
+            kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+            new = f"middle_block.{2 * j}.{_ldm_resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+        else:
+            raise KeyError(f"no single-file name for {key}")
+        out[LDM_UNET_PREFIX + new] = value
+    return out
+
+
+def _ldm_resnet(rest: str) -> str:
+    for ours, theirs in _RESNET_TO_LDM:
+        if rest.startswith(ours + "."):
+            return theirs + rest[len(ours):]
+    return rest

@@ -161,7 +161,7 @@ class UserTuner:
             raise PPDError(f"tune-user: mode {self.mode} mixes library users; give --library, or use mode tokens.")
         self.val_idx, self.train_idx = split_pairs(len(data), cfg.val_fraction, cfg.seed)
         self.device = next(binding.unet.parameters()).device
-        self.clip_img = torch.zeros(1, 1, clip_image_dim(binding.unet))
+        self.clip_img = torch.zeros(1, 1, clip_image_dim(binding.unet))  # type: ignore[arg-type]
         self.step = 0  # over all phases
         self.interrupted = False
         self.on_step: Callable[[int], None] | None = None

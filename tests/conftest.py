@@ -69,6 +69,23 @@ def tiny_unet(tiny_stage_c_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A tiny real SDXL pipeline folder (diffusers layout: unet, vae, two text encoders and tokenizers, scheduler)."""
+    from ppd_train.tiny import build_tiny_sdxl
+
+    folder = tmp_path_factory.mktemp("sdxl")
+    build_tiny_sdxl(folder)
+    return folder
+
+
+@pytest.fixture()
+def tiny_sdxl(tiny_sdxl_dir):
+    from ppd_train.sdxl import load_sdxl
+
+    return load_sdxl(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory):
     from ppd_train.tiny import build_tiny_llava
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from ppd_train.adapter import AdapterConfig, PPDAdapter
-from ppd_train.stage_c import stage_c_info
+from ppd_train.binding import model_info
 
 
 def trained_looking_adapter(unet, embed_dim: int = 24, num_tokens: int = 5, seed: int = 1,
                             embedder: str = "test") -> PPDAdapter:
     """An adapter whose weights are all non-zero, as after training (a fresh one adds exactly nothing)."""
-    config = AdapterConfig.for_model(stage_c_info(unet), embed_dim=embed_dim, num_tokens=num_tokens,
+    config = AdapterConfig.for_model(model_info(unet), embed_dim=embed_dim, num_tokens=num_tokens,
                                        embedder=embedder)
     adapter = PPDAdapter(config)
     g = torch.Generator().manual_seed(seed)
@@ -27,6 +27,18 @@ def stage_c_inputs(batch: int = 2, size: int = 6, clip_dim: int = 32, seed: int 
     return dict(sample=torch.randn(batch, 16, size, size, generator=g), timestep_ratio=torch.rand(batch, generator=g),
                 clip_text_pooled=torch.randn(batch, 1, clip_dim, generator=g),
                 clip_text=torch.randn(batch, 77, clip_dim, generator=g), clip_img=torch.zeros(batch, 1, clip_dim))
+
+
+def sdxl_inputs(batch: int = 2, size: int = 8, text_widths: tuple[int, int] = (16, 32), seed: int = 0) -> dict:
+    """SDXL conditioning laid out like the real one: 77 tokens of both text encoders' states concatenated, the second
+    one's pooled output and the six size/crop numbers (original size, crop top-left, target size)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(batch, 4, size, size, generator=g),
+                timestep=torch.randint(0, 1000, (batch,), generator=g),
+                encoder_hidden_states=torch.randn(batch, 77, sum(text_widths), generator=g),
+                added_cond_kwargs=dict(text_embeds=torch.randn(batch, text_widths[1], generator=g),
+                                       time_ids=torch.tensor([[2.0 * size, 2.0 * size, 0, 0, 2.0 * size, 2.0 * size]]
+                                                             * batch)))
 
 
 def random_image(seed: int, size=(40, 48), mode: str = "RGB"):

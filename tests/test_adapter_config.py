@@ -190,15 +190,15 @@ def test_processor_refuses_other_attention_layouts(tiny_unet):
     with binding.user(adapter(torch.randn(1, 5, 24))), torch.no_grad():
         assert attn(x, encoder_hidden_states=kv).shape == x.shape
         for call in (lambda: attn(x, encoder_hidden_states=kv, attention_mask=torch.ones(1, 4, 3)),
-                     lambda: attn(x), lambda: attn(x.flatten(2).transpose(1, 2), encoder_hidden_states=kv)):
-            with pytest.raises(IncompatibleError, match="Stage C attention blocks only"):
+                     lambda: attn(x), lambda: attn(x.unsqueeze(0), encoder_hidden_states=kv)):
+            with pytest.raises(IncompatibleError, match="SDXL cross-attention layers only"):
                 call()
         # Each normalisation the processor does not reproduce is refused on its own, not only in company.
         for name in ("norm_q", "norm_k", "group_norm", "spatial_norm", "norm_cross"):
             assert getattr(attn, name) in (None, False)
             setattr(attn, name, torch.nn.Identity())
             try:
-                with pytest.raises(IncompatibleError, match="Stage C attention blocks only"):
+                with pytest.raises(IncompatibleError, match="SDXL cross-attention layers only"):
                     attn(x, encoder_hidden_states=kv)
             finally:
                 setattr(attn, name, None)
