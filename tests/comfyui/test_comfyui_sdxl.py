@@ -187,3 +187,62 @@ def test_the_real_sdxl_layout_and_refusals(comfy, sdxl):
     with pytest.raises(IncompatibleError, match="PPD Stage C Sampler samples Stable Cascade Stage C.*Apply PPD"):
         _mod("nodes.adapter_nodes").PPDStageCSampler().sample(sdxl, sdxl_adapter, _user(), None, None, None, 0, 1,
                                                               1.0, "euler", "normal", 1.0, 1.0, 0.0, 1.0)
+
+
+def test_diffusers_and_comfyui_bindings_agree(comfy):
+    """The same tiny SDXL weights in diffusers (ppd_train's binding, as training and ppd-train sample) and in
+    ComfyUI's own UNet (converted through the single-file layout, config detected by ComfyUI's model_detection), the
+    same adapter and user: the same noise prediction, layer for layer the same ModelInfo."""
+    import comfy.model_detection as model_detection
+    from diffusers import UNet2DConditionModel
+
+    sdxl_mod, tiny, binding_mod = _mod("ppd_train.sdxl"), _mod("ppd_train.tiny"), _mod("ppd_train.binding")
+    # ComfyUI's UNet normalises with 32 groups: widths 32/64, both levels with attention, 2 + 4 heads of 16
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**sdxl_mod.sdxl_shape((32, 64), (2, 4), (1, 2), 1, (16, 16), 32, 256, 32, 8)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)  # no zero-initialised layer left
+    ldm = tiny.sdxl_unet_to_ldm(unet)
+    prefix = sdxl_mod.LDM_UNET_PREFIX
+    config = model_detection.detect_unet_config(ldm, prefix)
+    model = comfy["fixtures"].tiny_sdxl(state_dict={k.removeprefix(prefix): v for k, v in ldm.items()},
+                                        unet_config=config)
+    keys, info = _mod("nodes.sdxl_patch").sdxl_of(model)
+    assert info == binding_mod.model_info(unet) and len(keys) == 11
+    named = _adapter(info)
+    user = _user()
+
+    batch = 2
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.tensor([500.0, 120.0])
+    context = torch.randn(batch, 77, 32, generator=g)
+    pooled = torch.randn(batch, 32, generator=g)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch)
+    with torch.no_grad():  # SDXL's ADM vector as diffusers builds it: pooled text + the six size numbers embedded
+        y = torch.cat([pooled, unet.add_time_proj(time_ids.flatten()).reshape(batch, -1)], dim=1)
+
+        def diffusers():
+            return unet(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    options = {"cond_or_uncond": [0], "sigmas": torch.tensor([1.0, 1.0])}
+
+    def comfyui(patcher):
+        patcher.patch_model()
+        try:
+            with torch.no_grad():
+                return patcher.model.diffusion_model(x, t, context, y, transformer_options={
+                    **patcher.model_options["transformer_options"], **options})
+        finally:
+            patcher.unpatch_model()
+
+    base = comfyui(model)
+    torch.testing.assert_close(base, diffusers(), atol=2e-5, rtol=1e-4)
+    binding = binding_mod.PPDBinding(unet, named.adapter)
+    for weight in (0.5, 1.0, 2.0):
+        ppd = comfyui(_apply(model, named, user, weight))
+        with torch.no_grad(), binding.user(named.adapter(user.tokens), weight):
+            want = diffusers()
+        torch.testing.assert_close(ppd, want, atol=2e-5, rtol=1e-4)
+        assert (ppd - base).abs().max() > 1e-2  # the user really changes SDXL

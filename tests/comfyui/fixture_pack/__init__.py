@@ -89,18 +89,19 @@ def load_stage(path: str, stage: str, dtype: torch.dtype = torch.float32):
                                             offload_device=mm.unet_offload_device())
 
 
-def sdxl_config(dtype: torch.dtype = torch.float32):
-    """ComfyUI's own SDXL model config (``comfy.supported_models.SDXL``) with the tiny UNet."""
-    cfg = comfy.supported_models.SDXL(TINY_SDXL)
+def sdxl_config(dtype: torch.dtype = torch.float32, unet_config: dict | None = None):
+    """ComfyUI's own SDXL model config (``comfy.supported_models.SDXL``) with the tiny UNet (or ``unet_config``)."""
+    cfg = comfy.supported_models.SDXL(TINY_SDXL if unet_config is None else unet_config)
     cfg.unet_config["num_head_channels"] = SDXL_HEAD_CHANNELS  # SDXL's 64 would leave the tiny widths no heads
     cfg.set_inference_dtype(dtype, None)
     return cfg
 
 
-def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32, state_dict: dict | None = None):
+def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32, state_dict: dict | None = None,
+              unet_config: dict | None = None):
     """A tiny SDXL MODEL (``comfy.model_base.SDXL`` in a ModelPatcher): seeded weights, or ``state_dict`` (ComfyUI's
     UNet keys, without the ``model.diffusion_model.`` prefix)."""
-    cfg = sdxl_config(dtype)
+    cfg = sdxl_config(dtype, unet_config)
     model = cfg.get_model({})
     if state_dict is None:
         _seeded_(model.diffusion_model, seed)
