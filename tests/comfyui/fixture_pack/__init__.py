@@ -187,12 +187,24 @@ class PPDTestTinyCascade:
         return (load_stage(f"{folder}/{stage_c}", "c"), load_stage(f"{folder}/{FILES['b']}", "b"), vae)
 
 
+def tiny_sdxl_vae(seed: int = 0):
+    """ComfyUI's SD/SDXL VAE class (``AutoencoderKL``, 4 latent channels, 8x down) at width 32, seeded weights."""
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    vae = AutoencoderKL(embed_dim=4, ddconfig=ddconfig)
+    _seeded_(vae, seed)
+    sd = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+    return comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}})
+
+
 class PPDTestTinySDXL:
-    """The tiny SDXL from a file in diffusion_models (what Load Checkpoint gives for a real SDXL; a tiny one cannot
-    go through it, since ComfyUI detects SDXL by its real sizes)."""
+    """The tiny SDXL from a file in diffusion_models, and a tiny SDXL-shaped VAE: what Load Checkpoint gives for a
+    real SDXL (a tiny one cannot go through it, since ComfyUI detects SDXL by its real sizes)."""
 
     CATEGORY = "PPD test fixtures"
-    RETURN_TYPES = ("MODEL",)
+    RETURN_TYPES = ("MODEL", "VAE")
     FUNCTION = "load"
 
     @classmethod
@@ -201,7 +213,7 @@ class PPDTestTinySDXL:
 
     def load(self, unet):
         sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("diffusion_models", unet))
-        return (tiny_sdxl(state_dict=sd),)
+        return (tiny_sdxl(state_dict=sd), tiny_sdxl_vae())
 
 
 def write_tiny_sdxl(folder: str, seed: int = 0) -> None:
@@ -224,6 +236,19 @@ def sdxl_conditioning(text: str):
     return [[tokens, {"pooled_output": extra["pooled_output"].reshape(1, -1)}]]
 
 
+class PPDTestSDXLConditioning:
+    CATEGORY = "PPD test fixtures"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"default": "", "multiline": True})}}
+
+    def encode(self, text):
+        return (sdxl_conditioning(text),)
+
+
 class PPDTestTextConditioning:
     CATEGORY = "PPD test fixtures"
     RETURN_TYPES = ("CONDITIONING",)
@@ -238,4 +263,4 @@ class PPDTestTextConditioning:
 
 
 NODE_CLASS_MAPPINGS = {"PPDTestTinyCascade": PPDTestTinyCascade, "PPDTestTextConditioning": PPDTestTextConditioning,
-                       "PPDTestTinySDXL": PPDTestTinySDXL}
+                       "PPDTestTinySDXL": PPDTestTinySDXL, "PPDTestSDXLConditioning": PPDTestSDXLConditioning}
