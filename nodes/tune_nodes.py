@@ -250,8 +250,13 @@ def tune_in_comfyui(pairs, model, clip, vae, adapter: NamedAdapter, start: UserE
 
     from ..ppd_train.stage_c import PPDBinding
     from ..ppd_train.tune import TuneConfig, UserTuner
+    from .sdxl_patch import is_sdxl
     from .stage_c_patch import stage_c_of
 
+    if is_sdxl(model):  # the library has no SDXL training pieces (VAE latents, two text encoders, size conditioning)
+        raise IncompatibleError("Tune User Embedding works on Stable Cascade Stage C only for now; this MODEL is SDXL. "
+                                "An SDXL user embedding can still be made with the VLM User Embedder and used with "
+                                "Apply PPD Adapter; tuning it on SDXL is not supported yet.")
     _, info = stage_c_of(model)
     check_fit(adapter, info, start)
     cfg = TuneConfig(mode="tokens", max_steps=steps, lr=lr, batch_size=batch_size, seed=seed)

@@ -246,3 +246,12 @@ def test_diffusers_and_comfyui_bindings_agree(comfy):
             want = diffusers()
         torch.testing.assert_close(ppd, want, atol=2e-5, rtol=1e-4)
         assert (ppd - base).abs().max() > 1e-2  # the user really changes SDXL
+
+
+def test_tune_user_refuses_sdxl_with_a_clear_message(comfy, sdxl):
+    """Tuning on SDXL needs training pieces the library does not have yet: refused before any work, saying what
+    still works."""
+    node = _mod("nodes.tune_nodes").PPDTuneUserEmbedding()
+    info = _mod("nodes.sdxl_patch").sdxl_of(sdxl)[1]
+    with pytest.raises(_mod("ppd_train.errors").IncompatibleError, match="Stage C only for now; this MODEL is SDXL"):
+        node.tune([], sdxl, None, None, _adapter(info), _user(), 10, 0, 0.05, 4, 768)
