@@ -132,11 +132,16 @@ def test_a_patch_another_pack_registered_keeps_running(comfy, sdxl):
     assert torch.equal(both[1], theirs[1]) and not torch.equal(both[0], theirs[0])
 
 
+def _patcher(model):
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device="cpu")
+
+
 def test_the_real_sdxl_layout_and_refusals(comfy, sdxl):
     """ComfyUI's own SDXL config (as comfy.model_detection gives it for SDXL 1.0; built on the meta device): 70
     cross-attention layers in forward order, recognised as SDXL base; an adapter for the other base is refused naming
     both, for SDXL and for Stage C."""
-    import comfy.model_patcher as model_patcher
     import comfy.supported_models as supported_models
 
     adapter_mod = _mod("ppd_train.adapter")
@@ -150,8 +155,7 @@ def test_the_real_sdxl_layout_and_refusals(comfy, sdxl):
         "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
         "use_temporal_attention": False, "use_temporal_resblock": False})
     config.set_inference_dtype(torch.float16, None)
-    real = model_patcher.ModelPatcher(config.get_model({}, device=torch.device("meta")),
-                                            load_device=torch.device("cpu"), offload_device="cpu")
+    real = _patcher(config.get_model({}, device=torch.device("meta")))
     keys, info = patch.sdxl_of(real)
     assert info == adapter_mod.ModelInfo(*adapter_mod.KNOWN_SDXL["base"], base="sdxl") and info.kind == "base"
     assert keys[:3] == [("input", 4, 0), ("input", 4, 1), ("input", 5, 0)] and keys[24] == ("middle", 0, 0)
@@ -167,23 +171,19 @@ def test_the_real_sdxl_layout_and_refusals(comfy, sdxl):
     with pytest.raises(IncompatibleError, match=r"was made for SDXL custom .*but the connected SDXL model is SDXL "
                                                 r"base"):
         _apply(real, _adapter(patch.sdxl_of(sdxl)[1]), _user())
-    stage_c = model_patcher.ModelPatcher(comfy["fixtures"]._model_config("c").get_model({}),
-                                               load_device=torch.device("cpu"), offload_device="cpu")
+    stage_c = _patcher(comfy["fixtures"]._model_config("c").get_model({}))
     with pytest.raises(IncompatibleError,
                        match=r"'tiny_sdxl.safetensors' was made for SDXL base .*, but the connected Stage C is Stage"):
         _apply(stage_c, sdxl_adapter, _user())
+    sd15 = supported_models.SD15({
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+        "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+        "use_temporal_resblock": False})
     with pytest.raises(IncompatibleError, match="needs a Stable Cascade Stage C or an SDXL model, got BaseModel"):
-        sd15 = supported_models.SD15({"use_checkpoint": False, "image_size": 32, "out_channels": 4,
-                                            "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
-                                            "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-                                            "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
-                                            "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-                                            "context_dim": 768, "num_heads": 8,
-                                            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-                                            "use_temporal_attention": False, "use_temporal_resblock": False})
-        _apply(model_patcher.ModelPatcher(sd15.get_model({}, device=torch.device("meta")),
-                                                load_device=torch.device("cpu"), offload_device="cpu"),
-               sdxl_adapter, _user())
+        _apply(_patcher(sd15.get_model({}, device=torch.device("meta"))), sdxl_adapter, _user())
     with pytest.raises(IncompatibleError, match="PPD Stage C Sampler samples Stable Cascade Stage C.*Apply PPD"):
         _mod("nodes.adapter_nodes").PPDStageCSampler().sample(sdxl, sdxl_adapter, _user(), None, None, None, 0, 1,
                                                               1.0, "euler", "normal", 1.0, 1.0, 0.0, 1.0)
