@@ -335,3 +335,12 @@ def check_embedding(config: AdapterConfig, shape: tuple[int, ...], embedder: str
             f"{adapter_name}, which reads {config.num_tokens} tokens x {config.embed_dim} from embedder "
             f"'{config.embedder}'. Re-embed the user with the embedder the adapter was trained with."
         )
+
+
+def count_adapter_parameters(model: ModelInfo, embed_dim: int, num_tokens: int) -> dict[str, int]:
+    """Trainable parameters of the default adapter for a model, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        adapter = PPDAdapter(AdapterConfig.for_model(model, embed_dim=embed_dim, num_tokens=num_tokens))
+    blocks = sum(p.numel() for p in adapter.blocks.parameters())
+    total = sum(p.numel() for p in adapter.parameters())
+    return {"blocks": blocks, "projector": total - blocks, "total": total, "block_count": len(model.block_widths)}

@@ -107,7 +107,7 @@ class PPDBinding:
 
     def __init__(self, unet: torch.nn.Module, adapter: PPDAdapter) -> None:
         layers, info = attention_layers(unet)
-        self.base_name = BASES[info.base]
+        self.base, self.base_name = info.base, BASES[info.base]
         check_base(adapter.config, info, model_name=f"the {self.base_name} model")
         self.unet = unet
         self.adapter = adapter

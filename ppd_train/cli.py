@@ -12,12 +12,32 @@ from .errors import PPDError
 
 
 def _cmd_size(args: argparse.Namespace) -> None:
+    from .sdxl import sdxl_adapter_parameter_count
     from .stage_c import adapter_parameter_count
 
-    for kind in ("lite", "full"):
-        n = adapter_parameter_count(kind, embed_dim=args.embed_dim, num_tokens=args.tokens)
-        print(f"Stage C {kind:4s}: {n['block_count']} blocks, adapter {n['total'] / 1e6:.1f}M parameters "
+    rows = [(f"Stage C {kind:4s}", adapter_parameter_count(kind, embed_dim=args.embed_dim, num_tokens=args.tokens))
+            for kind in ("lite", "full")]
+    rows.append(("SDXL 1.0    ", sdxl_adapter_parameter_count(embed_dim=args.embed_dim, num_tokens=args.tokens)))
+    for name, n in rows:
+        print(f"{name}: {n['block_count']} blocks, adapter {n['total'] / 1e6:.1f}M parameters "
               f"({n['blocks'] / 1e6:.1f}M in K/V projections, {n['projector'] / 1e6:.1f}M in the user projector)")
+
+
+def load_base(stage_c: str | None, stage_c_config: str | None, sdxl: str | None, sdxl_config: str | None,
+              dtype=None, keys: tuple[str, str] = ("stage_c", "sdxl")):
+    """The frozen base model a command runs on: Stage C or SDXL, whichever of the two is given (exactly one)."""
+    import torch
+
+    if bool(stage_c) == bool(sdxl):
+        raise PPDError(f"Give one base model: {keys[0]} (a Stable Cascade Stage C) or {keys[1]} (an SDXL checkpoint), "
+                       "not both and not neither.")
+    if sdxl:
+        from .sdxl import load_sdxl
+
+        return load_sdxl(sdxl, dtype=dtype or torch.float32, config=sdxl_config or None)
+    from .stage_c import load_stage_c
+
+    return load_stage_c(stage_c, dtype=dtype or torch.float32, config=stage_c_config or None)  # type: ignore[arg-type]
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -81,12 +101,19 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     from .pairs import load_users
     from .prepare import prepare_dpo_data
 
+    if args.sdxl and (args.effnet or args.clip_text):
+        raise PPDError("prepare: give Stage C's encoders (--effnet and --clip-text) or an SDXL folder (--sdxl), not "
+                       "both.")
+    if not args.sdxl and not (args.effnet and args.clip_text):
+        raise PPDError("prepare needs the base model's encoders: --effnet and --clip-text (Stage C), or --sdxl "
+                       "(an SDXL diffusers folder, for its VAE and text encoders).")
     dtype = getattr(torch, args.dtype)
     table = load_embedding_table(args.embeddings)[0] if args.embeddings else None
     users = load_users(args.pairs, merge_users=args.merge_users)
+    image_size = args.image_size or (1024 if args.sdxl else 768)
     data = prepare_dpo_data(users, args.effnet, args.clip_text, args.out, embeddings=table,
-                            image_size=args.image_size, batch_size=args.batch_size, device=args.device, dtype=dtype,
-                            show_progress=not args.quiet)
+                            image_size=image_size, batch_size=args.batch_size, device=args.device, dtype=dtype,
+                            show_progress=not args.quiet, sdxl=args.sdxl)
     print(f"{len(data)} pairs of {len(data.user_ids)} users, latents {tuple(data.latents_w.shape[1:])} -> {args.out}")
 
 
@@ -109,9 +136,10 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     cfg = _load(TrainConfig, args)
     if cfg is None:
         return
-    for key in ("stage_c", "data", "embeddings"):
+    for key in ("stage_c" if not cfg.sdxl else "sdxl", "data", "embeddings"):
         if not getattr(cfg, key):
-            raise PPDError(f"Config key '{key}' is required for fit (set it in the config or with --set {key}=...).")
+            raise PPDError(f"Config key '{key}' is required for fit (set it in the config or with --set {key}=...; "
+                           "for SDXL, set sdxl instead of stage_c).")
     cfg.validate()
     from .run_lock import out_dir_lock
 
@@ -127,14 +155,13 @@ def _fit(cfg, args: argparse.Namespace) -> None:
     from .checkpoint import find_latest
     from .dpo_data import DPOData
     from .embedding import load_embedding_table
-    from .stage_c import load_stage_c
     from .train import Trainer
 
     data = DPOData.load(cfg.data)
     table, _ = load_embedding_table(cfg.embeddings)
     tokens, embedder_id = data.user_tokens(table)
-    unet = load_stage_c(cfg.stage_c, dtype=cfg.frozen_dtype(), config=cfg.stage_c_config or None)
-    data.check_fits(unet.config, cfg.data, cfg.stage_c)
+    unet = load_base(cfg.stage_c, cfg.stage_c_config, cfg.sdxl, cfg.sdxl_config, cfg.frozen_dtype())
+    data.check_fits(unet.config, cfg.data, cfg.stage_c or cfg.sdxl)
     trainer = Trainer(cfg, unet, data, tokens, embedder_id, show_progress=not args.quiet)
 
     def resume_hint() -> str:
@@ -172,25 +199,35 @@ class Stopped(PPDError):
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
     from .adapter import load_adapter
+    from .binding import PPDBinding
     from .dpo_data import DPOData
     from .embedding import load_embedding_table
     from .evaluate import Conditions, EvalConfig, evaluate_users, load_reward
-    from .stage_c import PPDBinding, clip_image_dim, load_stage_c
 
     cfg = _load(EvalConfig, args)
     if cfg is None:
         return
     data = DPOData.load(cfg.data)
     table, _ = load_embedding_table(cfg.embeddings)
-    unet = load_stage_c(cfg.stage_c)
-    data.check_fits(unet.config, cfg.data, cfg.stage_c)
+    unet = load_base(cfg.stage_c, None, cfg.sdxl, None)
+    data.check_fits(unet.config, cfg.data, cfg.stage_c or cfg.sdxl)
     adapter = load_adapter(cfg.adapter)
     binding = PPDBinding(unet, adapter)
     heldout = set(adapter.config.training.get("heldout_users", []))  # held out of training by fit
     users = {u: table[u] for u in (cfg.users or sorted(table))}
-    cond = Conditions(data.text, data.pooled, clip_image_dim(unet),
-                      tuple(data.latents_w.shape[1:]))  # type: ignore[arg-type]
+    if data.base == "sdxl":  # sampled at the data's target size, uncropped, as SDXL's pipeline does
+        assert data.time_ids is not None
+        h, w = data.time_ids[0, 4:].tolist()
+        cond = Conditions(data.text, data.pooled, 0, tuple(data.latents_w.shape[1:]),  # type: ignore[arg-type]
+                          time_ids=torch.tensor([h, w, 0.0, 0.0, h, w]))
+    else:
+        from .stage_c import clip_image_dim
+
+        cond = Conditions(data.text, data.pooled, clip_image_dim(unet),
+                          tuple(data.latents_w.shape[1:]))  # type: ignore[arg-type]
     metrics = evaluate_users(binding, cond, users, load_reward(cfg.reward), set(data.user_ids) - heldout, cfg.samples,
                              cfg.seed, cfg.steps, heldout=heldout)
     from .safetensors_io import dumps_json
@@ -228,8 +265,8 @@ def _cmd_tune_user(args: argparse.Namespace) -> int:
     import torch
 
     from .adapter import load_adapter
+    from .binding import PPDBinding
     from .embedding import UserEmbedding, load_embeddings
-    from .stage_c import PPDBinding, load_stage_c
     from .tune import TuneConfig, UserTuner, one_user
 
     cfg = _load(TuneConfig, args)
@@ -249,11 +286,14 @@ def _cmd_tune_user(args: argparse.Namespace) -> int:
     library = [e for path in args.library for e in load_embeddings(path).values()]
     adapter = load_adapter(args.adapter)
     pairs_hash = None
+    if bool(args.stage_c) == bool(args.sdxl):
+        raise PPDError("Give the base model the adapter was trained on: --stage-c (Stable Cascade Stage C) or --sdxl "
+                       "(SDXL), one of the two.")
     if args.pairs:
         from .pairs import content_hash, load_users
-        from .prepare import encode_pairs
+        from .prepare import encode_pairs, encode_sdxl_pairs
 
-        if not (args.effnet and args.clip_text):
+        if not args.sdxl and not (args.effnet and args.clip_text):
             raise PPDError("--pairs are images: give --effnet and --clip-text too, the encoders `ppd-train prepare` "
                            "uses (or pass a prepared --data file).")
         users = load_users(args.pairs, merge_users=args.merge_users)
@@ -262,16 +302,24 @@ def _cmd_tune_user(args: argparse.Namespace) -> int:
             raise PPDError(f"The pairs hold the users {', '.join(sorted(users)[:8])}; say which one with --user."
                            if user is None else f"No pairs of user {user!r} (users: {', '.join(sorted(users)[:8])}).")
         pairs_hash = content_hash(users[user])
-        data = encode_pairs({user: users[user]}, args.effnet, args.clip_text, args.image_size, device=args.device,
-                            show_progress=not args.quiet)
+        if args.sdxl:  # SDXL's own VAE and text encoders, from its diffusers folder
+            if not Path(args.sdxl).is_dir():
+                raise PPDError(f"--pairs are images: encoding them for SDXL needs its diffusers folder (VAE and text "
+                               f"encoders), but {args.sdxl} is a file. Give the folder, or pass a prepared --data "
+                               "file.")
+            data = encode_sdxl_pairs({user: users[user]}, args.sdxl, args.image_size or 1024, device=args.device,
+                                     show_progress=not args.quiet)
+        else:
+            data = encode_pairs({user: users[user]}, args.effnet, args.clip_text, args.image_size or 768,
+                                device=args.device, show_progress=not args.quiet)
     else:
         from .dpo_data import DPOData
 
         data = DPOData.load(args.data)
     data, user = one_user(data, args.user)
-    unet = load_stage_c(args.stage_c, dtype=getattr(torch, args.dtype),
-                        config=args.stage_c_config).to(args.device)
-    data.check_fits(unet.config, args.data or "the pairs", args.stage_c)
+    unet = load_base(args.stage_c, args.stage_c_config, args.sdxl, args.sdxl_config, getattr(torch, args.dtype),
+                     keys=("--stage-c", "--sdxl")).to(args.device)
+    data.check_fits(unet.config, args.data or "the pairs", args.stage_c or args.sdxl)
     binding = PPDBinding(unet, adapter.to(args.device))
     tuner = UserTuner(binding, data, cfg, start, library)
     tokens, report = tuner.run(show_progress=not args.quiet)
@@ -309,7 +357,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppd-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("size", help="adapter parameter counts for the released Stage C lite and full")
+    p = sub.add_parser("size", help="adapter parameter counts for the released Stage C lite and full, and SDXL 1.0")
     p.add_argument("--embed-dim", type=_positive, default=3584,
                    help="user-embedding width (3584: LLaVA-OV 7B, 896: 0.5B)")
     p.add_argument("--tokens", type=_positive, default=29, help="user-embedding tokens")
@@ -337,15 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser("prepare", help="encode pairs into cached Stage C latents + CLIP-G text for training")
+    p = sub.add_parser("prepare", help="encode pairs into cached latents + text for training (Stage C or SDXL)")
     p.add_argument("--pairs", nargs="+", required=True, help="pair folders and/or Pick-a-Pic parquet shards")
     _merge_users_arg(p)
-    p.add_argument("--effnet", required=True, help="Stable Cascade's effnet_encoder.safetensors")
-    p.add_argument("--clip-text", required=True, help="local CLIP-G text encoder folder (transformers format)")
+    p.add_argument("--effnet", help="Stage C: Stable Cascade's effnet_encoder.safetensors")
+    p.add_argument("--clip-text", help="Stage C: local CLIP-G text encoder folder (transformers format)")
+    p.add_argument("--sdxl", help="or SDXL: a local diffusers folder (its vae, text encoders and tokenizers)")
     p.add_argument("--embeddings", help="embedding table from `ppd-train embed`: keeps its users, drops their "
                    "embedding pairs")
     p.add_argument("--out", required=True, help="DPO data file (.safetensors)")
-    p.add_argument("--image-size", type=_positive, default=768, help="effnet input size (768 -> 24x24 latents)")
+    p.add_argument("--image-size", type=_positive, help="image size (Stage C: 768 -> 24x24 latents; SDXL: 1024 -> "
+                   "128x128 latents)")
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
@@ -370,9 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", help="which user, when the pairs hold several")
     p.add_argument("--effnet", help="Stable Cascade's effnet_encoder.safetensors (with --pairs)")
     p.add_argument("--clip-text", help="local CLIP-G text encoder folder (with --pairs)")
-    p.add_argument("--image-size", type=_positive, default=768, help="effnet input size, as for prepare")
-    p.add_argument("--stage-c", required=True, help="Stage C: diffusers folder or Stability single file")
+    p.add_argument("--image-size", type=_positive, help="image size, as for prepare (Stage C 768, SDXL 1024)")
+    p.add_argument("--stage-c", help="Stage C: diffusers folder or Stability single file")
     p.add_argument("--stage-c-config", help="diffusers config.json, only for single files of non-standard size")
+    p.add_argument("--sdxl", help="or SDXL: diffusers folder (needed with --pairs) or single-file checkpoint")
+    p.add_argument("--sdxl-config", help="diffusers UNet config.json, only for single files not shaped like SDXL 1.0")
     p.add_argument("--adapter", required=True, help="the PPD adapter (.safetensors)")
     p.add_argument("--embedding", help="start: the user's embedding (from the embedder)")
     p.add_argument("--library", nargs="+", default=[], help="embedding tables / files of known users to mix")

@@ -1,7 +1,9 @@
-"""Cached training data: Stage C latents of preferred/dispreferred images, text conditioning, user index.
+"""Cached training data: latents of preferred/dispreferred images, text conditioning, user index, for one base model.
 
-The trainer never sees images: real datasets are encoded once (Stage C latents, CLIP-G text) into this file, and the
-synthetic world writes the same file. Captions are stored once and referenced by index.
+The trainer never sees images: real datasets are encoded once (Stage C: EfficientNet latents and CLIP-G text; SDXL: VAE
+latents, both text encoders and each pair's size/crop numbers) into this file, and the synthetic world writes the same
+file. Captions are stored once and referenced by index. The file records its base (a Stage C file, as ever, records
+none), so data is never trained on a base it was not encoded for.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adapter import BASES
 from .embedding import UserEmbedding
 from .errors import PPDError
 from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
@@ -35,10 +38,12 @@ class DPOData:
     latents_l: torch.Tensor  # [P, 16, h, w] dispreferred
     caption_idx: torch.Tensor  # [P] long
     user_idx: torch.Tensor  # [P] long
-    text: torch.Tensor  # [C, L, c] CLIP text tokens
-    pooled: torch.Tensor  # [C, 1, c] pooled CLIP text
+    text: torch.Tensor  # [C, L, c] CLIP text tokens (SDXL: both encoders' penultimate states, concatenated)
+    pooled: torch.Tensor  # [C, 1, c] pooled CLIP text (SDXL: the second encoder's)
     user_ids: list[str]
     info: dict = field(default_factory=dict)
+    time_ids: torch.Tensor | None = None  # SDXL only: [P, 6] original size, crop top-left, target size of each pair
+    base: str = "stage_c"  # the base model the data is encoded for (a key of adapter.BASES)
 
     def __post_init__(self) -> None:
         p = self.latents_w.shape[0]
@@ -52,19 +57,38 @@ class DPOData:
             if bad_type or bool((idx < 0).any()) or bool((idx >= top).any()):
                 raise PPDError(f"DPO data: '{name}' holds entries outside 0..{top - 1}; the file is damaged. "
                                "Re-create it with `ppd-train prepare`.")
-        for name in ("latents_w", "latents_l", "text", "pooled"):
+        if self.base not in BASES:
+            raise PPDError(f"DPO data: base {self.base!r} is not one of {', '.join(BASES)}; the file is damaged.")
+        if (self.time_ids is not None) != (self.base == "sdxl") or (
+                self.time_ids is not None and tuple(self.time_ids.shape) != (p, 6)):
+            raise PPDError("DPO data: SDXL data needs one row of 6 size/crop numbers per pair (time_ids), other data "
+                           "none; the file is damaged. Re-create it with `ppd-train prepare`.")
+        for name in ("latents_w", "latents_l", "text", "pooled") + (("time_ids",) if self.time_ids is not None else ()):
             if not torch.isfinite(getattr(self, name)).all():
                 raise PPDError(f"DPO data: '{name}' contains NaN or infinite values; re-encode the dataset.")
 
     def check_fits(self, unet_config, path: str | os.PathLike = "the data",
                    stage_c: str | os.PathLike = "the Stage C") -> None:
-        """Refuse data encoded for another Stage C (latent channels, CLIP widths) before torch fails deep inside."""
-        want = {"latent channels": (self.latents_w.shape[1], unet_config["in_channels"]),
-                "CLIP text width": (self.text.shape[-1], unet_config["clip_text_in_channels"]),
-                "pooled CLIP text width": (self.pooled.shape[-1], unet_config["clip_text_pooled_in_channels"])}
-        wrong = [f"{k} {have} (Stage C takes {need})" for k, (have, need) in want.items() if int(have) != int(need)]
+        """Refuse data encoded for another base model, or another model of the same base (latent channels, text
+        widths), before torch fails deep inside. ``stage_c`` names the model (a Stage C or an SDXL)."""
+        base = "sdxl" if "addition_embed_type" in unet_config else "stage_c"
+        if self.base != base:
+            raise PPDError(f"{path} holds {BASES[self.base]} data, but {stage_c} is {BASES[base]}: latents and text "
+                           f"encoded for one base mean nothing to the other. Re-run `ppd-train prepare` for "
+                           f"{BASES[base]}, or train on the {BASES[self.base]} model the data was prepared for.")
+        if base == "sdxl":
+            pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+            want = {"latent channels": (self.latents_w.shape[1], unet_config["in_channels"]),
+                    "text width": (self.text.shape[-1], unet_config["cross_attention_dim"]),
+                    "pooled text width": (self.pooled.shape[-1], pooled)}
+        else:
+            want = {"latent channels": (self.latents_w.shape[1], unet_config["in_channels"]),
+                    "CLIP text width": (self.text.shape[-1], unet_config["clip_text_in_channels"]),
+                    "pooled CLIP text width": (self.pooled.shape[-1], unet_config["clip_text_pooled_in_channels"])}
+        name = BASES[base]
+        wrong = [f"{k} {have} ({name} takes {need})" for k, (have, need) in want.items() if int(have) != int(need)]
         if wrong:
-            raise PPDError(f"{path} was encoded for another model than {stage_c}: {', '.join(wrong)}. Use the Stage C "
+            raise PPDError(f"{path} was encoded for another model than {stage_c}: {', '.join(wrong)}. Use the {name} "
                            "it was prepared for, or re-run `ppd-train prepare` with this model's text encoder.")
 
     def __len__(self) -> int:
@@ -72,11 +96,13 @@ class DPOData:
 
     def subset(self, idx: torch.Tensor) -> DPOData:
         return DPOData(self.latents_w[idx], self.latents_l[idx], self.caption_idx[idx], self.user_idx[idx], self.text,
-                       self.pooled, self.user_ids, self.info)
+                       self.pooled, self.user_ids, self.info,
+                       None if self.time_ids is None else self.time_ids[idx], self.base)
 
     def digest(self) -> str:
+        extra = () if self.time_ids is None else (self.time_ids,)  # Stage C data hashes as it always did
         return tensor_digest(self.latents_w, self.latents_l, self.caption_idx, self.user_idx, self.text, self.pooled,
-                             extra=json.dumps(self.user_ids))
+                             *extra, extra=json.dumps(self.user_ids) + ("" if self.base == "stage_c" else self.base))
 
     def user_tokens(self, table: dict[str, UserEmbedding]) -> tuple[torch.Tensor, str]:
         """Stack the users' embeddings in this data's user order -> ([U, T, D], embedder id)."""
@@ -90,8 +116,12 @@ class DPOData:
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {k: getattr(self, k) for k in ("latents_w", "latents_l", "caption_idx", "user_idx", "text", "pooled")}
-        atomic_save_safetensors(tensors, path, {METADATA_KEY: dumps_json({"user_ids": self.user_ids,
-                                                                          "info": self.info}, sort_keys=False)})
+        meta: dict = {"user_ids": self.user_ids, "info": self.info}
+        if self.base != "stage_c":  # Stage C files stay exactly what they were before SDXL existed
+            meta["base"] = self.base
+        if self.time_ids is not None:
+            tensors["time_ids"] = self.time_ids
+        atomic_save_safetensors(tensors, path, {METADATA_KEY: dumps_json(meta, sort_keys=False)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DPOData:
@@ -99,6 +129,7 @@ class DPOData:
         meta = read_json_metadata(metadata, METADATA_KEY, path, "DPO training data")
         try:
             return cls(**{k: tensors[k] for k in ("latents_w", "latents_l", "caption_idx", "user_idx", "text",
-                                                  "pooled")}, user_ids=meta["user_ids"], info=meta.get("info", {}))
+                                                  "pooled")}, user_ids=meta["user_ids"], info=meta.get("info", {}),
+                       time_ids=tensors.get("time_ids"), base=meta.get("base", "stage_c"))
         except KeyError as e:
             raise PPDError(f"{path}: DPO data is missing {e}; re-create it.") from None

@@ -1,9 +1,9 @@
 """Evaluation: PPD against the base model for each user, with fixed seeds and pluggable rewards.
 
-For every user and every evaluation seed, Stage C samples twice from the same starting noise and caption: once with
-the adapter off (the base model) and once with the user's embedding. A *win* is a higher user reward for the PPD
-sample; a *tie* (exactly equal rewards) counts as half a win, because it states no preference: an adapter that changes
-nothing scores exactly 50%, not 0% (see :func:`win_rate`). Rewards are callables
+For every user and every evaluation seed, the base model (Stage C or SDXL) samples twice from the same starting
+noise and caption: once with the adapter off (the base model) and once with the user's embedding. A *win* is a higher
+user reward for the PPD sample; a *tie* (exactly equal rewards) counts as half a win, because it states no preference:
+an adapter that changes nothing scores exactly 50%, not 0% (see :func:`win_rate`). Rewards are callables
 ``reward(user_id, latents, caption_idx) -> [B]`` — the synthetic world's, or one named in a config as
 ``"package.module:function"``.
 """
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .binding import PPDBinding
 from .embedding import UserEmbedding, interpolate
 from .errors import PPDError
-from .schedule import ddim_sample
-from .stage_c import PPDBinding
+from .schedule import ddim_sample, sdxl_ddim_sample
 
 Reward = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
 # Fidelity, where the data distribution is known (the synthetic world): ``fidelity(latents, caption_idx)`` ->
@@ -48,6 +48,7 @@ def load_reward(spec: str) -> Reward:
 class EvalConfig:
     config_version: int = 1
     stage_c: str = ""
+    sdxl: str = ""  # or an SDXL (diffusers folder or single file): one of the two
     adapter: str = ""
     embeddings: str = ""  # embedding table (ppd-train embed)
     data: str = ""  # DPO data file: captions to sample with, latent size, and which users were seen in training
@@ -61,28 +62,38 @@ class EvalConfig:
 
 @dataclass
 class Conditions:
-    """What Stage C is sampled with: captions (text tokens + pooled) and the latent shape."""
+    """What the base model is sampled with: captions (text tokens + pooled) and the latent shape."""
 
     text: torch.Tensor  # [C, L, c]
     pooled: torch.Tensor  # [C, 1, c]
-    clip_img_dim: int
-    latent_shape: tuple[int, int, int]  # (16, h, w)
+    clip_img_dim: int  # Stage C's image-prompt width (fed zeros); SDXL: unused
+    latent_shape: tuple[int, int, int]  # (16, h, w); SDXL (4, h, w)
     t_start: float = 1.0  # where sampling starts (1: the top of the noise schedule)
+    time_ids: torch.Tensor | None = None  # SDXL: the 6 size/crop numbers to sample with (original, crop, target)
 
 
 def sample(binding: PPDBinding, cond: Conditions, caption_idx: torch.Tensor, noise: torch.Tensor,
            user_tokens: torch.Tensor | None = None, weight: float = 1.0, steps: int = 20) -> torch.Tensor:
-    """Deterministic Stage C samples; ``user_tokens`` ``[B or 1, T, D]`` or None for the base model."""
+    """Deterministic samples of the base model (Stage C or SDXL); ``user_tokens`` ``[B or 1, T, D]`` or None for the
+    base model."""
     unet = binding.unet
     b = noise.shape[0]
     dev = next(unet.parameters()).device
-    kw = dict(clip_text_pooled=cond.pooled[caption_idx].to(dev), clip_text=cond.text[caption_idx].to(dev),
-              clip_img=torch.zeros(b, 1, cond.clip_img_dim, device=dev))
+    if binding.base == "sdxl":
+        if cond.time_ids is None:
+            raise PPDError("Sampling SDXL needs its size/crop numbers (Conditions.time_ids).")
+        kw: dict = dict(encoder_hidden_states=cond.text[caption_idx].to(dev),
+                        added_cond_kwargs=dict(text_embeds=cond.pooled[caption_idx, 0].to(dev),
+                                               time_ids=cond.time_ids.reshape(1, 6).expand(b, 6).to(dev)))
+        sampler: Callable[..., torch.Tensor] = sdxl_ddim_sample
+    else:
+        kw = dict(clip_text_pooled=cond.pooled[caption_idx].to(dev), clip_text=cond.text[caption_idx].to(dev),
+                  clip_img=torch.zeros(b, 1, cond.clip_img_dim, device=dev))
+        sampler = ddim_sample
     with torch.no_grad():
         kv = binding.adapter(user_tokens.to(dev)) if user_tokens is not None else None  # once per run, not per step
         with binding.user(kv, weight):
-            return ddim_sample(lambda x, t: unet(x, t, **kw).sample, noise.to(dev), steps,
-                               t_start=cond.t_start).cpu()
+            return sampler(lambda x, t: unet(x, t, **kw).sample, noise.to(dev), steps, t_start=cond.t_start).cpu()
 
 
 def _seeds(cond: Conditions, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
-from .adapter import ModelInfo
+from .adapter import ModelInfo, count_adapter_parameters
 from .errors import FileFormatError, IncompatibleError
 from .safetensors_io import read_safetensors, require_safetensors
 
@@ -118,3 +118,10 @@ def load_sdxl(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         raise FileFormatError(f"{path} is not an SDXL UNet.")
     sdxl_info(unet)  # refuse an SD 1.x/2.x UNet now, with a clear message
     return unet.eval().requires_grad_(False)
+
+
+def sdxl_adapter_parameter_count(embed_dim: int = 3584, num_tokens: int = 29) -> dict[str, int]:
+    """Trainable parameters of the default adapter for SDXL 1.0, counted on the meta device."""
+    with torch.device("meta"):
+        info = sdxl_info(UNet2DConditionModel(**sdxl_config()))
+    return count_adapter_parameters(info, embed_dim, num_tokens)

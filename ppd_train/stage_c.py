@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock, StableCascadeUNet
 
-from .adapter import KNOWN_STAGE_C, ModelInfo, PPDAdapter
+from .adapter import KNOWN_STAGE_C, ModelInfo, count_adapter_parameters
 from .binding import PPDAttnProcessor as PPDAttnProcessor  # re-exported: one binding for every base
 from .binding import PPDBinding as PPDBinding
 from .errors import FileFormatError, IncompatibleError
@@ -105,11 +105,6 @@ def load_stage_c(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
 def adapter_parameter_count(kind: str, embed_dim: int = 3584, num_tokens: int = 29) -> dict[str, int]:
     """Trainable parameters of the default adapter for a released Stage C, counted on the meta device."""
-    from .adapter import AdapterConfig
-
     with torch.device("meta"):
         info = stage_c_info(StableCascadeUNet(**stage_c_config(kind)))
-        adapter = PPDAdapter(AdapterConfig.for_model(info, embed_dim=embed_dim, num_tokens=num_tokens))
-    blocks = sum(p.numel() for p in adapter.blocks.parameters())
-    total = sum(p.numel() for p in adapter.parameters())
-    return {"blocks": blocks, "projector": total - blocks, "total": total, "block_count": len(info.block_widths)}
+    return count_adapter_parameters(info, embed_dim, num_tokens)

@@ -1,8 +1,9 @@
 """The synthetic world: the paper's synthetic-user experiment, small enough for a CPU, through the real code path.
 
-* Latents have Stage C's 16 channels at a small spatial size. Each caption has its own mean pattern; on top of it,
-  K independent **style directions** (unit vectors over channels, the same at every position, like a colour grade)
-  vary with standard normal strength. A tiny real ``StableCascadeUNet`` is pre-trained (plain epsilon loss) on this
+* Latents have the base model's channels (Stage C 16, SDXL 4; ``[world] base``) at a small spatial size. Each
+  caption has its own mean pattern; on top of it, K independent **style directions** (unit vectors over channels, the
+  same at every position, like a colour grade) vary with standard normal strength. A tiny real ``StableCascadeUNet``
+  (or SDXL ``UNet2DConditionModel``) is pre-trained (plain epsilon loss on its own noise schedule) on this
   distribution, so its samples vary along the styles.
 * A user is a unit **preference vector** over the K styles; reward = the projection of a sample's style on it. Seen
   users are trained on; unseen users are new vectors, some of them mixtures of two seen users.
@@ -20,23 +21,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
 
+from .binding import PPDBinding
 from .confidence import pair_confidence
 from .config import to_dict
 from .dpo_data import DPOData
 from .embedders.pairdiff import PairDifferenceEmbedder
 from .embedding import UserEmbedding
+from .errors import PPDError
 from .evaluate import Conditions, evaluate_users, group_summary, interpolation_curve
 from .safetensors_io import dumps_json
-from .schedule import add_noise
-from .stage_c import PPDBinding, load_stage_c
-from .tiny import build_tiny_stage_c
+from .schedule import add_noise, sdxl_add_noise, sdxl_timesteps
+from .stage_c import load_stage_c
+from .tiny import build_tiny_sdxl_unet, build_tiny_stage_c
 from .train import TrainConfig, Trainer
 
 
 @dataclass
 class WorldConfig:
+    base: str = "stage_c"  # the base model: "stage_c" (16 latent channels) or "sdxl" (4)
     k_styles: int = 4
     n_captions: int = 8
     latent_size: int = 4
@@ -51,7 +54,7 @@ class WorldConfig:
     # interpolation targets on every world of the sweep, 8 with lr 3e-3 missed on three (docs/world-sweep.md)
     embedding_views: int = 16
     embed_dim: int = 32  # output width of the fixed encoder phi
-    width: int = 32  # tiny Stage C width
+    width: int = 32  # tiny Stage C width (SDXL: its middle level's; text is this wide, pooled text half)
     pretrain_steps: int = 800
     pretrain_batch: int = 128
     pretrain_lr: float = 3e-3
@@ -102,15 +105,19 @@ class World:
     def __init__(self, cfg: WorldConfig, seed: int) -> None:
         self.cfg = cfg
         g = torch.Generator().manual_seed(seed)
+        if cfg.base not in ("stage_c", "sdxl"):
+            raise PPDError(f"world.base = {cfg.base!r}: use \"stage_c\" or \"sdxl\".")
         s, k = cfg.latent_size, cfg.k_styles
-        if k > 16:
-            raise ValueError("k_styles must be <= 16 (one direction per latent channel at most).")
-        q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
-        self.directions = q[:, :k].T.contiguous()  # [K, 16] orthonormal over channels
-        self.caption_means = 0.5 * torch.randn(cfg.n_captions, 16, s, s, generator=g)
+        ch = self.channels = 16 if cfg.base == "stage_c" else 4
+        if k > ch:
+            raise ValueError(f"k_styles must be <= {ch} (one direction per latent channel at most).")
+        q, _ = torch.linalg.qr(torch.randn(ch, ch, generator=g))
+        self.directions = q[:, :k].T.contiguous()  # [K, C] orthonormal over channels
+        self.caption_means = 0.5 * torch.randn(cfg.n_captions, ch, s, s, generator=g)
         self.text = torch.randn(cfg.n_captions, 77, cfg.width, generator=g)
-        self.pooled = torch.randn(cfg.n_captions, 1, cfg.width, generator=g)
-        self.phi = torch.randn(cfg.embed_dim, 16, generator=g) / math.sqrt(16)
+        pooled = cfg.width if cfg.base == "stage_c" else cfg.width // 2  # SDXL: the second text encoder's width
+        self.pooled = torch.randn(cfg.n_captions, 1, pooled, generator=g)
+        self.phi = torch.randn(cfg.embed_dim, ch, generator=g) / math.sqrt(ch)
         self.prefs: dict[str, torch.Tensor] = {}
         # per user: style differences [N, K] (preferred - dispreferred) of the N pairs its evaluation embedding was
         # made from (build_dataset); what those pairs truly say, for diagnosing users PPD fails
@@ -136,14 +143,22 @@ class World:
 
     def conditions(self) -> Conditions:
         s = self.cfg.latent_size
+        if self.cfg.base == "sdxl":
+            return Conditions(self.text, self.pooled, 0, (4, s, s), self.cfg.sample_t_start, self.time_ids()[0])
         return Conditions(self.text, self.pooled, self.cfg.width, (16, s, s), self.cfg.sample_t_start)
+
+    def time_ids(self, n: int = 1) -> torch.Tensor:
+        """SDXL's size/crop numbers of the world's images (8 pixels per latent, uncropped), one row per sample."""
+        size = 8.0 * self.cfg.latent_size
+        return torch.tensor([[size, size, 0.0, 0.0, size, size]]).expand(n, 6).clone()
 
     def sample_data(self, caps: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         c = self.cfg
         z = c.style_scale * torch.randn(len(caps), c.k_styles, generator=g)
         style = (z @ self.directions)[:, :, None, None]
-        return self.caption_means[caps] + style + c.noise_scale * torch.randn(len(caps), 16, c.latent_size,
-                                                                               c.latent_size, generator=g)
+        return self.caption_means[caps] + style + c.noise_scale * torch.randn(len(caps), self.channels,
+                                                                               c.latent_size, c.latent_size,
+                                                                               generator=g)
 
     def style_of(self, x: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
         """Style strengths [B, K] of latents: channel means minus the caption's, projected on the directions."""
@@ -179,9 +194,11 @@ class World:
         return PairDifferenceEmbedder(lambda xs: torch.stack(list(xs)).mean(dim=(2, 3)) @ phi.T, "synthetic-phi")
 
 
-def pretrain_base(world: World, seed: int, log=print) -> StableCascadeUNet:
-    """Plain epsilon-prediction training of a tiny real Stage C on the world's distribution."""
+def pretrain_base(world: World, seed: int, log=print) -> torch.nn.Module:
+    """Plain epsilon-prediction training of a tiny real Stage C (or SDXL) on the world's distribution."""
     c = world.cfg
+    if c.base == "sdxl":
+        return _pretrain_sdxl(world, seed, log)
     unet = build_tiny_stage_c(seed=seed, width=c.width, clip_dim=c.width).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=c.pretrain_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, c.pretrain_steps)
@@ -201,6 +218,34 @@ def pretrain_base(world: World, seed: int, log=print) -> StableCascadeUNet:
         sched.step()
         if (step + 1) % max(1, c.pretrain_steps // 4) == 0:
             log(f"  pre-train base Stage C: step {step + 1}/{c.pretrain_steps}, eps-loss {loss.item():.4f}")
+    return unet.eval()
+
+
+def _pretrain_sdxl(world: World, seed: int, log=print) -> torch.nn.Module:
+    """:func:`pretrain_base` for SDXL: its DDPM schedule, its conditioning (text, pooled text, size numbers)."""
+    c = world.cfg
+    w = c.width
+    unet = build_tiny_sdxl_unet(seed=seed, widths=(w // 2, w, 2 * w), heads=(1, 2, 4),
+                                text_widths=(w // 2, w - w // 2)).train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=c.pretrain_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, c.pretrain_steps)
+    g = torch.Generator().manual_seed(seed + 1)
+    time_ids = world.time_ids(c.pretrain_batch)
+    for step in range(c.pretrain_steps):
+        caps = torch.randint(c.n_captions, (c.pretrain_batch,), generator=g)
+        x0 = world.sample_data(caps, g)
+        t = torch.rand(c.pretrain_batch, generator=g) * 0.98 + 0.01
+        eps = torch.randn(x0.shape, generator=g)
+        pred = unet(sdxl_add_noise(x0, eps, t), sdxl_timesteps(t), world.text[caps],
+                    added_cond_kwargs=dict(text_embeds=world.pooled[caps, 0], time_ids=time_ids)).sample
+        loss = (pred - eps).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % max(1, c.pretrain_steps // 4) == 0:
+            log(f"  pre-train base SDXL: step {step + 1}/{c.pretrain_steps}, eps-loss {loss.item():.4f}")
     return unet.eval()
 
 
@@ -229,8 +274,11 @@ def build_dataset(world: World, seed: int) -> tuple[DPOData, dict[str, UserEmbed
         ls.append(lose)
         caps.append(cap)
         users.append(torch.full((c.pairs_per_user,), u, dtype=torch.long))
+    n = sum(len(x) for x in ws)
+    sdxl = c.base == "sdxl"
     data = DPOData(torch.cat(ws), torch.cat(ls), torch.cat(caps), torch.cat(users), world.text, world.pooled,
-                   list(world.seen), {"source": "synthetic", "seed": seed})
+                   list(world.seen), {"source": "synthetic", "seed": seed}, world.time_ids(n) if sdxl else None,
+                   c.base)
     return data, embeddings, torch.stack(views)
 
 
@@ -349,15 +397,16 @@ def _plot(metrics: dict, path: Path) -> bool:
 @dataclass
 class TrainedWorld:
     world: World
-    unet: StableCascadeUNet
+    unet: torch.nn.Module  # StableCascadeUNet or SDXL's UNet2DConditionModel
     data: DPOData
     embeddings: dict[str, UserEmbedding]  # every user's evaluation embedding (N pairs never trained on)
     adapter_path: Path
 
 
 def train_world(cfg: DemoConfig, log=print, show_progress: bool = True) -> TrainedWorld:
-    """The world, its pre-trained base Stage C and a PPD adapter trained on its seen users, under ``out_dir``. A run
-    that already finished there is reused (the base model and the trainer's own resume)."""
+    """The world, its pre-trained base model (Stage C, or SDXL with ``world.base = "sdxl"``) and a PPD adapter trained
+    on its seen users, under ``out_dir``. A run that already finished there is reused (the base model and the
+    trainer's own resume)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
@@ -365,15 +414,21 @@ def train_world(cfg: DemoConfig, log=print, show_progress: bool = True) -> Train
     world = World(cfg.world, cfg.seed)
     log(f"synthetic world: {cfg.world.k_styles} styles, {len(world.seen)} seen + {len(world.unseen)} unseen users, "
         f"N={cfg.world.n_embed_pairs} pairs per embedding")
-    base_dir = out / "base_stage_c"
+    base, name = cfg.world.base, "Stage C" if cfg.world.base == "stage_c" else "SDXL"
+    base_dir = out / f"base_{base}"
     if (base_dir / "config.json").is_file():
-        log("  base Stage C: reusing the pre-trained one in " + str(base_dir))
+        log(f"  base {name}: reusing the pre-trained one in {base_dir}")
     else:
-        pretrain_base(world, cfg.seed, log).save_pretrained(base_dir)
-    unet = load_stage_c(base_dir)  # the same loader as for real weights
+        pretrain_base(world, cfg.seed, log).save_pretrained(base_dir)  # type: ignore[operator]
+    if base == "sdxl":
+        from .sdxl import load_sdxl
+
+        unet: torch.nn.Module = load_sdxl(base_dir)  # the same loaders as for real weights
+    else:
+        unet = load_stage_c(base_dir)
     data, embeddings, user_tokens = build_dataset(world, cfg.seed)
     train_cfg = TrainConfig(**{**to_dict(cfg.train), "out_dir": str(out / "ppd"), "seed": cfg.seed,
-                               "stage_c": str(base_dir)})
+                               base: str(base_dir)})
     trainer = Trainer(train_cfg, unet, data, user_tokens, embeddings[world.seen[0]].embedder,
                       show_progress=show_progress)
     log(f"PPD training: {len(data)} pairs of {len(data.user_ids)} seen users ({len(trainer.heldout_ids)} held out "

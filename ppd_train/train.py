@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from .adapter import AdapterConfig, PPDAdapter, read_adapter_config, save_adapter
+from .adapter import BASES, AdapterConfig, PPDAdapter, read_adapter_config, save_adapter
+from .binding import PPDBinding, model_info
 from .checkpoint import load_latest, prune_checkpoints, save_checkpoint
 from .dpo_data import DPOData, tensor_digest
 from .errors import PPDError
 from .guards import check_finite_parameters
 from .optim import OPTIMIZERS, make_optimizer
-from .pair_step import noised_pairs, pair_loss
+from .pair_step import pair_inputs, pair_loss
 from .safetensors_io import dumps_json
-from .stage_c import PPDBinding, clip_image_dim, stage_c_info
 
 # Keys that may change between a run and its resume without changing the result.
 RESUME_FREE_KEYS = {"out_dir", "max_steps", "max_epochs", "patience", "checkpoint_every", "keep_checkpoints",
@@ -39,6 +39,8 @@ class TrainConfig:
     seed: int = 0
     stage_c: str = ""  # diffusers folder or Stability single-file .safetensors
     stage_c_config: str = ""  # diffusers config.json, only for single files of non-standard size
+    sdxl: str = ""  # or: SDXL, a diffusers folder or a single-file .safetensors checkpoint (set one of the two)
+    sdxl_config: str = ""  # diffusers UNet config.json, only for single files not shaped like SDXL 1.0
     data: str = ""  # DPO data file (see dpo_data.py)
     embeddings: str = ""  # embedding table from `ppd-train embed`
     out_dir: str = "runs/ppd"
@@ -59,8 +61,9 @@ class TrainConfig:
     t_min: float = 0.0
     t_max: float = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16
-    # The frozen Stage C's weights: auto = bf16 under mixed_precision=bf16 (as diffusers' training scripts keep a
-    # frozen network: autocast rounds its weights to bf16 for every matmul anyway; half the memory), else float32.
+    # The frozen base model's weights (Stage C or SDXL): auto = bf16 under mixed_precision=bf16 (as diffusers' training
+    # scripts keep a frozen network: autocast rounds its weights to bf16 for every matmul anyway; half the memory), else
+    # float32.
     stage_c_dtype: str = "auto"  # auto | float32 | bf16
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500
@@ -113,13 +116,14 @@ class TrainConfig:
                    "stage_c_dtype = bf16 needs mixed_precision = bf16 (bf16 weights compute under bf16 autocast)"),
                   (self.optimizer in OPTIMIZERS,
                    f"optimizer must be {' or '.join(OPTIMIZERS)} (adamw8bit keeps 8-bit moments: less memory)"),
-                  (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")]
+                  (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+                  (not (self.stage_c and self.sdxl), "set one base model, stage_c or sdxl, not both")]
         for ok, msg in checks:
             if not ok:
                 raise PPDError(f"Config: {msg}. Fix it in the config file or with --set KEY=VALUE.")
 
     def frozen_dtype(self) -> torch.dtype:
-        """The dtype the frozen Stage C is held in (``stage_c_dtype`` resolved)."""
+        """The dtype the frozen base model is held in (``stage_c_dtype`` resolved; the name is older than SDXL)."""
         bf16 = self.stage_c_dtype == "bf16" or (self.stage_c_dtype == "auto" and self.mixed_precision == "bf16")
         return torch.bfloat16 if bf16 else torch.float32
 
@@ -227,7 +231,8 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        info = stage_c_info(unet)
+        info = model_info(unet)
+        data.check_fits(unet.config, "the training data", f"the {BASES[info.base]} model")  # e.g. SDXL data on Stage C
         self.adapter_config = AdapterConfig.for_model(info, embed_dim=user_tokens.shape[-1],
                                                         num_tokens=user_tokens.shape[-2], proj_dim=cfg.proj_dim,
                                                         embedder=embedder_id)
@@ -248,7 +253,7 @@ class Trainer:
         per_epoch = len(self.train) / self.pairs_per_step
         self.val_every = cfg.val_every or min(500, max(25, round(per_epoch)))
         self.select_metric = self._selectable(cfg.select_metric)
-        self.clip_img = torch.zeros(1, 1, clip_image_dim(unet))
+        self.pair_inputs = pair_inputs(unet)  # the base's noise schedule and conditioning
         self.step, self.cursor, self.nan_run = 0, 0, 0
         self.best: dict | None = None  # {"step", "value"} of the best validation so far
         self.bad_rounds = 0  # validations since the best one
@@ -305,7 +310,7 @@ class Trainer:
         users = self.user_tokens[data.user_idx[idx], view]
         if noise:
             users = users + noise * users.std(dim=-1, keepdim=True) * torch.randn(users.shape, generator=g)
-        both = noised_pairs(data, idx, t, eps, self.clip_img, self.device)
+        both = self.pair_inputs(data, idx, t, eps, self.device)
         return both, torch.cat([users, users]).to(self.device), torch.cat([keep, keep]), eps.to(self.device)
 
     def _loss(self, inputs: dict, users: torch.Tensor, weights: torch.Tensor, eps: torch.Tensor,
@@ -438,8 +443,8 @@ class Trainer:
         if meta.get("users", self.users_hash) != self.users_hash and not force:
             raise PPDError(f"{path} was trained with other user embeddings (the embedding table was re-made or "
                            "changed). Resume with the same table, use another out_dir, or pass --force.")
-        # checkpoints from before a key ran with its old behaviour: AdamW, a float32 Stage C
-        old = {"optimizer": "adamw", "stage_c_dtype": "float32", **meta["config"]}
+        # checkpoints from before a key ran with its old behaviour: AdamW, a float32 Stage C, no SDXL
+        old = {"optimizer": "adamw", "stage_c_dtype": "float32", "sdxl": "", "sdxl_config": "", **meta["config"]}
         new = self.cfg.resume_key()
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed and not force:
@@ -517,7 +522,7 @@ class Trainer:
         selected = {"metric": "last", "step": self.step, "value": None}
         if self.best is not None:
             selected = {"metric": self.select_metric, **self.best}
-        summary = {"base_model": cfg.stage_c, "embedder": self.adapter_config.embedder, "beta": cfg.beta,
+        summary = {"base_model": cfg.stage_c or cfg.sdxl, "embedder": self.adapter_config.embedder, "beta": cfg.beta,
                    "steps": self.step, "max_steps": self.max_steps, "stopped_early": self.stopped_early,
                    "data_hash": self.data_hash, "pairs": len(self.train), "users": len(self.data.user_ids),
                    "heldout_users": self.heldout_ids, "lr": cfg.lr, "batch_pairs": self.pairs_per_step,

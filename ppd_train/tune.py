@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .binding import PPDBinding
 from .dpo_data import DPOData, tensor_digest
 from .embedding import UserEmbedding, check_compatible
 from .errors import IncompatibleError, PPDError
-from .pair_step import noised_pairs, pair_loss
-from .stage_c import PPDBinding, clip_image_dim
+from .pair_step import pair_inputs, pair_loss
 
 MODES = ("auto", "tokens", "mix", "mix+tokens")
 
@@ -161,7 +161,7 @@ class UserTuner:
             raise PPDError(f"tune-user: mode {self.mode} mixes library users; give --library, or use mode tokens.")
         self.val_idx, self.train_idx = split_pairs(len(data), cfg.val_fraction, cfg.seed)
         self.device = next(binding.unet.parameters()).device
-        self.clip_img = torch.zeros(1, 1, clip_image_dim(binding.unet))  # type: ignore[arg-type]
+        self.pair_inputs = pair_inputs(binding.unet)  # the base's noise schedule and conditioning
         self.step = 0  # over all phases
         self.interrupted = False
         self.on_step: Callable[[int], None] | None = None
@@ -170,7 +170,7 @@ class UserTuner:
     def _batch_loss(self, idx: torch.Tensor, g: torch.Generator, backward: bool):
         t = self.t_min + (self.t_max - self.t_min) * torch.rand(len(idx), generator=g)
         eps = torch.randn((len(idx), *self.data.latents_w.shape[1:]), generator=g)
-        inputs = noised_pairs(self.data, idx, t, eps, self.clip_img, self.device)
+        inputs = self.pair_inputs(self.data, idx, t, eps, self.device)
         adapter = self.binding.adapter
         if backward:
             return pair_loss(self.binding, inputs, eps, lambda: adapter(self.tokens()[None].to(self.device)),
@@ -302,4 +302,4 @@ def one_user(data: DPOData, user: str | None) -> tuple[DPOData, str]:
     idx = torch.nonzero(data.user_idx == u).flatten()
     sub = data.subset(idx)
     return DPOData(sub.latents_w, sub.latents_l, sub.caption_idx, torch.zeros(len(idx), dtype=torch.long), sub.text,
-                   sub.pooled, [user], sub.info), user
+                   sub.pooled, [user], sub.info, sub.time_ids, sub.base), user

@@ -398,6 +398,43 @@ def case_data_other_stage_c(ctx: Ctx) -> str:
     return cli_refused(ctx, *ctx.fit_args(None, f"data={ctx.tmp / 'data.safetensors'}"))
 
 
+def case_data_other_base(ctx: Ctx) -> str:
+    from ppd_train.dpo_data import DPOData
+
+    data = DPOData.load(ctx.files / "data.safetensors")
+    n = len(data)
+    DPOData(torch.zeros(n, 4, 4, 4), torch.ones(n, 4, 4, 4), data.caption_idx, data.user_idx, data.text, data.pooled,
+            data.user_ids, time_ids=torch.full((n, 6), 32.0), base="sdxl").save(ctx.tmp / "sdxl_data.safetensors")
+    return cli_refused(ctx, *ctx.fit_args(None, f"data={ctx.tmp / 'sdxl_data.safetensors'}"))
+
+
+def case_two_bases(ctx: Ctx) -> str:
+    return cli_refused(ctx, *ctx.fit_args(None, f"sdxl={ctx.files / 'stage_c'}"))
+
+
+def case_prepare_no_encoders(ctx: Ctx) -> str:
+    return cli_refused(ctx, "prepare", "--pairs", str(ctx.tmp), "--out", str(ctx.tmp / "d.safetensors"))
+
+
+def case_sdxl_file_not_sdxl(ctx: Ctx) -> str:
+    from safetensors.torch import save_file
+
+    from ppd_train.sdxl import load_sdxl
+
+    save_file({"clip_txt_mapper.weight": torch.zeros(2, 2)}, ctx.tmp / "stage_c.safetensors")  # a Stage C single file
+    return refused(lambda: load_sdxl(ctx.tmp / "stage_c.safetensors"))
+
+
+def case_adapter_other_base(ctx: Ctx) -> str:
+    from ppd_train.adapter import AdapterConfig, PPDAdapter
+    from ppd_train.binding import PPDBinding, model_info
+    from ppd_train.tiny import build_tiny_sdxl_unet, build_tiny_stage_c
+
+    stage_c = build_tiny_stage_c(seed=0)
+    adapter = PPDAdapter(AdapterConfig.for_model(model_info(stage_c), embed_dim=8, num_tokens=2))
+    return refused(lambda: PPDBinding(build_tiny_sdxl_unet(seed=0), adapter))
+
+
 def case_embed_zero_pairs(ctx: Ctx) -> str:
     return cli_refused(ctx, "embed", "--pairs", str(ctx.tmp), "--out", str(ctx.tmp / "t.safetensors"), "--clip",
                        str(ctx.tmp), "--n-pairs", "0")
@@ -1254,6 +1291,23 @@ CASES = [
          '48 (Stage C takes 32), pooled CLIP text width 48 (Stage C takes 32). Use the '
          "Stage C it was prepared for, or re-run `ppd-train prepare` with this model's text "
          'encoder.', case_data_other_stage_c),
+    Case("data-other-base", "SDXL DPO data given to `fit` with a Stage C", "CLI", "refused",
+         "…/sdxl_data.safetensors holds SDXL data, but …/stage_c is Stage C: latents and text encoded for one base "
+         "mean nothing to the other. Re-run `ppd-train prepare` for Stage C, or train on the SDXL model the data was "
+         "prepared for.", case_data_other_base),
+    Case("two-bases", "`fit` with both `stage_c` and `sdxl` set", "CLI", "refused",
+         "Config: set one base model, stage_c or sdxl, not both. Fix it in the config file or with --set KEY=VALUE.",
+         case_two_bases),
+    Case("prepare-no-encoders", "`prepare` with neither Stage C's encoders nor an SDXL folder", "CLI", "refused",
+         "prepare needs the base model's encoders: --effnet and --clip-text (Stage C), or --sdxl (an SDXL diffusers "
+         "folder, for its VAE and text encoders).", case_prepare_no_encoders),
+    Case("sdxl-file-not-sdxl", "a single file that is not an SDXL checkpoint given as SDXL", "API", "refused",
+         "…/stage_c.safetensors has no 'model.diffusion_model.label_emb.*' weights: it is not a single-file SDXL "
+         "checkpoint (for a diffusers folder, pass the folder).", case_sdxl_file_not_sdxl),
+    Case("adapter-other-base", "a Stage C adapter attached to an SDXL model", "API", "refused",
+         "the adapter was made for Stage C custom (4 attention blocks, width 32), but the SDXL model is SDXL custom "
+         "(11 attention blocks, width 32/64). Load the model the adapter was trained on, or pick an adapter for this "
+         "model.", case_adapter_other_base),
     Case("embed-zero-pairs", "`ppd-train embed --n-pairs 0`", "CLI", "refused", 'ppd-train embed: error: argument '
          '--n-pairs: must be >= 1, got 0',
          case_embed_zero_pairs),
