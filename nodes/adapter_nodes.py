@@ -80,7 +80,9 @@ class PPDAdapterLoader:
 
 class PPDApplyAdapter:
     DESCRIPTION = ("Adds a user's taste to a Stable Cascade Stage C or SDXL MODEL, for the stock KSampler or any "
-                   "other sampler. The negative/unconditional pass gets no user.")
+                   "other sampler. The negative/unconditional pass gets no user. Chain it twice for two users; on "
+                   "SDXL, put IP-Adapter / InstantID nodes before it (PPD keeps their attention patches, they do not "
+                   "keep PPD's).")
     CATEGORY = f"{CATEGORY}/sampling"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
