@@ -1,6 +1,6 @@
-"""PPD Adapter Loader, Apply PPD Adapter (MODEL -> MODEL) and the PPD Stage C Sampler.
+"""PPD Adapter Loader, Apply PPD Adapter (MODEL -> MODEL, Stage C or SDXL) and the PPD Stage C Sampler.
 
-The Stage C patching itself lives in ``stage_c_patch.py`` (imported only inside ComfyUI).
+The patching itself lives in ``stage_c_patch.py`` and ``sdxl_patch.py`` (imported only inside ComfyUI).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..ppd_train.adapter import load_adapter
+from ..ppd_train.errors import IncompatibleError
 from . import folders
 from .checks import check_strength, strength_problem
 from .sockets import ADAPTER, CATEGORY, EMBEDDING, NamedAdapter, tip
@@ -19,7 +20,7 @@ def load_named_adapter(path: Path, name: str) -> NamedAdapter:
 
 def _strength_inputs() -> dict:
     return {
-        "weight": ("FLOAT", tip("How strongly the user's taste steers Stage C. 0 = Stable Cascade exactly.",
+        "weight": ("FLOAT", tip("How strongly the user's taste steers the model. 0 = the model exactly.",
                                 default=1.0, min=0.0, max=3.0, step=0.05)),
         "start_percent": ("FLOAT", tip("Sampling progress where the user starts to count (0 = first step).",
                                        default=0.0, min=0.0, max=1.0, step=0.01)),
@@ -30,10 +31,29 @@ def _strength_inputs() -> dict:
 
 def _user_inputs() -> dict:
     return {
-        "ppd_adapter": (ADAPTER, tip("From PPD Adapter Loader; it must match the Stage C (lite/full) and the "
-                                     "embedder that made the user embedding.")),
+        "ppd_adapter": (ADAPTER, tip("From PPD Adapter Loader; it must match the model (Stage C lite/full or SDXL) "
+                                     "and the embedder that made the user embedding.")),
         "user_embedding": (EMBEDDING, tip("From VLM User Embedder, Load User Embedding or Embedding Interpolate.")),
     }
+
+
+def apply_to_model(model, adapter: NamedAdapter, embedding, weight: float, start_percent: float, end_percent: float):
+    """Apply PPD Adapter on whichever base the MODEL is: Stage C through object patches, SDXL through ComfyUI's attn2
+    patches; the adapter's own base is checked against it there."""
+    from comfy.ldm.cascade.stage_c import StageC
+
+    from . import sdxl_patch, stage_c_patch
+
+    if sdxl_patch.is_sdxl(model):
+        binding = sdxl_patch
+    elif isinstance(model.get_model_object("diffusion_model"), StageC):
+        binding = stage_c_patch
+    else:
+        raise IncompatibleError(
+            f"Apply PPD Adapter needs a Stable Cascade Stage C or an SDXL model, got {type(model.model).__name__}. "
+            "Connect the MODEL of the Stage C checkpoint (stable_cascade_stage_c / lite) or of an SDXL checkpoint, "
+            "not Stage B or another model.")
+    return binding.apply_adapter(model, adapter, embedding, weight, start_percent, end_percent)
 
 
 class PPDAdapterLoader:
@@ -59,17 +79,20 @@ class PPDAdapterLoader:
 
 
 class PPDApplyAdapter:
-    DESCRIPTION = ("Adds a user's taste to a Stable Cascade Stage C MODEL, for the stock KSampler or any other "
-                   "sampler. The negative/unconditional pass gets no user.")
+    DESCRIPTION = ("Adds a user's taste to a Stable Cascade Stage C or SDXL MODEL, for the stock KSampler or any "
+                   "other sampler. The negative/unconditional pass gets no user. Chain it twice for two users; on "
+                   "SDXL, put IP-Adapter / InstantID nodes before it (PPD keeps their attention patches, they do not "
+                   "keep PPD's).")
     CATEGORY = f"{CATEGORY}/sampling"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("Stage C with the user's attention added (the input model is left unchanged).",)
+    OUTPUT_TOOLTIPS = ("The model with the user's attention added (the input model is left unchanged).",)
     FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", tip("The Stage C MODEL (stable_cascade_stage_c or lite)."))}
+        return {"required": {"model": ("MODEL", tip("The Stage C MODEL (stable_cascade_stage_c or lite) or an SDXL "
+                                                    "MODEL (Load Checkpoint); the adapter must be made for it."))}
                 | _user_inputs() | _strength_inputs()}
 
     @classmethod
@@ -80,9 +103,7 @@ class PPDApplyAdapter:
 
     def apply(self, model, ppd_adapter, user_embedding, weight, start_percent, end_percent):
         check_strength(_strength_inputs(), weight, start_percent, end_percent)
-        from .stage_c_patch import apply_adapter
-
-        return (apply_adapter(model, ppd_adapter, user_embedding, weight, start_percent, end_percent),)
+        return (apply_to_model(model, ppd_adapter, user_embedding, weight, start_percent, end_percent),)
 
 
 class PPDStageCSampler:
@@ -125,7 +146,12 @@ class PPDStageCSampler:
         check_strength(_strength_inputs(), weight, start_percent, end_percent)
         from nodes import common_ksampler  # ComfyUI's own KSampler path (top-level 'nodes' is ComfyUI's module)
 
+        from .sdxl_patch import is_sdxl
         from .stage_c_patch import apply_adapter
+
+        if is_sdxl(model):
+            raise IncompatibleError("The PPD Stage C Sampler samples Stable Cascade Stage C, and this MODEL is SDXL. "
+                                    "For SDXL use Apply PPD Adapter and the stock KSampler.")
 
         patched = apply_adapter(model, ppd_adapter, user_embedding, weight, start_percent, end_percent)
         return common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,

@@ -250,8 +250,13 @@ def tune_in_comfyui(pairs, model, clip, vae, adapter: NamedAdapter, start: UserE
 
     from ..ppd_train.stage_c import PPDBinding
     from ..ppd_train.tune import TuneConfig, UserTuner
+    from .sdxl_patch import is_sdxl
     from .stage_c_patch import stage_c_of
 
+    if is_sdxl(model):  # SDXL's encoders (VAE latents, two text encoders, size rows) are not wired to ComfyUI's yet
+        raise IncompatibleError("Tune User Embedding works on Stable Cascade Stage C only for now; this MODEL is SDXL. "
+                                "Tune an SDXL user outside ComfyUI with `ppd-train tune-user --sdxl <your SDXL "
+                                "diffusers folder>`; the VLM User Embedder and Apply PPD Adapter work on SDXL here.")
     _, info = stage_c_of(model)
     check_fit(adapter, info, start)
     cfg = TuneConfig(mode="tokens", max_steps=steps, lr=lr, batch_size=batch_size, seed=seed)

@@ -1,10 +1,17 @@
-"""The ComfyUI binding's logic without ComfyUI: which batch rows get which weight, and the patched attention module.
+"""The ComfyUI binding's logic without ComfyUI: which batch rows get which weight, and the patched attention.
 
-ComfyUI calls each Stage C attention block's ``attn`` (an ``OptimizedAttention``: ``to_q/to_k/to_v/out_proj`` around
-a native attention on merged heads) with ``transformer_options`` that say which batch chunks are the unconditional
-pass (``cond_or_uncond``: 0 = cond, 1 = uncond) and the current ``sigmas``. :class:`UserAttention` is the drop-in that
-``nodes/stage_c_patch.py`` swaps in: the block's own projections, plus every stacked user's ``w * Attn(q, K_u, V_u)``
-added before ``out_proj`` by :func:`ppd_train.adapter.apply_user_attention`, the function the diffusers binding uses.
+ComfyUI tells each attention layer which batch chunks are the unconditional pass (``cond_or_uncond``: 0 = cond,
+1 = uncond) and the current ``sigmas``. Every stacked user adds ``w * Attn(q, K_u, V_u)`` before the layer's output
+projection through :func:`ppd_train.adapter.apply_user_attention`, the function the diffusers binding uses. Two ways
+in, one per base:
+
+- Stage C: ComfyUI's attention patches never reach it, so :class:`UserAttention` is a drop-in for each attention
+  block's ``attn`` (an ``OptimizedAttention``: ``to_q/to_k/to_v/out_proj`` around a native attention on merged heads)
+  that ``nodes/stage_c_patch.py`` swaps in.
+- SDXL: :class:`UserAttn2` is an ``attn2_replace`` patch (ComfyUI's own mechanism, what IP-Adapter packs use), called
+  with the cross-attention's projected ``q, k, v`` and ``extra_options``; ComfyUI applies ``to_out`` to what it
+  returns. ``nodes/sdxl_patch.py`` registers one per ``attn2``.
+
 The native attention is passed in, so nothing here imports ComfyUI and ``make test`` checks all of it.
 """
 
@@ -15,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .adapter import ModelInfo, PPDAdapter, UserKV, apply_user_attention, check_base, check_embedding
+from .adapter import BASES, ModelInfo, PPDAdapter, UserKV, apply_user_attention, check_base, check_embedding
 from .embedding import UserEmbedding
 from .errors import IncompatibleError
 
@@ -77,6 +84,17 @@ class SamplingUser:
         return weights
 
 
+def add_users(out: torch.Tensor, q: torch.Tensor, index: int, users: Sequence[SamplingUser],
+              attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+              transformer_options: dict) -> torch.Tensor:
+    """``out`` (layer ``index``'s attention, before its output projection) plus every user's weighted term."""
+    for user in users:
+        weights = user.row_weights(out.shape[0], transformer_options)
+        kv = user.kv(q.device, q.dtype)
+        out = apply_user_attention(out, q, kv.keys[index], kv.values[index], weights, attend)
+    return out
+
+
 class UserAttention(torch.nn.Module):
     """Drop-in for Stage C's ``OptimizedAttention``: identical when no user is active, plus the users' terms."""
 
@@ -104,11 +122,7 @@ class UserAttention(torch.nn.Module):
         def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
             return self.attention(q_, k_, v_, self.heads, transformer_options=transformer_options)
 
-        for user in self.users:
-            weights = user.row_weights(out.shape[0], transformer_options)
-            kv = user.kv(q.device, q.dtype)
-            out = apply_user_attention(out, q, kv.keys[self.index], kv.values[self.index], weights, attend)
-        return self.out_proj(out)
+        return self.out_proj(add_users(out, q, self.index, self.users, attend, transformer_options))
 
 
 def stacked(current: torch.nn.Module, index: int, user: SamplingUser, attention: NativeAttention) -> UserAttention:
@@ -118,12 +132,57 @@ def stacked(current: torch.nn.Module, index: int, user: SamplingUser, attention:
     return UserAttention(current, index, [user], attention)
 
 
+# ComfyUI's ``attn2_replace`` patch: ``(q, k, v, extra_options) -> attention output before to_out``.
+Attn2Patch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+class UserAttn2:
+    """``attn2_replace`` patch for cross-attention layer ``index``: the layer's own attention (or the patch that was
+    registered there before, e.g. another pack's, whose result is kept) plus every stacked user's term.
+
+    ComfyUI has already projected ``q, k, v`` with the layer's ``to_q/to_k/to_v`` and applies its ``to_out`` to the
+    result, so rows without a user are exactly what ComfyUI's own ``CrossAttention`` computes. Immutable: stacking
+    makes a new patch, and ``ModelPatcher.clone()`` (which deep-copies ``model_options``) shares this one.
+    """
+
+    def __init__(self, index: int, users: Sequence[SamplingUser], attention: NativeAttention,
+                 previous: Attn2Patch | None = None) -> None:
+        self.index = index
+        self.users = tuple(users)
+        self.attention = attention
+        self.previous = previous
+
+    def __deepcopy__(self, memo: dict) -> UserAttn2:
+        return self  # no state changes after construction; a copy would duplicate the users' cached K_u, V_u
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        heads, precision = extra_options["n_heads"], extra_options.get("attn_precision")
+        if self.previous is None:  # what CrossAttention.forward does between its projections
+            out = self.attention(q, k, v, heads, attn_precision=precision, transformer_options=extra_options)
+        else:
+            out = self.previous(q, k, v, extra_options)
+
+        def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
+            return self.attention(q_, k_, v_, heads, attn_precision=precision, transformer_options=extra_options)
+
+        return add_users(out, q, self.index, self.users, attend, extra_options)
+
+
+def stacked_attn2(current: Attn2Patch | None, index: int, user: SamplingUser,
+                  attention: NativeAttention) -> UserAttn2:
+    """The patch for layer ``index`` with ``user`` added on top of ``current`` (our users, or a foreign patch)."""
+    if isinstance(current, UserAttn2):
+        return UserAttn2(index, [*current.users, user], attention, current.previous)
+    return UserAttn2(index, [user], attention, current)
+
+
 def sampling_user(adapter: PPDAdapter, adapter_name: str, model: ModelInfo, embedding: UserEmbedding, weight: float,
                   start_percent: float, end_percent: float,
                   percent_to_sigma: Callable[[float], float]) -> SamplingUser | None:
     """Check that adapter, model and embedding fit and the window is sane; None when the user changes nothing
     (weight 0 or an empty window), so the caller can return a plain clone, bit-identical to the base model."""
-    check_base(adapter.config, model, f"PPD adapter '{adapter_name}'", "the connected Stage C")
+    connected = "the connected Stage C" if model.base == "stage_c" else f"the connected {BASES[model.base]} model"
+    check_base(adapter.config, model, f"PPD adapter '{adapter_name}'", connected)
     check_embedding(adapter.config, tuple(embedding.tokens.shape), embedding.embedder, f"PPD adapter '{adapter_name}'")
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise IncompatibleError(f"start_percent ({start_percent}) must be <= end_percent ({end_percent}), both in "

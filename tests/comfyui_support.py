@@ -98,15 +98,18 @@ def execution_error(entry: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------- assets
 TINY_VLM = "tiny-llava"
 ADAPTER = "tiny_ppd.safetensors"  # lives in a folder named only by extra_model_paths.yaml
+SDXL_ADAPTER = "tiny_ppd_sdxl.safetensors"  # for the fixture pack's tiny SDXL, in models/ppd_adapters
 
 
-def tiny_adapter(comfy, embed_dim: int, num_tokens: int, embedder: str, seed: int = 1):
-    """An adapter for the fixture pack's tiny Stage C with every weight non-zero (as after training)."""
+def tiny_adapter(comfy, embed_dim: int, num_tokens: int, embedder: str, seed: int = 1, info=None):
+    """An adapter for the fixture pack's tiny Stage C (or the model ``info`` describes) with every weight non-zero
+    (as after training)."""
     import torch
 
     adapter_mod = importlib.import_module("ppd_pack.ppd_train.adapter")
     tiny = comfy["fixtures"].TINY_C
-    info = adapter_mod.ModelInfo((tiny["c_hidden"][0],) * 4, (tiny["nhead"][0],) * 4)
+    if info is None:
+        info = adapter_mod.ModelInfo((tiny["c_hidden"][0],) * 4, (tiny["nhead"][0],) * 4)
     adapter = adapter_mod.PPDAdapter(adapter_mod.AdapterConfig.for_model(info, embed_dim, num_tokens,
                                                                            embedder=embedder))
     g = torch.Generator().manual_seed(seed)
@@ -150,6 +153,12 @@ def write_assets(base: Path, comfy) -> dict:
     adapters.mkdir(parents=True)
     t, d = ben.tokens.shape
     adapter_mod.save_adapter(tiny_adapter(comfy, d, t, ben.embedder), adapters / ADAPTER)
+    sdxl = comfy["fixtures"].tiny_sdxl()
+    comfy["fixtures"].write_tiny_sdxl(str(models / "diffusion_models"))
+    sdxl_info = importlib.import_module(f"{pack}.nodes.sdxl_patch").sdxl_of(sdxl)[1]
+    (models / "ppd_adapters").mkdir(parents=True)
+    adapter_mod.save_adapter(tiny_adapter(comfy, d, t, ben.embedder, info=sdxl_info), models / "ppd_adapters" /
+                             SDXL_ADAPTER)
     extra_yaml = base / "extra_model_paths.yaml"
     extra_yaml.write_text(f"ppd_test:\n  base_path: {base / 'extra'}\n  ppd_adapters: adapters\n")
     return {"extra_yaml": extra_yaml, "ben": ben}

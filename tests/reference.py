@@ -42,6 +42,13 @@ def comfy_attn_block(x, clip, kv_mapper, attn, self_attn=True, transformer_optio
     return x + out.permute(0, 2, 1).view(*x.shape)
 
 
+def comfy_attn2_replaced(x, context, attn, patch, extra_options):
+    """ComfyUI's ``BasicTransformerBlock`` cross-attention with an ``attn2_replace`` patch (attention.py): the layer's
+    own ``to_q/to_k/to_v``, then the patch, then its ``to_out``; ``attn`` holds the weights (diffusers' names)."""
+    q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
+    return attn.to_out[0](patch(q, k, v, extra_options))
+
+
 # ------------------------------------------------------------------------------------------------- float64 references
 def attention64(q, k, v, heads: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v per head, written out, in float64; merged heads in and out."""

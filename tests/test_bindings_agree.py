@@ -1,16 +1,19 @@
 """Both bindings give the same attention-block output for the same weights, without ComfyUI: diffusers' Stage C block
 with the training binding (PPDBinding) against ComfyUI's AttnBlock call shape (tests/reference.py) with the module the
-nodes patch in (ppd_train.user_attention). The full check on ComfyUI's own classes is in tests/comfyui."""
+nodes patch in (ppd_train.user_attention); and every SDXL cross-attention against ComfyUI's attn2_replace call shape
+with the patch the nodes register. The full check on ComfyUI's own classes is in tests/comfyui."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers import trained_looking_adapter
-from reference import OptimizedAttention, comfy_attention, comfy_attn_block
+from reference import OptimizedAttention, comfy_attention, comfy_attn2_replaced, comfy_attn_block
 
+from ppd_train.binding import model_info
+from ppd_train.sdxl import sdxl_attention_layers
 from ppd_train.stage_c import PPDBinding, attention_blocks
-from ppd_train.user_attention import SamplingUser, stacked
+from ppd_train.user_attention import SamplingUser, stacked, stacked_attn2
 
 
 def _comfy_twin(block, index, users):
@@ -77,3 +80,40 @@ def test_cfg_batches_and_stacked_users_agree(tiny_unet):
     torch.testing.assert_close(comfy_a, only_a, rtol=1e-5, atol=1e-6)
     assert torch.equal(comfy_a[0], comfy_attn_block(x, clip, block.kv_mapper, _comfy_twin(block, index, [])[0])[0])
     torch.testing.assert_close(comfy_ab, only_a + only_b - vanilla, rtol=1e-5, atol=1e-5)
+
+
+def _native(q, k, v, heads, attn_precision=None, transformer_options=None):
+    return comfy_attention(q, k, v, heads)
+
+
+def test_every_sdxl_cross_attention_gives_the_same_output_in_both_bindings(tiny_sdxl):
+    """diffusers' attn2 with the training binding against ComfyUI's attn2_replace path with the nodes' patch: the same
+    output for one and for two stacked users, on the conditional rows of a [cond, uncond] batch; the uncond rows are
+    the base model's."""
+    adapter = trained_looking_adapter(tiny_sdxl)
+    a_tokens, b_tokens = (torch.randn(5, 24, generator=torch.Generator().manual_seed(s)) for s in (8, 9))
+    a, b = SamplingUser(adapter, a_tokens, 0.7, 1e9, 0.0), SamplingUser(adapter, b_tokens, 1.3, 1e9, 0.0)
+    binding = PPDBinding(tiny_sdxl, adapter)
+    layers = sdxl_attention_layers(tiny_sdxl)
+    assert len(layers) == len(model_info(tiny_sdxl).block_widths) == 11
+    g = torch.Generator().manual_seed(2)
+    for index, (_, attn) in enumerate(layers):
+        x = torch.randn(2, 6, attn.to_q.in_features, generator=g)
+        context = torch.randn(2, 77, attn.to_k.in_features, generator=g)
+        options = {"cond_or_uncond": [0, 1], "sigmas": torch.tensor([1.0, 1.0]), "n_heads": attn.heads,
+                   "attn_precision": None}
+        one = stacked_attn2(None, index, a, _native)
+        two = stacked_attn2(one, index, b, _native)
+        with torch.no_grad():
+            vanilla = attn(x, encoder_hidden_states=context)
+            with binding.user(adapter(a_tokens), torch.tensor([0.7, 0.0])):
+                only_a = attn(x, encoder_hidden_states=context)
+            with binding.user(adapter(b_tokens), torch.tensor([1.3, 0.0])):
+                only_b = attn(x, encoder_hidden_states=context)
+            comfy_a = comfy_attn2_replaced(x, context, attn, one, options)
+            comfy_ab = comfy_attn2_replaced(x, context, attn, two, options)
+        torch.testing.assert_close(comfy_a, only_a, rtol=1e-5, atol=1e-6)
+        # to_out is linear, so two users before it add up: only_a + only_b - vanilla
+        torch.testing.assert_close(comfy_ab, only_a + only_b - vanilla, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(comfy_ab[1], vanilla[1], rtol=1e-5, atol=1e-6)
+        assert (only_a[0] - vanilla[0]).abs().max() > 1e-3, index  # the user really changes the layer

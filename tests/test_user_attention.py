@@ -10,7 +10,15 @@ from reference import OptimizedAttention, attention64, comfy_attention, linear64
 from ppd_train.adapter import AdapterConfig, ModelInfo, PPDAdapter
 from ppd_train.embedding import UserEmbedding
 from ppd_train.errors import IncompatibleError
-from ppd_train.user_attention import SamplingUser, UserAttention, row_weights, sampling_user, stacked
+from ppd_train.user_attention import (
+    SamplingUser,
+    UserAttention,
+    UserAttn2,
+    row_weights,
+    sampling_user,
+    stacked,
+    stacked_attn2,
+)
 
 WIDTH, HEADS, TOKENS, EMBED = 8, 2, 3, 6
 INFO = ModelInfo((WIDTH,) * 3, (HEADS,) * 3)
@@ -227,3 +235,66 @@ def test_patched_attention_in_bf16_stays_bf16_and_near_the_reference():
         want = _reference_output(base64, 0, [user], q, q, q, options)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.05)
+
+
+# ------------------------------------------------------------------------------ SDXL: ComfyUI's attn2_replace patch
+def _native(q, k, v, heads, attn_precision=None, transformer_options=None):
+    """ComfyUI's ``optimized_attention`` as CrossAttention calls it (the precision argument is ignored here)."""
+    return comfy_attention(q, k, v, heads)
+
+
+@pytest.mark.parametrize("sigma", [20.0, 5.0, 1.0])  # neither user, user A only, both users
+def test_attn2_patch_matches_the_float64_reference(sigma):
+    """ComfyUI hands the patch the cross-attention's projected q, k, v and applies to_out itself: the patch returns
+    Attn(q, K, V) plus each user's weighted term, and exactly the native attention on rows without a user."""
+    a = SamplingUser(_adapter(1), _tokens(1), 0.7, sigma_start=10.0, sigma_end=0.5)
+    b = SamplingUser(_adapter(2), _tokens(2), 1.5, sigma_start=2.0, sigma_end=0.0)
+    patch = stacked_attn2(stacked_attn2(None, 1, a, _native), 1, b, _native)
+    assert patch.users == (a, b) and patch.previous is None and patch.index == 1
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(4, 5, WIDTH, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(4, 7, WIDTH, generator=g, dtype=torch.float64) for _ in range(2))
+    options = {"cond_or_uncond": [1, 0], "sigmas": torch.full((4,), sigma), "n_heads": HEADS, "attn_precision": None}
+    got = patch(q, k, v, options)
+    plain = comfy_attention(q, k, v, HEADS)
+    want = attention64(q, k, v, HEADS)
+    for user in (a, b):
+        w = row_weights64(user.weight, 4, [1, 0], sigma, user.sigma_start, user.sigma_end)
+        k_u, v_u = user_kv64(user.adapter, user.tokens, 1)
+        want = want + torch.tensor(w, dtype=torch.float64).view(-1, 1, 1) * attention64(
+            q, k_u.expand(4, -1, -1), v_u.expand(4, -1, -1), HEADS)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[:2], plain[:2])  # the unconditional chunk is the native attention, bit for bit
+    assert torch.equal(got, plain) if sigma > 10.0 else (got[2:] - plain[2:]).abs().max() > 1e-2
+
+
+def test_attn2_patch_keeps_the_patch_that_was_there_and_survives_model_option_copies():
+    """A patch another pack registered on the layer keeps running, with the users added to its result (stacking
+    keeps it too); ComfyUI's clone() deep-copies model_options, which shares the immutable patch."""
+    import copy
+
+    seen = []
+
+    def foreign(q, k, v, extra_options):
+        seen.append(extra_options)
+        return 2 * comfy_attention(q, k, v, extra_options["n_heads"])
+
+    a, b = (SamplingUser(_adapter(s), _tokens(s), 1.0, 10.0, 0.0) for s in (1, 2))
+    patch = stacked_attn2(stacked_attn2(foreign, 0, a, _native), 0, b, _native)
+    assert isinstance(patch, UserAttn2) and patch.previous is foreign and patch.users == (a, b)
+    q = torch.randn(2, 5, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    options = {"cond_or_uncond": [1, 0], "sigmas": torch.tensor([1.0]), "n_heads": HEADS}
+    got = patch(q, q, q, options)
+    assert len(seen) == 1 and seen[0] is options
+    assert torch.equal(got[0], 2 * comfy_attention(q, q, q, HEADS)[0])  # uncond: exactly the foreign patch's result
+    assert not torch.equal(got[1], 2 * comfy_attention(q, q, q, HEADS)[1])
+    holder = {"patches_replace": {"attn2": {("input", 1, 0): patch}}}
+    assert copy.deepcopy(holder)["patches_replace"]["attn2"][("input", 1, 0)] is patch
+
+
+def test_sampling_user_names_the_connected_base():
+    adapter, emb = _adapter(1), _embedding()
+    with pytest.raises(IncompatibleError, match=r"'a' was made for Stage C custom .*, but the connected SDXL model is "
+                                                r"SDXL custom \(3 attention blocks"):
+        sampling_user(adapter, "a", ModelInfo(INFO.block_widths, INFO.block_heads, base="sdxl"), emb, 1.0, 0.0, 1.0,
+                      _percent_to_sigma)

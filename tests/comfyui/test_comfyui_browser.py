@@ -55,11 +55,33 @@ def ui_server(tmp_path_factory, comfy):
                                                               target_is_directory=True)
     (base / "models" / "diffusion_models").mkdir(parents=True)
     comfy["fixtures"].write_tiny_cascade(str(base / "models" / "diffusion_models"))
+    _write_tiny_sdxl_assets(base / "models", comfy)
     extra = base / "extra_model_paths.yaml"
     extra.write_text("{}\n")
     server = ComfyServer(base, extra)
     yield server
     server.stop()
+
+
+SDXL_ADAPTER, SDXL_USER = "tiny_ppd_sdxl.safetensors", "sdxl_user.safetensors"
+
+
+def _write_tiny_sdxl_assets(models: Path, comfy) -> None:
+    """The fixture pack's tiny SDXL, an adapter for it and a user embedding, in the server's default folders."""
+    import importlib
+
+    import torch
+    from comfyui_support import tiny_adapter
+
+    adapter_mod = importlib.import_module("ppd_pack.ppd_train.adapter")
+    embedding_mod = importlib.import_module("ppd_pack.ppd_train.embedding")
+    comfy["fixtures"].write_tiny_sdxl(str(models / "diffusion_models"))
+    info = importlib.import_module("ppd_pack.nodes.sdxl_patch").sdxl_of(comfy["fixtures"].tiny_sdxl())[1]
+    (models / "ppd_adapters").mkdir(parents=True)
+    adapter_mod.save_adapter(tiny_adapter(comfy, 24, 5, "test", info=info), models / "ppd_adapters" / SDXL_ADAPTER)
+    (models / "ppd_embeddings").mkdir(parents=True)
+    embedding_mod.UserEmbedding(torch.randn(5, 24, generator=torch.Generator().manual_seed(4)), "test").save(
+        models / "ppd_embeddings" / SDXL_USER)
 
 
 @pytest.fixture(scope="module")
@@ -445,3 +467,68 @@ def test_a_batch_without_images_b_is_asked_pair_by_pair(ui_server):
     entry = ui_server.wait(answer["prompt_id"], 60)
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert len((ui_server.base / "input" / "scripted" / "batch" / "pairs.jsonl").read_text().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------ SDXL + the picker
+SDXL = next(w for w in WORKFLOWS if w.stem == "ppd_sdxl_personalised")
+SWAP_SDXL_TO_TINY_AND_PICK = """
+// The shipped SDXL workflow with Load Checkpoint swapped for the fixture pack's tiny SDXL (MODEL, VAE) and the text
+// encoders for its SDXL-shaped conditioning, two 64 px candidates, and Save Image replaced by the Preference Picker.
+const [setName, adapterName, userName] = arguments;
+const g = app.graph;
+const targets = (node, slot) => (node.outputs[slot].links || []).map(id => g.links[id]).filter(Boolean)
+  .map(l => [g.getNodeById(l.target_id), l.target_slot]);
+const replace = (old, type, outputs) => {
+  const n = LiteGraph.createNode(type);
+  g.add(n);
+  n.pos = [...old.pos];
+  for (const [from, to] of outputs) for (const [t, slot] of targets(old, from)) n.connect(to, t, slot);
+  g.remove(old);
+  return n;
+};
+const ckpt = g._nodes.find(n => n.type === 'CheckpointLoaderSimple');
+replace(ckpt, 'PPDTestTinySDXL', [[0, 0], [2, 1]]).widgets[0].value = 'tiny_sdxl_unet.safetensors';
+let prompt = null;
+for (const enc of g._nodes.filter(n => n.type === 'CLIPTextEncode')) {
+  const text = enc.widgets[0].value;
+  prompt = prompt ?? text;  // the first encoder is the positive prompt
+  replace(enc, 'PPDTestSDXLConditioning', [[0, 0]]).widgets[0].value = text;
+}
+const set = (type, values) => g._nodes.filter(n => n.type === type).forEach(n =>
+  Object.entries(values).forEach(([k, v]) => { n.widgets.find(w => w.name === k).value = v; }));
+set('EmptyLatentImage', {width: 64, height: 64, batch_size: 2});
+set('KSampler', {steps: 3});
+set('PPDAdapterLoader', {adapter_name: adapterName});
+set('PPDLoadUserEmbedding', {embedding: userName});
+const save = g._nodes.find(n => n.type === 'SaveImage');
+const picker = LiteGraph.createNode('PPDPreferencePicker');
+g.add(picker);
+picker.pos = [...save.pos];
+g.getNodeById(g.links[save.inputs[0].link].origin_id).connect(0, picker, 0);
+g.remove(save);
+set('PPDPreferencePicker', {pair_set: setName, prompt: prompt});
+app.canvas.draw(true, true);
+return prompt;
+"""
+
+
+def test_sdxl_workflow_with_the_picker_in_the_browser(page, ui_server):
+    """The shipped SDXL workflow (Apply PPD Adapter before the stock KSampler), on the tiny SDXL, queued with the Run
+    button: the picker shows the two SDXL candidates and the click on A is saved."""
+    assert isinstance(_load(page, json.loads(SDXL.read_text())), list)
+    prompt = page.execute_script(SWAP_SDXL_TO_TINY_AND_PICK, "sdxl_browser_picks", SDXL_ADAPTER, SDXL_USER)
+    pid = _run(page, ui_server)
+    shown = _dialog(page)
+    assert shown["prompt"] == prompt and "pair 1 of 1" in shown["title"]
+    _click(page, "A")
+    entry = ui_server.wait(pid, 60)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    _dialog_closed(page, shown["request_id"])
+    folder = ui_server.base / "input" / "sdxl_browser_picks"
+    (row,) = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+    from PIL import Image
+
+    with Image.open(folder / row["chosen"]) as chosen, Image.open(ui_server.base / "temp" / "ppd_picker" /
+                                                                  shown["a"]) as a:
+        assert row["prompt"] == prompt and chosen.size == (64, 64)
+        assert chosen.convert("RGB").tobytes() == a.convert("RGB").tobytes()  # A was clicked: A is the chosen one

@@ -67,7 +67,7 @@ def test_object_info_lists_every_node_with_tooltips_and_pinned_inputs(comfy_serv
         for section in sections:
             for name, entry in section.items():
                 assert len(entry) > 1 and entry[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
-    assert info["PPDAdapterLoader"]["input"]["required"]["adapter_name"][0] == [ADAPTER]  # via extra_model_paths
+    assert ADAPTER in info["PPDAdapterLoader"]["input"]["required"]["adapter_name"][0]  # via extra_model_paths
     assert TINY_VLM in info["PPDVLMLoader"]["input"]["required"]["model"][0]
     assert {"anna", "ben", "broken"} <= set(info["PPDPreferencePairLoader"]["input"]["required"]["source"][0])
 
@@ -120,6 +120,7 @@ def test_shipped_workflows_convert_and_validate(comfy_server, workflow):
 
     models = comfy_server.base / "models"
     for rel in ("checkpoints/stable_cascade_stage_c.safetensors", "checkpoints/stable_cascade_stage_b.safetensors",
+                "checkpoints/sd_xl_base_1.0.safetensors", "ppd_adapters/ppd_adapter_sdxl.safetensors",
                 "vae/effnet_encoder.safetensors", "ppd_adapters/ppd_adapter.safetensors",
                 "ppd_embeddings/ppd/user_00001.safetensors",
                 "ppd_embeddings/ppd/anna_00001.safetensors", "ppd_embeddings/ppd/ben_00001.safetensors",

@@ -1,5 +1,5 @@
-"""Test-only ComfyUI pack: tiny Stable Cascade Stage C / B / A built with ComfyUI's own classes, and a text-free
-conditioning node. Loaded next to the PPD pack by the real-ComfyUI integration tests; never shipped.
+"""Test-only ComfyUI pack: tiny Stable Cascade Stage C / B / A and a tiny SDXL UNet built with ComfyUI's own classes,
+and a text-free conditioning node. Loaded next to the PPD pack by the real-ComfyUI integration tests; never shipped.
 
 ComfyUI detects Stage C lite/full by width, so tiny checkpoints cannot go through CheckpointLoaderSimple; this pack
 loads them the way ``comfy.sd.load_diffusion_model_state_dict`` does, with a tiny config.
@@ -26,6 +26,16 @@ TINY_B = dict(stable_cascade_stage="b", c_in=4, c_out=4, c_r=64, patch_size=2, c
               nhead=[-1, 2], blocks=[[1, 1], [1, 1]], block_repeat=[[1, 1], [1, 1]], level_config=["CT", "CTA"],
               c_clip=TEXT_WIDTH, c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=[0.0, 0.0],
               self_attn=True, t_conds=["sca"])
+# SDXL's structure (ComfyUI's UNetModel as comfy.model_detection describes SDXL: linear transformers, "sequential"
+# ADM of pooled text + 6 size embeddings of 256) at 2 levels of width 32/64: 10 cross-attention layers (input 1 + 2,
+# middle 1, output 2 + 2 + 1 + 1), 2 and 4 heads.
+TINY_SDXL = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=32,
+                 num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 2], transformer_depth_middle=1,
+                 transformer_depth_output=[1, 1, 2, 2], context_dim=TEXT_WIDTH, adm_in_channels=TEXT_WIDTH + 6 * 256,
+                 num_classes="sequential", use_spatial_transformer=True, legacy=False, use_linear_in_transformer=True,
+                 use_temporal_attention=False, use_temporal_resblock=False)
+SDXL_HEAD_CHANNELS = 16
+SDXL_FILE = "tiny_sdxl_unet.safetensors"
 FILES = {"c": "tiny_stage_c.safetensors", "b": "tiny_stage_b.safetensors", "a": "tiny_stage_a.safetensors"}
 
 
@@ -75,6 +85,29 @@ def load_stage(path: str, stage: str, dtype: torch.dtype = torch.float32):
     cfg = _model_config(stage, dtype)
     model = cfg.get_model(sd, "")
     model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def sdxl_config(dtype: torch.dtype = torch.float32, unet_config: dict | None = None):
+    """ComfyUI's own SDXL model config (``comfy.supported_models.SDXL``) with the tiny UNet (or ``unet_config``)."""
+    cfg = comfy.supported_models.SDXL(TINY_SDXL if unet_config is None else unet_config)
+    cfg.unet_config["num_head_channels"] = SDXL_HEAD_CHANNELS  # SDXL's 64 would leave the tiny widths no heads
+    cfg.set_inference_dtype(dtype, None)
+    return cfg
+
+
+def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32, state_dict: dict | None = None,
+              unet_config: dict | None = None):
+    """A tiny SDXL MODEL (``comfy.model_base.SDXL`` in a ModelPatcher): seeded weights, or ``state_dict`` (ComfyUI's
+    UNet keys, without the ``model.diffusion_model.`` prefix)."""
+    cfg = sdxl_config(dtype, unet_config)
+    model = cfg.get_model({})
+    if state_dict is None:
+        _seeded_(model.diffusion_model, seed)
+    else:
+        model.diffusion_model.load_state_dict(state_dict)
+    model.diffusion_model.to(dtype)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
@@ -154,6 +187,40 @@ class PPDTestTinyCascade:
         return (load_stage(f"{folder}/{stage_c}", "c"), load_stage(f"{folder}/{FILES['b']}", "b"), vae)
 
 
+def tiny_sdxl_vae(seed: int = 0):
+    """ComfyUI's SD/SDXL VAE class (``AutoencoderKL``, 4 latent channels, 8x down) at width 32, seeded weights."""
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    vae = AutoencoderKL(embed_dim=4, ddconfig=ddconfig)
+    _seeded_(vae, seed)
+    sd = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+    return comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}})
+
+
+class PPDTestTinySDXL:
+    """The tiny SDXL from a file in diffusion_models, and a tiny SDXL-shaped VAE: what Load Checkpoint gives for a
+    real SDXL (a tiny one cannot go through it, since ComfyUI detects SDXL by its real sizes)."""
+
+    CATEGORY = "PPD test fixtures"
+    RETURN_TYPES = ("MODEL", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"unet": (folder_paths.get_filename_list("diffusion_models"),)}}
+
+    def load(self, unet):
+        sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("diffusion_models", unet))
+        return (tiny_sdxl(state_dict=sd), tiny_sdxl_vae())
+
+
+def write_tiny_sdxl(folder: str, seed: int = 0) -> None:
+    sd = tiny_sdxl(seed).model.diffusion_model.state_dict()
+    comfy.utils.save_torch_file({k: v.contiguous() for k, v in sd.items()}, f"{folder}/{SDXL_FILE}")
+
+
 def text_conditioning(text: str):
     """Deterministic CLIP-G-shaped conditioning from a text hash (tiny width): tokens [1, 77, W], pooled [1, 1, W]."""
     seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
@@ -161,6 +228,25 @@ def text_conditioning(text: str):
     tokens = torch.randn(1, 77, TEXT_WIDTH, generator=g)
     pooled = torch.randn(1, 1, TEXT_WIDTH, generator=g)
     return [[tokens, {"pooled_output": pooled}]]
+
+
+def sdxl_conditioning(text: str):
+    """The same tokens as :func:`text_conditioning`, with the pooled output ``[1, W]`` as SDXL's ADM reads it."""
+    [[tokens, extra]] = text_conditioning(text)
+    return [[tokens, {"pooled_output": extra["pooled_output"].reshape(1, -1)}]]
+
+
+class PPDTestSDXLConditioning:
+    CATEGORY = "PPD test fixtures"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"default": "", "multiline": True})}}
+
+    def encode(self, text):
+        return (sdxl_conditioning(text),)
 
 
 class PPDTestTextConditioning:
@@ -176,4 +262,5 @@ class PPDTestTextConditioning:
         return (text_conditioning(text),)
 
 
-NODE_CLASS_MAPPINGS = {"PPDTestTinyCascade": PPDTestTinyCascade, "PPDTestTextConditioning": PPDTestTextConditioning}
+NODE_CLASS_MAPPINGS = {"PPDTestTinyCascade": PPDTestTinyCascade, "PPDTestTextConditioning": PPDTestTextConditioning,
+                       "PPDTestTinySDXL": PPDTestTinySDXL, "PPDTestSDXLConditioning": PPDTestSDXLConditioning}
