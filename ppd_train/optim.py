@@ -1,6 +1,6 @@
 """The adapter's optimizer, chosen by ``TrainConfig.optimizer``: torch's AdamW, or AdamW with 8-bit moments.
 
-``adamw8bit`` keeps both AdamW moments as 8-bit codes with one float32 scale per block of 256 values (about 2 bytes
+``adamw8bit`` keeps both AdamW moments as 8-bit codes with three float32 scales per block of 256 values (2.05 bytes
 per parameter instead of 8): the update itself runs in float32 on the dequantized moments, exactly AdamW's rule, and
 only what is carried to the next step is rounded. Plain torch, no compiler and no extra dependency, so it runs
 wherever the trainer runs; its state is ordinary int8/uint8/float32 tensors, which the safetensors checkpoint stores
@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .errors import FileFormatError
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 BLOCK = 256  # values per absmax scale: a block's largest value sets its resolution, so outliers stay local
@@ -40,9 +42,21 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-# First moment: signed, stored as sign * sqrt(|m| / absmax) on 127 levels. Second moment: stored as its square root
-# s = sqrt(v) (what the update divides by), as sqrt(s / absmax) on 255 levels. The square-root companding spends the
-# levels near zero, where a linear code would round small second moments to 0 and turn m / sqrt(v) into m / eps.
+# Both moments are kept bias-corrected, as AdamW's update uses them. The second as its square root s = sqrt(v_hat) (what
+# the update divides by), on a log scale between the block's smallest and largest nonzero value: every value keeps the
+# same relative resolution, one code = (max / min)**(1/254): 0.9% over one decade, 5.6% over six, 9.5% over the widest
+# span allowed (ROOT_DECADES). So a block whose gradients span six decades keeps its smallest ones, where a code
+# without that range (square-root companding, before issue 25) rounded them to 0 and turned m / sqrt(v) into m / eps.
+# The first moment is kept as its ratio to s as stored, r = m_hat / s: the step in units of lr (about 1 at most),
+# signed, companded as sign * sqrt(|r| / absmax) on 127 levels. It needs no range of its own: a small gradient's m is
+# as small as its s, and its step's error is a share of lr whatever the gradient's scale.
+ROOT_DECADES = 10  # a block's log scale spans at most this many decades below its largest value
+ROOT_SPAN_STEP = math.log(10) / 2  # its span is a whole number of half decades
+ROOT_FLOOR = 1e-2  # ... and starts no lower than this times eps: below it, s moves the denominator s + eps by < 1%
+STATE_KEYS = {"step", "exp_avg", "exp_avg_sq",  # float32 moments of small tensors (and of torch's AdamW)
+              "exp_avg_ratio_codes", "exp_avg_ratio_scale", "exp_avg_sq_root_codes", "exp_avg_sq_root_range"}
+
+
 def quantize_signed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = _blocks(x)
     unit = blocks.abs()
@@ -56,15 +70,28 @@ def dequantize_signed(codes: torch.Tensor, scale: torch.Tensor, like: torch.Tens
     return _unblock(unit.abs().mul_(unit).mul_(scale[:, None] / 127**2), like)
 
 
-def quantize_unsigned(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_root(x: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of ``x`` >= 0: 0 for exactly 0, else 1-255 log-spaced from the block's ``lo`` to ``hi`` (returned as
+    an (n, 2) range). ``lo`` is the smallest nonzero value, raised to ``floor`` and to hi / 10**ROOT_DECADES: a value
+    under it rounds up to it, which can only shrink that value's step."""
     blocks = _blocks(x)
-    scale = blocks.amax(dim=1, keepdim=True).clamp_min_(_TINY)
-    return (blocks / scale).sqrt_().mul_(255).round_().to(torch.uint8), scale.squeeze(1)
+    hi = blocks.amax(dim=1, keepdim=True).clamp_min_(_TINY)
+    lo = torch.where(blocks > 0, blocks, hi).amin(dim=1, keepdim=True)
+    # the span rounded up to whole steps, so that the scale moves with hi alone while the smallest value jitters:
+    # each move of the scale re-rounds every code, and a code that has stopped moving keeps what the move gave it
+    lo = hi * hi.div(lo).log_().div_(ROOT_SPAN_STEP).ceil_().mul_(-ROOT_SPAN_STEP).exp_()
+    lo = torch.maximum(lo, hi * 10.0**-ROOT_DECADES).clamp_min_(floor)
+    hi = torch.maximum(hi, lo)
+    span = hi.div(lo).log_().clamp_min_(_TINY)
+    codes = blocks.div(lo).log_().div_(span).mul_(254).round_().clamp_(0, 254).add_(1)
+    return codes.masked_fill_(blocks <= 0, 0).to(torch.uint8), torch.cat([lo, hi], dim=1)
 
 
-def dequantize_unsigned(codes: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def dequantize_root(codes: torch.Tensor, bounds: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    lo, hi = bounds[:, :1], bounds[:, 1:]
     unit = codes.float()
-    return _unblock(unit.square_().mul_(scale[:, None] / 255**2), like)
+    out = unit.sub(1).div_(254).mul_(hi.div(lo).log_()).exp_().mul_(lo)
+    return _unblock(out.masked_fill_(unit == 0, 0), like)
 
 
 def _blocks(x: torch.Tensor) -> torch.Tensor:
@@ -98,10 +125,11 @@ def _store(quantized: tuple[torch.Tensor, torch.Tensor], codes: torch.Tensor, sc
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction, torch's defaults) with blockwise 8-bit moments.
 
-    State per parameter: ``step`` and, for tensors of at least ``MIN_8BIT_SIZE`` values, ``exp_avg_codes`` (int8),
-    ``exp_avg_scale``, ``exp_avg_sq_codes`` (uint8, of sqrt(v)) and ``exp_avg_sq_scale`` (float32, one per block);
-    smaller tensors keep float32 ``exp_avg`` / ``exp_avg_sq``. Each step dequantizes ``CHUNK_BLOCKS`` blocks at a
-    time, so the float32 working copy is a few MiB whatever the adapter's size.
+    State per parameter: ``step`` and, for tensors of at least ``MIN_8BIT_SIZE`` values, ``exp_avg_ratio_codes``
+    (int8, of m / sqrt(v)) with ``exp_avg_ratio_scale`` (float32, one per block) and ``exp_avg_sq_root_codes`` (uint8,
+    of sqrt(v)) with ``exp_avg_sq_root_range`` (float32, the log scale's ends per block); smaller tensors keep float32
+    ``exp_avg`` / ``exp_avg_sq``. Each step dequantizes ``CHUNK_BLOCKS`` blocks at a time, so the float32 working copy
+    is a few MiB whatever the adapter's size.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -126,8 +154,8 @@ class AdamW8bit(torch.optim.Optimizer):
                     if p.numel() < MIN_8BIT_SIZE:
                         state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
                     else:
-                        state["exp_avg_codes"], state["exp_avg_scale"] = quantize_signed(zeros)
-                        state["exp_avg_sq_codes"], state["exp_avg_sq_scale"] = quantize_unsigned(zeros)
+                        state["exp_avg_ratio_codes"], state["exp_avg_ratio_scale"] = quantize_signed(zeros)
+                        state["exp_avg_sq_root_codes"], state["exp_avg_sq_root_range"] = quantize_root(zeros, 0.0)
                 state["step"] += 1
                 hyper = (lr, betas, eps, wd, state["step"])
                 if "exp_avg" in state:
@@ -135,21 +163,46 @@ class AdamW8bit(torch.optim.Optimizer):
                     continue
                 # on a CPU a chunk at a time, so the ~40 passes over the float32 working copy stay in cache (2-3x
                 # faster than whole tensors); an accelerator takes each tensor at once, one kernel launch per pass
-                flat, grad, n = p.view(-1), p.grad.view(-1), state["exp_avg_scale"].numel()
+                flat, grad, n = p.view(-1), p.grad.view(-1), state["exp_avg_ratio_scale"].numel()
                 chunk = CHUNK_BLOCKS if p.device.type == "cpu" else n
                 for a in range(0, n, chunk):
                     b = a + chunk
                     blocks = slice(a, b)
                     part = flat[a * BLOCK:b * BLOCK]
-                    m = dequantize_signed(state["exp_avg_codes"][blocks], state["exp_avg_scale"][blocks], part)
-                    v = dequantize_unsigned(state["exp_avg_sq_codes"][blocks], state["exp_avg_sq_scale"][blocks],
-                                            part).square_()
-                    root = _adamw(part, grad[a * BLOCK:b * BLOCK].float(), m, v, *hyper)
-                    _store(quantize_signed(m), state["exp_avg_codes"], state["exp_avg_scale"], blocks)
-                    _store(quantize_unsigned(root), state["exp_avg_sq_codes"], state["exp_avg_sq_scale"], blocks)
+                    root, m = self._load(state, blocks, part, betas, state["step"] - 1)
+                    root = _adamw(part, grad[a * BLOCK:b * BLOCK].float(), m, root.square_(), *hyper)
+                    self._save(state, blocks, part, betas, state["step"], m, root, eps)
         return loss
 
+    @staticmethod
+    def _load(state: dict, blocks: slice, part: torch.Tensor, betas: tuple[float, float],
+              t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 sqrt(v) and m after step ``t`` (zeros at t = 0)."""
+        root = dequantize_root(state["exp_avg_sq_root_codes"][blocks], state["exp_avg_sq_root_range"][blocks], part)
+        m = dequantize_signed(state["exp_avg_ratio_codes"][blocks], state["exp_avg_ratio_scale"][blocks], part)
+        m.mul_(root).mul_(1 - betas[0] ** t)
+        return root.mul_(math.sqrt(1 - betas[1] ** t)), m
+
+    @staticmethod
+    def _save(state: dict, blocks: slice, part: torch.Tensor, betas: tuple[float, float], t: int, m: torch.Tensor,
+              root: torch.Tensor, eps: float) -> None:
+        root_hat = root.div_(math.sqrt(1 - betas[1] ** t))
+        _store(quantize_root(root_hat, ROOT_FLOOR * eps), state["exp_avg_sq_root_codes"],
+               state["exp_avg_sq_root_range"], blocks)
+        # divided by the root as stored, so that m comes back as ratio * root with the ratio's rounding alone
+        root_hat = dequantize_root(state["exp_avg_sq_root_codes"][blocks], state["exp_avg_sq_root_range"][blocks],
+                                   part)
+        ratio = m.div_(1 - betas[0] ** t).div_(root_hat).masked_fill_(root_hat == 0, 0)  # 0: all gradients were 0
+        _store(quantize_signed(ratio), state["exp_avg_ratio_codes"], state["exp_avg_ratio_scale"], blocks)
+
     def load_state_dict(self, state_dict: dict) -> None:
+        unknown = sorted({k for s in state_dict["state"].values() for k in s} - STATE_KEYS)
+        if unknown:  # e.g. exp_avg_scale: the sqrt-companded codes before issue 25, read as these they would be wrong
+            raise FileFormatError(
+                f"the optimizer state holds {', '.join(unknown)}, which this version's adamw8bit does not store: 8-bit "
+                "AdamW moments from an earlier PPD (their code changed: the second moment is now log-scaled) cannot "
+                "be continued here. Finish that run with the version that started it, or train it again from the "
+                "start (another out_dir, or --no-resume).")
         # torch's loader casts every state tensor of a float parameter to that parameter's dtype, which would turn the
         # codes into float32 (four times their size, for the whole adapter at once): set them aside and put them back
         codes = {i: {k: v for k, v in s.items() if k.endswith("_codes")} for i, s in state_dict["state"].items()}
