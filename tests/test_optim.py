@@ -94,15 +94,21 @@ def _steps_against_adamw(grads, steps: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.stack(d32), torch.stack(d8)
 
 
+def six_decades_against_adamw(top: float, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every block holds gradient scales from 10**top down to 10**(top - 6), each value keeping its sign (times 0.5
+    to 1.5): each step's update of fp32 AdamW and of the 8-bit one, and the scales. tests/test_bad_inputs.py too."""
+    g = torch.Generator().manual_seed(0)
+    n = optim.MIN_8BIT_SIZE
+    scale = 10 ** (top - 6 * torch.rand(n, generator=g)) * (torch.randint(0, 2, (n,), generator=g) * 2.0 - 1)
+    noise = 1 + 0.5 * (2 * torch.rand(steps, n, generator=g) - 1)
+    return *_steps_against_adamw(lambda t: scale * noise[t], steps), scale
+
+
 @pytest.mark.parametrize("top", [0.0, -4.0])  # -4: the smallest gradients (1e-10) lie far below AdamW's eps (1e-8)
 def test_a_block_spanning_six_decades_steps_like_adamw(top):
-    # every block holds gradient scales from 10**top down to 10**(top - 6), each value keeping its sign: fp32 AdamW
-    # moves each by about lr (or, below eps, by a small fraction of it); the 8-bit moments must keep the small ones
-    g = torch.Generator().manual_seed(0)
-    n, steps = optim.MIN_8BIT_SIZE, 300
-    scale = 10 ** (top - 6 * torch.rand(n, generator=g)) * (torch.randint(0, 2, (n,), generator=g) * 2.0 - 1)
-    noise = 1 + 0.5 * (2 * torch.rand(steps, n, generator=g) - 1)  # 0.5x to 1.5x: the sign never flips
-    d32, d8 = _steps_against_adamw(lambda t: scale * noise[t], steps)
+    # fp32 AdamW moves each value by about lr (or, below eps, by a small fraction of it); the 8-bit moments must keep
+    # the small ones
+    d32, d8, scale = six_decades_against_adamw(top, steps=300)
     ratio = d8.abs() / d32.abs()
     assert (d8.sign() == d32.sign()).all()
     # the bound docs/performance.md states: no value steps more than 1.5x what AdamW steps (measured: at most 1.36x
