@@ -53,6 +53,7 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
 ROOT_DECADES = 10  # a block's log scale spans at most this many decades below its largest value
 ROOT_SPAN_STEP = math.log(10) / 2  # its span is a whole number of half decades
 ROOT_FLOOR = 1e-2  # ... and starts no lower than this times eps: below it, s moves the denominator s + eps by < 1%
+STATE_BYTES = 2 + 3 * 4 / BLOCK  # per value: two 1-byte codes, and per block one ratio scale and the root's two ends
 STATE_KEYS = {"step", "exp_avg", "exp_avg_sq",  # float32 moments of small tensors (and of torch's AdamW)
               "exp_avg_ratio_codes", "exp_avg_ratio_scale", "exp_avg_sq_root_codes", "exp_avg_sq_root_range"}
 

@@ -127,7 +127,7 @@ def test_state_is_a_quarter_of_adamw():
     state = opt.state[w]
     assert state["exp_avg_ratio_codes"].dtype == torch.int8 and state["exp_avg_sq_root_codes"].dtype == torch.uint8
     size = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-    assert size / w.numel() == pytest.approx(2 + 12 / optim.BLOCK)  # 8 bytes -> 2.05 per value (3 scales per block)
+    assert size / w.numel() == pytest.approx(optim.STATE_BYTES) == 2 + 12 / 256  # 8 bytes -> 2.05 per value
 
 
 def test_checkpoint_round_trip_continues_bit_for_bit(tmp_path):
