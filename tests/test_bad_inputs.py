@@ -372,13 +372,14 @@ def case_resume_earlier_8bit_state(ctx: Ctx) -> str:
     newest = sorted((ctx.tmp / "run" / "checkpoints").glob("step-*.safetensors"))[-1]
     with safe_open(str(newest), framework="pt") as f:
         metadata = f.metadata()
-    # the same state under the names PPD gave its square-root codes before issue 25 (one scale per block)
+    # the state as PPD wrote its square-root codes before issue 25: these names, one scale per block and no span
     earlier = {"exp_avg_ratio_codes": "exp_avg_codes", "exp_avg_ratio_scale": "exp_avg_scale",
-               "exp_avg_sq_root_codes": "exp_avg_sq_codes", "exp_avg_sq_root_range": "exp_avg_sq_scale"}
+               "exp_avg_sq_root_codes": "exp_avg_sq_codes", "exp_avg_sq_root_scale": "exp_avg_sq_scale"}
     tensors = {}
     for key, value in load_file(newest).items():
         head, name = key.rsplit(".", 1)
-        tensors[f"{head}.{earlier.get(name, name)}"] = value[:, 1].contiguous() if name.endswith("_range") else value
+        if name != "exp_avg_sq_root_span":
+            tensors[f"{head}.{earlier.get(name, name)}"] = value
     save_file(tensors, newest, metadata)
     return cli_refused(ctx, *ctx.fit_args(None, "optimizer=adamw8bit", "max_steps=5"))
 

@@ -32,11 +32,11 @@ def test_the_root_code_keeps_every_value_to_its_relative_resolution():
     s = torch.cat([torch.logspace(-5.9, 0, optim.BLOCK)[torch.randperm(optim.BLOCK, generator=g)],
                    torch.logspace(-0.9, 0, optim.BLOCK), torch.rand(17, generator=g) + 0.5, torch.zeros(optim.BLOCK)])
     s[5] = 0.0  # an exact zero (a value that never had a gradient) stays exactly 0
-    codes, bounds = optim.quantize_root(s, floor=0.0)
-    assert codes.dtype == torch.uint8 and bounds.shape == (4, 2)
-    back = optim.dequantize_root(codes, bounds, s)
+    codes, scale, span = optim.quantize_root(s, floor=0.0)
+    assert codes.dtype == torch.uint8 and scale.shape == (4,) and span.tolist() == [12, 2, 1, 0]  # half decades
+    back = optim.dequantize_root(codes, scale, span, s)
     assert back[5] == 0 and torch.equal(back[-optim.BLOCK:], torch.zeros(optim.BLOCK))
-    lo, hi = bounds[:3].unbind(1)
+    hi, lo = scale[:3], scale[:3] * 10 ** (-span[:3].float() / 2)
     smallest = torch.tensor([10**-5.9, 10**-0.9, s[2 * optim.BLOCK:-optim.BLOCK].min()])
     assert torch.equal(hi, torch.tensor([1.0, 1.0, s[2 * optim.BLOCK:-optim.BLOCK].max()]))  # the largest is exact
     assert (lo <= smallest).all() and (lo > smallest / 10**0.5).all()  # the span: whole half decades
@@ -52,6 +52,8 @@ def test_the_root_code_keeps_every_value_to_its_relative_resolution():
         [1.0, 1e-10, 1e-10, 0.0], rel=1e-5)
     assert optim.dequantize_root(*optim.quantize_root(tiny, floor=0.0), tiny)[2] == pytest.approx(
         10.0**-optim.ROOT_DECADES, rel=1e-5)
+    same = torch.full((optim.BLOCK,), 0.25)  # a block of one value: a scale of no span, exact
+    assert torch.equal(optim.dequantize_root(*optim.quantize_root(same, floor=0.0), same), same)
 
 
 def _regression(make, steps: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +129,7 @@ def test_state_is_a_quarter_of_adamw():
     state = opt.state[w]
     assert state["exp_avg_ratio_codes"].dtype == torch.int8 and state["exp_avg_sq_root_codes"].dtype == torch.uint8
     size = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-    assert size / w.numel() == pytest.approx(optim.STATE_BYTES) == 2 + 12 / 256  # 8 bytes -> 2.05 per value
+    assert size / w.numel() == pytest.approx(optim.STATE_BYTES) == 2 + 9 / 256  # 8 bytes -> 2.04 per value
 
 
 def test_checkpoint_round_trip_continues_bit_for_bit(tmp_path):
