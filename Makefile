@@ -36,6 +36,7 @@ bench: venv
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/embedding_throughput.py --out $(BENCH_OUT)/embedding_throughput.json
 	$(PY) benchmarks/training_scaling.py --out $(BENCH_OUT)/training_scaling.json
 	$(PY) benchmarks/optimizer_step.py --out $(BENCH_OUT)/optimizer_step.json
+	$(PY) benchmarks/optimizer_accuracy.py --out $(BENCH_OUT)/optimizer_accuracy.json
 	$(PY) benchmarks/plot.py $(BENCH_OUT) --out $(BENCH_OUT)/performance.svg
 
 # Tests against a real ComfyUI (docs/testing-comfyui.md): COMFYUI_DIR=<checkout> make test-comfyui COMFYUI_PYTHON=<its python>

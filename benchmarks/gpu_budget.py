@@ -6,7 +6,7 @@ Nothing here needs a GPU. The table is the sum of per-component sizes:
   under ``mixed_precision = "bf16"`` ``ppd-train fit`` holds the frozen Stage C in bf16 (``stage_c_dtype = "auto"``,
   as diffusers' training scripts hold a frozen network; ``total_gib_fp32_stage_c`` is the same row with
   ``stage_c_dtype = "float32"``) and the adapter's parameters and gradients in float32; the optimizer state is
-  8 bytes per adapter parameter for AdamW and 2 + 8/256 for ``adamw8bit`` (ppd_train/optim.py).
+  8 bytes per adapter parameter for AdamW and 2 + 12/256 for ``adamw8bit`` (ppd_train/optim.py).
 - **activations**: measured on the CPU at lite width in float32 by ``dpo_step.py`` (peak minus weights, gradients and
   optimizer state, 1 pair = 2 images at 24x24 latents = 1024 px) and by ``--forward`` here (one no-grad Stage C
   forward, batch 2 = one image with CFG). bf16 stores them in half the bytes; full Stage C is scaled by its width x
@@ -29,15 +29,15 @@ import torch
 from measure import in_fresh_process, peak_memory_mib  # noqa: E402  (same folder)
 from sampler_overhead import build, stage_c_inputs  # noqa: E402
 
+from ppd_train import optim
 from ppd_train.adapter import AdapterConfig, PPDAdapter
-from ppd_train.optim import BLOCK
 from ppd_train.stage_c import stage_c_info
 
 GIB, MIB = 2**30, 2**20
 OVERHEAD_GIB = 1.0
 CARDS = (8, 12, 16, 24)
 SCALE = {"lite": 1.0, "full": (2048 * 64) / (1536 * 32)}
-STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2 * (1 + 4 / BLOCK)}
+STATE_BYTES = {"adamw": 8.0, "adamw8bit": optim.STATE_BYTES}
 
 
 def fit(gib: float, card: int) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FileFormatError
+from .errors import FileFormatError, PPDError
 from .safetensors_io import atomic_save_safetensors, dumps_json, read_json_metadata, read_safetensors
 
 METADATA_KEY = "ppd_checkpoint"
@@ -83,6 +83,8 @@ def _apply(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict
         per_param.setdefault(int(i), {})[name] = v
     try:
         optimizer.load_state_dict({"state": per_param, "param_groups": meta["optimizer"]["param_groups"]})
+    except PPDError as e:  # the optimizer's own refusal, already saying why and what to do
+        raise FileFormatError(f"{path}: {e}") from None
     except (ValueError, KeyError) as e:
         raise FileFormatError(f"{path}: optimizer state does not fit this adapter ({e}).") from None
     return meta

@@ -77,7 +77,7 @@ def test_kill_and_resume_gives_the_same_adapter(tmp_path, world_data, optimizer,
     straight_trainer = _trainer(_cfg(tmp_path / "a", optimizer=optimizer), world_data)
     straight = straight_trainer.run()
     state = next(iter(straight_trainer.optimizer.state.values()))
-    assert ("exp_avg_codes" in state) == (optimizer == "adamw8bit")
+    assert ("exp_avg_ratio_codes" in state) == (optimizer == "adamw8bit")
 
     def kill(step):
         if step == 5:
