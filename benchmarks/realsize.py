@@ -492,6 +492,8 @@ def main() -> None:
     ap.add_argument("--full-on-cpu", action="store_true", help="also run Stage C full on a CPU (14.4 GB in float32)")
     ap.add_argument("--comfyui-python", default=os.environ.get("COMFYUI_PYTHON", sys.executable),
                     help="the Python that runs the comfyui path (needs COMFYUI_DIR)")
+    ap.add_argument("--merge", action="store_true", help="keep the paths of an existing --out file that this run "
+                    "does not rerun (to fill a report piece by piece)")
     ap.add_argument("--same-process", action="store_true", help="run every path in this process (tests; the peaks "
                     "are then cumulative)")
     ap.add_argument("--path", help=argparse.SUPPRESS)  # a fresh process runs one path
@@ -520,7 +522,8 @@ def main() -> None:
     if not os.environ.get("COMFYUI_DIR"):
         skip.add("comfyui")
     asked = args.only.split(",") if args.only else [n for n in PATHS if n not in skip]
-    results: dict[str, dict] = {}
+    out = Path(args.out)
+    results: dict[str, dict] = json.loads(out.read_text())["paths"] if args.merge and out.is_file() else {}
     for name in with_needs(asked, ctx):
         print(f"realsize: {name} ...", flush=True)
         if args.same_process:
@@ -547,10 +550,10 @@ def main() -> None:
         r = results[name]
         print(f"realsize: {name}: " + (f"{r['wall_s']:.1f} s, peak {r['peak_mib']:.0f} MiB" if r["ok"]
                                        else f"FAILED: {r['error']}"), flush=True)
-    report = {"benchmark": "realsize", "device": str(device), "dtype": str(dtype), "tiny": args.tiny,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "work": str(work),
-              "skipped": sorted(skip - set(results)), "paths": results}
-    Path(args.out).write_text(json.dumps(report, indent=2))
+        report = {"benchmark": "realsize", "device": str(device), "dtype": str(dtype), "tiny": args.tiny,
+                  "torch": torch.__version__, "threads": torch.get_num_threads(), "work": str(work),
+                  "skipped": sorted(skip - set(results)), "paths": results}
+        out.write_text(json.dumps(report, indent=2))  # after every path: a stopped run keeps what it measured
     failed = [n for n, r in results.items() if not r["ok"]]
     if failed:
         sys.exit(f"realsize: FAILED: {', '.join(failed)} (details in {args.out})")
