@@ -343,7 +343,9 @@ def test_vlm_half_precision_moves_user_tokens_little(tiny_llava_dir):
     for dtype in (torch.bfloat16, torch.float16):
         embedder = VLMEmbedder(tiny_llava_dir, mode="direct", dtype=dtype)
         assert next(embedder.model.parameters()).dtype == dtype
-        tokens = embedder.embed(users)[0].tokens
+        emb = embedder.embed(users)[0]
+        tokens = emb.tokens
+        assert emb.meta["dtype"] == str(dtype).removeprefix("torch.") and emb.meta["quantize"] == "none"
         assert tokens.dtype == torch.float32 and not torch.equal(tokens, ref)
         assert (tokens - ref).norm() / ref.norm() < 0.05
 

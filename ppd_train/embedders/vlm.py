@@ -179,6 +179,7 @@ class VLMEmbedder:
         self.mode = mode
         self.device = torch.device(device)
         self.dtype = dtype
+        self.quantize = quantize
         self.max_new_tokens = max_new_tokens
         self.batch_size = max(1, int(batch_size))
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(self.folder, use_safetensors=True,
@@ -267,7 +268,9 @@ class VLMEmbedder:
                 uid = user_ids[start + j] if user_ids is not None else (pairs[0].user_id if pairs else "")
                 meta = {"model": self.folder.name, "mode": self.mode, "layers": self.layers, "n_pairs": len(pairs),
                         "content_hash": content_hash(pairs), "profile": text, "user_id": uid,
-                        "pair_sources": [p.source for p in pairs]}
+                        "pair_sources": [p.source for p in pairs],
+                        # how the VLM ran: an adapter is best used with embeddings made the way its training ones were
+                        "dtype": str(self.dtype).removeprefix("torch."), "quantize": self.quantize}
                 if pairs:
                     meta["confidence"] = pair_confidence(evidence)
                 out.append(UserEmbedding(tokens, self.id, meta))
