@@ -105,10 +105,11 @@ class PPDVLMLoader:
                       tip("A folder in models/LLM holding config.json and *.safetensors of llava-onevision-qwen2-*"
                           "-hf. The adapter must have been trained with embeddings from the same model.")),
             "dtype": (list(DTYPES), tip("auto: bf16 on GPUs that support it (else fp16), fp32 on the CPU.")),
+        }, "optional": {  # appended later: optional, so API prompts written before them still validate
             "quantize": (list(QUANTIZE), tip("8bit / 4bit: load the VLM's weights in 8 or 4 bits (bitsandbytes; "
-                                             "CUDA GPUs only; `pip install bitsandbytes`). The 7B VLM needs ~16 GB "
-                                             "in bf16, ~9 GB in 8 bits, ~5.5 GB in 4 bits. The adapter should be "
-                                             "used with embeddings made the same way.")),
+                                             "CUDA GPUs only; `pip install bitsandbytes`). The 7B VLM's weights "
+                                             "take ~15 GiB in bf16, ~8.5 in 8 bits, ~5.5 in 4 bits. The adapter "
+                                             "should be used with embeddings made the same way.")),
             "offload": ("BOOLEAN", tip("Keep what fits of the VLM on the GPU and the rest in CPU RAM (slower; "
                                        "CUDA only).", default=False)),
             "max_gpu_gib": ("FLOAT", tip("With offload: GiB of VLM weights on the GPU (0 = 90% of what is free).",
