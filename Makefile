@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch pinned for development and CI only; the pack itself never pins torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test lint demo bench test-comfyui mutate
+.PHONY: venv test lint demo bench realsize test-comfyui mutate
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,6 +38,16 @@ bench: venv
 	$(PY) benchmarks/optimizer_step.py --out $(BENCH_OUT)/optimizer_step.json
 	$(PY) benchmarks/optimizer_accuracy.py --out $(BENCH_OUT)/optimizer_accuracy.json
 	$(PY) benchmarks/plot.py $(BENCH_OUT) --out $(BENCH_OUT)/performance.svg
+
+# Every path once at the released model configs with random weights, no downloads (docs/performance.md "Real size"):
+# wall time and peak memory per path, each in a fresh process; about an hour on 2 CPU cores (float32, short lengths),
+# bf16 and the paper's lengths under CUDA. With COMFYUI_DIR set, also the nodes' path, in COMFYUI_PYTHON.
+# REALSIZE="--only prepare,embed_direct" runs some paths (and what they need).
+REALSIZE ?=
+realsize: venv
+	mkdir -p $(BENCH_OUT)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/realsize.py --out $(BENCH_OUT)/realsize.json --work $(BENCH_OUT)/realsize-work \
+	  --comfyui-python "$(COMFYUI_PYTHON)" $(REALSIZE)
 
 # Tests against a real ComfyUI (docs/testing-comfyui.md): COMFYUI_DIR=<checkout> make test-comfyui COMFYUI_PYTHON=<its python>
 COMFYUI_PYTHON ?= python3

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..ppd_train.confidence import confidence_text
-from ..ppd_train.embedders.vlm import VLMEmbedder, check_vlm_folder
+from ..ppd_train.embedders.vlm import QUANTIZE, VLMEmbedder, check_vlm_folder, vlm_gpu_bytes, vlm_load_kwargs
 from ..ppd_train.embedding import UserEmbedding
 from ..ppd_train.errors import PPDError
 from ..ppd_train.pairs import PreferencePair, content_hash
@@ -34,6 +34,9 @@ class VLMHandle:
 
     folder: Path
     dtype: str = "auto"
+    quantize: str = "none"  # "8bit" / "4bit": bitsandbytes, CUDA only
+    offload: bool = False  # what does not fit on the GPU stays in CPU RAM (accelerate)
+    max_gpu_gib: float = 0.0  # with offload: GiB of weights on the GPU (0 = 90% of what is free)
 
     def check(self) -> None:
         check_vlm_folder(self.folder)
@@ -63,15 +66,19 @@ def embed_pairs(vlm: VLMHandle, pairs: Sequence[PreferencePair], mode: str, laye
         raise PPDError("No preference pairs to embed; connect a Preference Pair Loader.")
     vlm.check()
     dtype = resolve_dtype(vlm.dtype, device)
-    key = (str(vlm.folder.resolve()), folders.fingerprint(vlm.folder), str(dtype), mode, layers.strip(),
-           int(max_new_tokens) if mode == "chain-of-thought" else 0, content_hash(pairs))
+    # offloading moves weights, not numbers: only quantize is part of what the embedding is
+    key = (str(vlm.folder.resolve()), folders.fingerprint(vlm.folder), str(dtype), vlm.quantize, mode,
+           layers.strip(), int(max_new_tokens) if mode == "chain-of-thought" else 0, content_hash(pairs))
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
+    max_gpu = vlm.max_gpu_gib or None
+    vlm_load_kwargs(device, dtype, vlm.quantize, vlm.offload, max_gpu)  # refuse options before freeing anything
     if before_load is not None:
-        before_load(sum(f.stat().st_size for f in vlm.folder.glob("*.safetensors")))
+        before_load(vlm_gpu_bytes(vlm.folder, dtype, vlm.quantize, vlm.offload, max_gpu))
     embedder = VLMEmbedder(vlm.folder, MODES[mode], layers.strip() or "all", device=device, dtype=dtype,
-                           max_new_tokens=int(max_new_tokens))
+                           max_new_tokens=int(max_new_tokens), quantize=vlm.quantize, offload=vlm.offload,
+                           max_gpu_gib=max_gpu)
     try:
         (embedding,) = embedder.embed([list(pairs)], on_token=on_token)
     finally:
@@ -98,10 +105,22 @@ class PPDVLMLoader:
                       tip("A folder in models/LLM holding config.json and *.safetensors of llava-onevision-qwen2-*"
                           "-hf. The adapter must have been trained with embeddings from the same model.")),
             "dtype": (list(DTYPES), tip("auto: bf16 on GPUs that support it (else fp16), fp32 on the CPU.")),
+        }, "optional": {  # appended later: optional, so API prompts written before them still validate
+            "quantize": (list(QUANTIZE), tip("8bit / 4bit: load the VLM's weights in 8 or 4 bits (bitsandbytes; "
+                                             "CUDA GPUs only; `pip install bitsandbytes`). The 7B VLM's weights "
+                                             "take ~15 GiB in bf16, ~8.5 in 8 bits, ~5.5 in 4 bits. The adapter "
+                                             "should be used with embeddings made the same way.")),
+            "offload": ("BOOLEAN", tip("Keep what fits of the VLM on the GPU and the rest in CPU RAM (slower; "
+                                       "CUDA only).", default=False)),
+            "max_gpu_gib": ("FLOAT", tip("With offload: GiB of VLM weights on the GPU (0 = 90% of what is free).",
+                                         default=0.0, min=0.0, max=1024.0, step=0.5)),
         }}
 
-    def load(self, model, dtype):
-        handle = VLMHandle(folders.find(folders.LLM, model, "VLM folder"), dtype)
+    def load(self, model, dtype, quantize="none", offload=False, max_gpu_gib=0.0):
+        if quantize not in QUANTIZE:
+            raise PPDError(f"Unknown quantize option {quantize!r}; use one of {list(QUANTIZE)}.")
+        handle = VLMHandle(folders.find(folders.LLM, model, "VLM folder"), dtype, quantize, bool(offload),
+                           float(max_gpu_gib))
         handle.check()
         return (handle,)
 
@@ -144,6 +163,7 @@ class PPDVLMUserEmbedder:
 
         mm.throw_exception_if_processing_interrupted()
         try:
+            # ComfyUI unloads models (Stage C among them) until the VLM fits; the VLM is freed before this returns
             embedding = embed_pairs(vlm, pairs, mode, layers, max_new_tokens, device, on_token,
                                     before_load=lambda size: mm.free_memory(int(size * 1.3), device))
         finally:

@@ -72,8 +72,12 @@ def _cmd_embed(args: argparse.Namespace) -> None:
         from .embedders.vlm import VLMEmbedder
 
         embedder = VLMEmbedder(args.vlm, mode=args.mode, layers=args.layers, device=device, dtype=dtype,
-                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                               quantize=args.quantize, offload=args.offload, max_gpu_gib=args.max_gpu_memory)
     else:
+        if args.quantize != "none" or args.offload:
+            raise PPDError("--quantize and --offload are VLM load options; the pair-difference embedder (--clip) "
+                           "takes neither.")
         from .embedders.pairdiff import PairDifferenceEmbedder
 
         embedder = PairDifferenceEmbedder.from_clip(args.clip, device=device, dtype=dtype)
@@ -381,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive, default=1024, help="chain-of-thought generation length")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if _cuda() else "float32", choices=sorted(_DTYPES))
+    p.add_argument("--quantize", default="none", choices=["none", "8bit", "4bit"],
+                   help="load the VLM in 8 or 4 bits (bitsandbytes, CUDA only; docs/performance.md: GPU sizes)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep what fits of the VLM on the GPU and the rest in CPU RAM (accelerate; CUDA only)")
+    p.add_argument("--max-gpu-memory", type=float, metavar="GIB",
+                   help="with --offload: GiB of VLM weights on the GPU (default: 90%% of its free memory)")
     p.add_argument("--accelerate", action="store_true", help="split users over the processes of `accelerate launch`")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_embed)

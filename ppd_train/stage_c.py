@@ -6,6 +6,7 @@ forward order), its configs and its loader. The binding itself (:class:`PPDBindi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,18 @@ from .binding import PPDAttnProcessor as PPDAttnProcessor  # re-exported: one bi
 from .binding import PPDBinding as PPDBinding
 from .errors import FileFormatError, IncompatibleError
 from .safetensors_io import read_safetensors, require_safetensors
+
+
+class _NoEmptyFp32Warning(logging.Filter):
+    """diffusers 0.42 warns on every ``.to(dtype)`` of any model that "modules should be kept in float32: []" (it
+    tests ``self._keep_in_fp32_modules or []`` against None, always true); for an empty list the cast is exactly
+    right, so only that message is dropped. A model that really keeps modules in float32 still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "that should be kept in float32: []." not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFp32Warning())
 
 
 def stage_c_shape(width: int, heads: int, layers: tuple[int, int], clip_text: int, clip_image: int,

@@ -332,3 +332,85 @@ def test_load_embeddings_keys_one_users_file_by_its_user_or_its_file_name(tmp_pa
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(FileFormatError, match=r"\bnot a readable .*\buser embedding or embedding table\b"):
         load_embeddings(tmp_path / "junk.safetensors")
+
+
+# ------------------------------------------------------------------------------------------- VLM load options
+def test_vlm_half_precision_moves_user_tokens_little(tiny_llava_dir):
+    """dtype reaches the weights, and a half-precision VLM gives nearly the fp32 user tokens (docs/performance.md
+    reports the real-size figures)."""
+    users = _users(1)
+    ref = VLMEmbedder(tiny_llava_dir, mode="direct").embed(users)[0].tokens
+    for dtype in (torch.bfloat16, torch.float16):
+        embedder = VLMEmbedder(tiny_llava_dir, mode="direct", dtype=dtype)
+        assert next(embedder.model.parameters()).dtype == dtype
+        emb = embedder.embed(users)[0]
+        tokens = emb.tokens
+        assert emb.meta["dtype"] == str(dtype).removeprefix("torch.") and emb.meta["quantize"] == "none"
+        assert tokens.dtype == torch.float32 and not torch.equal(tokens, ref)
+        assert (tokens - ref).norm() / ref.norm() < 0.05
+
+
+def test_vlm_quantize_and_offload_refused_off_cuda(tiny_llava_dir):
+    with pytest.raises(PPDError, match=r"quantize=8bit needs a CUDA GPU.*this run's device is cpu"):
+        VLMEmbedder(tiny_llava_dir, quantize="8bit")
+    with pytest.raises(PPDError, match=r"option offload needs a CUDA GPU"):
+        VLMEmbedder(tiny_llava_dir, offload=True)
+    with pytest.raises(PPDError, match=r"Unknown VLM quantize option '3bit'"):
+        VLMEmbedder(tiny_llava_dir, quantize="3bit")
+
+
+def test_vlm_quantize_without_bitsandbytes_says_how_to_install():
+    import importlib.util
+
+    from ppd_train.embedders.vlm import vlm_load_kwargs
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    # building the arguments touches no GPU: the refusal is what a CUDA user without bitsandbytes sees
+    with pytest.raises(PPDError, match=r"quantize=4bit needs the bitsandbytes package: `pip install bitsandbytes`"):
+        vlm_load_kwargs("cuda:0", torch.bfloat16, "4bit")
+
+
+def test_vlm_offload_builds_an_accelerate_device_map():
+    from ppd_train.embedders.vlm import vlm_load_kwargs
+
+    kw = vlm_load_kwargs("cuda:1", torch.bfloat16, offload=True, max_gpu_gib=6)
+    assert kw["device_map"] == "auto" and kw["dtype"] == torch.bfloat16
+    assert kw["max_memory"][1] == 6 * 2**30 and kw["max_memory"]["cpu"] > 0 and list(kw["max_memory"]) == [1, "cpu"]
+    assert vlm_load_kwargs("cpu", torch.float32) == {"dtype": torch.float32}  # plain: the caller moves it
+
+
+def test_vlm_gpu_bytes_counts_parameters_per_option(tiny_llava_dir):
+    from ppd_train.embedders.vlm import vlm_gpu_bytes
+
+    n = sum(p.numel() for p in VLMEmbedder(tiny_llava_dir).model.parameters())
+    assert vlm_gpu_bytes(tiny_llava_dir, torch.float32) == 4 * n
+    assert vlm_gpu_bytes(tiny_llava_dir, torch.bfloat16) == 2 * n
+    assert vlm_gpu_bytes(tiny_llava_dir, torch.bfloat16, "4bit") == n // 2
+    assert vlm_gpu_bytes(tiny_llava_dir, torch.float32, offload=True, max_gpu_gib=1e-6) == int(1e-6 * 2**30)
+
+
+def test_vlm_unload_frees_the_model(tiny_llava_dir):
+    """After a job nothing holds the VLM (the node relies on this so the VLM and Stage C never share the GPU)."""
+    import weakref
+
+    embedder = VLMEmbedder(tiny_llava_dir, mode="cot", max_new_tokens=3)
+    embedder.embed(_users(1))
+    ref = weakref.ref(embedder.model)
+    embedder.unload()
+    assert ref() is None
+
+
+def test_cli_embed_load_options(tiny_llava_dir, tmp_path, capsys):
+    from ppd_train.cli import main
+
+    folder = write_pair_folder(tmp_path / "anna", n=4)
+    out = tmp_path / "users.safetensors"
+    base = ["embed", "--pairs", str(folder), "--out", str(out), "--quiet", "--device", "cpu"]
+    assert main([*base, "--vlm", str(tiny_llava_dir), "--quantize", "4bit"]) == 2
+    assert "quantize=4bit needs a CUDA GPU" in capsys.readouterr().err and not out.exists()
+    assert main([*base, "--clip", str(tmp_path), "--offload"]) == 2
+    assert "the pair-difference embedder (--clip) takes neither" in capsys.readouterr().err
+    assert main([*base, "--vlm", str(tiny_llava_dir), "--dtype", "bfloat16"]) == 0
+    (emb,) = load_embedding_table(out)[0].values()
+    assert emb.tokens.dtype == torch.float32 and torch.isfinite(emb.tokens).all()

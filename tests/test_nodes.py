@@ -148,6 +148,25 @@ def test_vlm_embedder_runs_once_per_content(pack, tiny_llava_dir, tmp_path):
         embedder_nodes.embed_pairs(vlm, other, "chain-of-thought", "last", 5, torch.device("cpu"), on_token=cancel)
 
 
+def test_vlm_load_options_reach_the_embedder(pack, tiny_llava_dir, tmp_path):
+    embedder_nodes = mod(pack, "nodes.embedder_nodes")
+    pair_nodes = mod(pack, "nodes.pair_nodes")
+    PPDError = mod(pack, "ppd_train.errors").PPDError
+    # pairs of their own: the embedding cache is shared by the whole process
+    pairs, _ = pair_nodes.load_pair_source(write_pair_folder(tmp_path / "cleo", n=4, seed=31), "", 4, "first", 0)
+    loads: list[int] = []
+    quantized = embedder_nodes.VLMHandle(Path(tiny_llava_dir), "fp32", quantize="8bit")
+    with pytest.raises(PPDError, match="quantize=8bit needs a CUDA GPU"):
+        embedder_nodes.embed_pairs(quantized, pairs, "direct", "all", 16, torch.device("cpu"), before_load=loads.append)
+    assert loads == []  # refused before ComfyUI is asked to free anything
+    fp32 = embedder_nodes.embed_pairs(embedder_nodes.VLMHandle(Path(tiny_llava_dir), "fp32"), pairs, "direct", "all",
+                                      16, torch.device("cpu"), before_load=loads.append)
+    bf16 = embedder_nodes.embed_pairs(embedder_nodes.VLMHandle(Path(tiny_llava_dir), "bf16"), pairs, "direct", "all",
+                                      16, torch.device("cpu"), before_load=loads.append)
+    assert loads[1] * 2 == loads[0]  # the memory asked for follows the dtype
+    assert not torch.equal(fp32.tokens, bf16.tokens)  # another cache entry, really made in bf16
+
+
 def test_vlm_handle_refuses_wrong_folders(pack, tmp_path):
     embedder_nodes = mod(pack, "nodes.embedder_nodes")
     PPDError = mod(pack, "ppd_train.errors").PPDError

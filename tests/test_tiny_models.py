@@ -151,3 +151,31 @@ def test_a_single_files_size_is_read_from_its_text_mapper(tmp_path, width, refus
     with torch.device("meta"), warnings.catch_warnings(), pytest.raises(IncompatibleError, match=re.escape(message)):
         warnings.simplefilter("ignore")  # copying into meta parameters is a no-op, and torch says so
         load_stage_c(path)
+
+
+def test_stage_c_dtype_cast_is_quiet():
+    """diffusers' "modules that should be kept in float32: []" warning on every .to(dtype) is silenced (its list is
+    empty, so there is nothing to warn about); the cast still happens, and other warnings still get through."""
+    import logging
+
+    from ppd_train.stage_c import load_stage_c  # noqa: F401  (importing the binding installs the filter)
+    from ppd_train.tiny import build_tiny_stage_c
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    logger, keep = logging.getLogger("diffusers.models.modeling_utils"), Keep()
+    logger.addHandler(keep)
+    try:
+        unet = build_tiny_stage_c()
+        unet.to(torch.bfloat16)
+        logger.warning("another warning")
+    finally:
+        logger.removeHandler(keep)
+    assert keep.messages == ["another warning"]
+    assert next(unet.parameters()).dtype == torch.bfloat16

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +36,75 @@ PROMPT_TASK = (
     "then finish with a short user profile starting with 'User profile:'."
 )
 MODES = ("direct", "cot")
+QUANTIZE = ("none", "8bit", "4bit")
+_BYTES = {torch.float32: 4.0, torch.float16: 2.0, torch.bfloat16: 2.0}
+
+
+def vlm_load_kwargs(device: str | torch.device, dtype: torch.dtype, quantize: str = "none", offload: bool = False,
+                    max_gpu_gib: float | None = None) -> dict[str, Any]:
+    """The one place that turns the VLM load options into ``from_pretrained`` keyword arguments.
+
+    ``quantize`` "8bit"/"4bit": bitsandbytes through transformers (CUDA only); ``offload``: accelerate's device map
+    keeps what fits on the GPU (at most ``max_gpu_gib``, default 90% of its free memory) and the rest in CPU RAM.
+    With either, the weights are placed while loading (``device_map`` in the result); otherwise the caller moves the
+    model to ``device``.
+    """
+    device = torch.device(device)
+    if quantize not in QUANTIZE:
+        raise PPDError(f"Unknown VLM quantize option {quantize!r}; use one of {list(QUANTIZE)}.")
+    if dtype not in _BYTES:
+        raise PPDError(f"VLM dtype {dtype} is not supported; use float32, float16 or bfloat16.")
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantize == "none" and not offload:
+        return kwargs
+    if device.type != "cuda":
+        option = f"quantize={quantize}" if quantize != "none" else "offload"
+        raise PPDError(f"The VLM option {option} needs a CUDA GPU (it is for fitting the VLM into a GPU's memory); "
+                       f"this run's device is {device.type}. Use quantize=none and offload off there.")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if quantize != "none":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise PPDError(f"The VLM option quantize={quantize} needs the bitsandbytes package: "
+                           "`pip install bitsandbytes` in the Python that runs PPD, or set quantize=none.")
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if dtype != torch.float32 else torch.float16
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offload) if quantize == "8bit"
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                                    llm_int8_enable_fp32_cpu_offload=offload))
+    if offload:
+        import psutil
+
+        if max_gpu_gib is None or max_gpu_gib <= 0:
+            gpu = int(0.9 * torch.cuda.mem_get_info(index)[0])
+        else:
+            gpu = int(max_gpu_gib * 2**30)
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {index: gpu, "cpu": int(psutil.virtual_memory().available)}
+    else:
+        kwargs["device_map"] = {"": index}
+    return kwargs
+
+
+def vlm_gpu_bytes(folder: str | os.PathLike, dtype: torch.dtype, quantize: str = "none", offload: bool = False,
+                  max_gpu_gib: float | None = None) -> int:
+    """About how much GPU memory the VLM's weights take with these options (parameters counted from the safetensors
+    headers, nothing loaded): what a caller frees before loading."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                n += math.prod(st.get_slice(k).get_shape())
+    per = {"none": _BYTES.get(dtype, 4.0), "8bit": 1.0, "4bit": 0.5}[quantize]
+    size = int(n * per)
+    if offload and max_gpu_gib:
+        size = min(size, int(max_gpu_gib * 2**30))
+    return size
 
 
 def parse_layers(spec: str | Sequence[int], num_states: int) -> list[int]:
@@ -94,7 +164,8 @@ class VLMEmbedder:
 
     def __init__(self, folder: str | os.PathLike, mode: str = "direct", layers: str | Sequence[int] = "all",
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, max_new_tokens: int = 1024,
-                 batch_size: int = 1) -> None:
+                 batch_size: int = 1, quantize: str = "none", offload: bool = False,
+                 max_gpu_gib: float | None = None) -> None:
         from transformers import LlavaOnevisionForConditionalGeneration
 
         from .llava_processor import ImageOnlyLlavaOnevisionProcessor
@@ -104,13 +175,17 @@ class VLMEmbedder:
                            "chain-of-thought).")
         self.folder = Path(folder)
         check_vlm_folder(self.folder)
+        load = vlm_load_kwargs(device, dtype, quantize, offload, max_gpu_gib)  # refuses bad options before loading
         self.mode = mode
         self.device = torch.device(device)
         self.dtype = dtype
+        self.quantize = quantize
         self.max_new_tokens = max_new_tokens
         self.batch_size = max(1, int(batch_size))
-        self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(self.folder, use_safetensors=True,
-            local_files_only=True, dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(self.folder, use_safetensors=True,
+                                                                       local_files_only=True, **load)
+        # placed while loading when quantized or offloaded (such a model refuses .to()); inputs go to self.device
+        self.model = (model if "device_map" in load else model.to(self.device)).eval()  # type: ignore[arg-type]
         self.processor = ImageOnlyLlavaOnevisionProcessor.from_pretrained(self.folder, local_files_only=True)
         self.processor.tokenizer.padding_side = "left"  # the last position must be every row's real last token
         num_states = self.model.config.text_config.num_hidden_layers + 1
@@ -193,7 +268,9 @@ class VLMEmbedder:
                 uid = user_ids[start + j] if user_ids is not None else (pairs[0].user_id if pairs else "")
                 meta = {"model": self.folder.name, "mode": self.mode, "layers": self.layers, "n_pairs": len(pairs),
                         "content_hash": content_hash(pairs), "profile": text, "user_id": uid,
-                        "pair_sources": [p.source for p in pairs]}
+                        "pair_sources": [p.source for p in pairs],
+                        # how the VLM ran: an adapter is best used with embeddings made the way its training ones were
+                        "dtype": str(self.dtype).removeprefix("torch."), "quantize": self.quantize}
                 if pairs:
                     meta["confidence"] = pair_confidence(evidence)
                 out.append(UserEmbedding(tokens, self.id, meta))
