@@ -535,3 +535,12 @@ def test_route_errors_are_json_with_an_error_field():
     assert status == 404 and answer["error"].startswith("no open preference question has this request_id")
     assert pure.choose_response(pending, json.dumps({"request_id": "0" * 32, "choice": "C"}).encode()) == (
         400, {"error": "choice must be one of A, B, skip"})
+
+
+def test_a_linked_lock_file_is_refused_and_a_new_nested_set_is_created(tmp_path):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / ".pairs.lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PairError, match=r"\.pairs\.lock is a symbolic link"):
+        append_pair(folder, "p", _solid(RED), _solid(BLUE))
+    assert append_pair(tmp_path / "anna" / "portraits", "p", _solid(RED), _solid(BLUE)) == 1  # two levels, new
