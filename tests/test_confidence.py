@@ -209,3 +209,33 @@ def test_the_targets_count_the_failures():
     assert check_targets({**base, "failures": {**ok, "failing_flagged": 1}}, Targets(failing_flagged=False)) == []
     assert check_targets({**base, "failures": {**ok, "adapter_wrong": 1}}, Targets(adapter_wrong_users=1)) == []
     assert check_targets(base, Targets()) == []  # a run from before the diagnosis
+
+
+def test_orthogonal_pairs_are_independent_one_pair_posteriors():
+    """Equal, orthogonal pairs: every direction holds one pair of strength SHARPNESS (the evidence is scaled by the
+    mean pair energy), so the confidence is the one-pair value, and every direction up to the 95% energy share is
+    kept: 8 of 8, and 19 of 20 (the 20th would pass 95% exactly)."""
+    one = _scalar_posterior(SHARPNESS)
+    for n, dims in ((2, 2), (8, 8), (20, 19)):
+        conf = pair_confidence(7.0 * torch.eye(n))
+        assert conf["dims"] == dims and conf["n_pairs"] == n
+        assert conf["confidence"] == pytest.approx(one, rel=1e-6)
+    assert pair_confidence(torch.randn(4, 2, generator=torch.Generator().manual_seed(0)))["dims"] == 2  # D < 4
+    with pytest.raises(ValueError, match="N >= 1"):
+        pair_confidence(torch.zeros(0, 3))
+
+
+def test_the_flag_and_the_advice_use_the_bounds_given():
+    e = torch.tensor([[0.0, 7.0, 0.0]])
+    conf = pair_confidence(e)["confidence"]
+    assert pair_confidence(e, low=conf)["low_confidence"] is False  # at the bound: not low
+    assert pair_confidence(e, low=conf + 1e-9)["low_confidence"] is True
+    assert pair_confidence(e, target=0.9)["pairs_needed"] == pairs_needed(conf, 1, 0.9) != pairs_needed(conf, 1)
+    # the largest advice is MAX_PAIRS_ADVICE pairs: 1/17 at 16 pairs reaches 0.5 at exactly 256
+    assert pairs_needed(1 / 17, 16, 0.5) == 256 and pairs_needed(0.0588, 16, 0.5) is None
+    low = {"confidence": 0.3, "n_pairs": 4, "low_confidence": True}
+    assert advice({**low, "pairs_needed": None}) == (
+        "pair confidence 0.30 from 4 pairs: LOW - these pairs show no difference your taste could be read from; "
+        "check them, or pick many more pairs.")
+    # flagged low with a target already met (a low bound above the target): at least one more pair
+    assert "pick about 1 more (about 4 in all)" in advice({**low, "pairs_needed": 4})

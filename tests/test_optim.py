@@ -162,3 +162,22 @@ def test_checkpoint_round_trip_continues_bit_for_bit(tmp_path):
 def test_unknown_optimizer():
     with pytest.raises(ValueError, match="adamw, adamw8bit"):
         make_optimizer("sgd", [torch.nn.Parameter(torch.zeros(1))], 1e-3, 0.0)
+
+
+def test_small_tensors_take_torchs_adamw_step_exactly_and_the_defaults_are_torchs():
+    """Below MIN_8BIT_SIZE the moments stay float32 and the step is AdamW's own rule: torch's result to rounding,
+    with a weight decay large enough that its sign shows in one step (shrink, not grow)."""
+    hyper = dict(lr=0.1, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.5)
+    ref = torch.nn.Parameter(torch.linspace(-2.0, 3.0, 10))
+    ours = torch.nn.Parameter(ref.detach().clone())
+    opts = torch.optim.AdamW([ref], **hyper), AdamW8bit([ours], **hyper)
+    for k in range(4):
+        grad = torch.linspace(1.0, -1.0, 10) * (k + 1)
+        for p, opt in zip((ref, ours), opts):
+            p.grad = grad.clone()
+            opt.step()
+        assert torch.allclose(ours, ref, rtol=0, atol=1e-6), k
+    assert opts[1].state[ours]["step"] == 4 and "exp_avg_codes" not in opts[1].state[ours]
+    torch_defaults = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).defaults
+    assert AdamW8bit([torch.nn.Parameter(torch.zeros(1))]).defaults == {
+        k: torch_defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}

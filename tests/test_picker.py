@@ -524,3 +524,89 @@ def test_the_route_stops_reading_a_body_at_the_limit():
     read.clear()
     assert asyncio.run(pure.read_body(50 * 2**20, chunks(3200))) is None and read == []  # declared too long
     assert asyncio.run(pure.read_body(10, chunks(0))) == b""
+
+
+# ---------------------------------------------------------------------------------- boundaries (docs/mutation.md)
+def test_a_skipped_pair_does_not_end_the_round(tmp_path):
+    a, b = [_solid(GREY), _solid(RED)], [_solid(BLUE), _solid(GREEN)]
+    picks = pure.collect(tmp_path / "set", "p", a, b, _prefer(RED))  # pair 0 shows no red: skipped
+    assert picks == [pure.Pick(1, "A", 1)] and _written(tmp_path / "set") == [("p", RED, GREEN)]
+
+
+def test_images_with_alpha_are_written_as_rgb(tmp_path):
+    from PIL import Image
+
+    append_pair(tmp_path, "p", Image.new("RGBA", (8, 8), (200, 10, 10, 128)), Image.new("L", (8, 8), 7))
+    for name in ("pair_00001_chosen.png", "pair_00001_rejected.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.mode == "RGB"
+
+
+def test_pair_set_refusals_quote_the_name_cut_at_60_characters(tmp_path):
+    with pytest.raises(PairError, match=r"^pair_set '\.hidden' names a hidden folder"):
+        pure.resolve_pair_set(".hidden", tmp_path)
+    long = "a" * 30 + "\t" + "a" * 29  # 60 characters: quoted whole
+    with pytest.raises(PairError, match=r"^pair_set 'a{30}\\ta{29}' holds a control character"):
+        pure.resolve_pair_set(long, tmp_path)
+    longer = "b\t" + "b" * 59  # 61: cut to 60 and marked
+    with pytest.raises(PairError, match=r"^pair_set 'b\\tb{58}\.\.\.' holds a control character"):
+        pure.resolve_pair_set(longer, tmp_path)
+    with pytest.raises(PairError, match="control character"):
+        pure.resolve_pair_set("my\x7fpairs", tmp_path)  # DEL
+    assert pure.resolve_pair_set("my pairs", tmp_path) == (tmp_path / "my pairs", "my pairs")  # a space is plain
+    assert pure.resolve_pair_set("~x!", tmp_path)[1] == "~x!"
+
+
+def test_the_wait_times_out_exactly_at_its_deadline():
+    pending = pure.PendingChoices()
+    request = pending.open({})
+    times = iter([0.0] + [5.0] * 3)  # the deadline is read at 0; every later look is exactly at 0 + 5
+    looks = []
+
+    def check():
+        looks.append(1)
+        if len(looks) > 2:
+            raise RuntimeError("the deadline passed without a timeout")
+
+    with pytest.raises(pure.PickerTimeout):
+        pending.wait(request, check, timeout=5, poll=0.0001, clock=lambda: next(times))
+    assert len(looks) == 1
+
+
+def test_a_body_of_exactly_the_limit_is_read_and_answered():
+    import asyncio
+
+    pending = pure.PendingChoices()
+    request = _open_question(pending)
+    body = json.dumps({"request_id": request.payload["request_id"], "choice": "A"}).encode()
+    body += b" " * (pure.MAX_BODY_BYTES - len(body))  # JSON allows trailing blanks
+
+    async def one():
+        yield body
+
+    assert asyncio.run(pure.read_body(pure.MAX_BODY_BYTES, one())) == body
+    assert pure.choose_response(pending, body) == (200, {"ok": True}) and request.choice == "A"
+
+
+def test_route_errors_are_json_with_an_error_field():
+    pending = pure.PendingChoices()
+    _open_question(pending)
+    usage = pure.USAGE
+    assert pure.choose_response(pending, b"{") == (400, {"error": f"the body is not JSON; {usage}"})
+    assert pure.choose_response(pending, b"[]") == (400, {"error": usage})
+    assert pure.choose_response(pending, b'{"request_id": "x", "choice": "A"}') == (400, {
+        "error": "request_id must be the 32 hexadecimal digits of an open question, as GET /ppd/picker/pending "
+                 "lists them"})
+    status, answer = pure.choose_response(pending, json.dumps({"request_id": "0" * 32, "choice": "A"}).encode())
+    assert status == 404 and answer["error"].startswith("no open preference question has this request_id")
+    assert pure.choose_response(pending, json.dumps({"request_id": "0" * 32, "choice": "C"}).encode()) == (
+        400, {"error": "choice must be one of A, B, skip"})
+
+
+def test_a_linked_lock_file_is_refused_and_a_new_nested_set_is_created(tmp_path):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / ".pairs.lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PairError, match=r"\.pairs\.lock is a symbolic link"):
+        append_pair(folder, "p", _solid(RED), _solid(BLUE))
+    assert append_pair(tmp_path / "anna" / "portraits", "p", _solid(RED), _solid(BLUE)) == 1  # two levels, new

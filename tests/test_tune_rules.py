@@ -162,3 +162,33 @@ def test_the_anchor_pulls_the_tokens_toward_the_start(binding):
 
     free, pulled = distance(0.0), distance(1.0)
     assert free > 0 and pulled < 0.5 * free, (free, pulled)
+
+
+def test_the_tuned_embeddings_metadata(binding):
+    """What the tuned file says about itself: the start's own facts kept, those of its making dropped (they describe
+    the start, not the tuned tokens), the tuning report without its config, and every default of ``embedding()``."""
+    cfg = TuneConfig(mode="tokens", max_steps=0, val_fraction=0.5, val_draws=1)
+    data = _data("same", cfg)
+    start = UserEmbedding(_start().tokens, "test", {"user_id": "ann", "style": "ink", "pair_sources": ["a"],
+                                                    "content_hash": "c", "mix": {"a": 1.0}, "mix_method": "slerp",
+                                                    "tuned": {"old": 1}})
+    tuner = UserTuner(binding, data, cfg, start)
+    tokens, report = tuner.run(show_progress=False)
+    meta = tuner.embedding(tokens, report).meta
+    assert set(meta) == {"user_id", "style", "n_pairs", "tuned"}
+    assert meta["user_id"] == "ann" and meta["style"] == "ink" and meta["n_pairs"] == N_PAIRS
+    tuned = meta["tuned"]
+    assert tuned["start"] == {"embedding": start.describe(), "library_users": 0}
+    assert "config" not in tuned and "old" not in tuned and tuned["steps"] == 0
+    assert tuned["pairs_hash"] == data.digest() and (tuned["lr"], tuned["anchor"], tuned["seed"]) == (0.05, 0.3, 0)
+    named = tuner.embedding(tokens, report, user_id="bo", start_name="ann.safetensors", library_size=3,
+                            pairs_hash="h").meta
+    assert named["user_id"] == "bo" and named["tuned"]["pairs_hash"] == "h"
+    assert named["tuned"]["start"] == {"embedding": "ann.safetensors", "library_users": 3}
+    # a cold start from a library: no start to name, no user id to keep
+    library = [UserEmbedding(torch.randn(5, 24, generator=torch.Generator().manual_seed(s)), "test", {})
+               for s in (7, 8)]
+    cold = UserTuner(binding, data, TuneConfig(mode="mix", max_steps=0, val_fraction=0.5, val_draws=1),
+                     library=library)
+    meta = cold.embedding(*cold.run(show_progress=False)).meta
+    assert meta["user_id"] == "" and meta["tuned"]["start"] == {"embedding": "", "library_users": 0}
