@@ -100,13 +100,14 @@ def advice(conf: dict, have: int | None = None) -> str:
     if need is None:
         return head + ": LOW - these pairs show no difference your taste could be read from; check them, or pick " \
                       "many more pairs."
-    have = conf["n_pairs"] if have is None else have
-    if have >= need:
+    if have is not None and have > conf["n_pairs"] and have >= need:  # the set grew past what was embedded
         return head + f": LOW - these pairs say too little about your taste; about {need} in all would do and " \
                       f"you have {have}: embed again from all of them (the Pair Loader's num_pairs) or tune the " \
                       "user on them."
-    return head + f": LOW - these pairs say too little about your taste; pick about {need - have} more (about " \
-                  f"{need} in all) with the Preference Picker, then embed again or tune the user."
+    have = conf["n_pairs"] if have is None else have
+    more = max(1, need - have)  # flagged low means more pairs, even where a custom low bound exceeds the target
+    return head + f": LOW - these pairs say too little about your taste; pick about {more} more (about " \
+                  f"{have + more} in all) with the Preference Picker, then embed again or tune the user."
 
 
 def confidence_text(meta: dict, have: int | None = None) -> str:

@@ -238,4 +238,7 @@ def test_the_flag_and_the_advice_use_the_bounds_given():
         "pair confidence 0.30 from 4 pairs: LOW - these pairs show no difference your taste could be read from; "
         "check them, or pick many more pairs.")
     # flagged low with a target already met (a low bound above the target): at least one more pair
-    assert "pick about 1 more (about 4 in all)" in advice({**low, "pairs_needed": 4})
+    assert "pick about 1 more (about 5 in all)" in advice({**low, "pairs_needed": 4})
+    # the set grew past the embedded pairs and holds enough: embed again; the embedding's own pairs never do
+    assert "you have 6: embed again" in advice({**low, "pairs_needed": 5}, have=6)
+    assert "pick about 1 more (about 5 in all)" in advice({**low, "pairs_needed": 4}, have=4)
