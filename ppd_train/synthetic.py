@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .adapter import BASES
 from .binding import PPDBinding
 from .confidence import pair_confidence
 from .config import to_dict
@@ -198,57 +199,41 @@ class World:
 
 
 def pretrain_base(world: World, seed: int, log=print) -> torch.nn.Module:
-    """Plain epsilon-prediction training of a tiny real Stage C (or SDXL) on the world's distribution."""
+    """Plain epsilon-prediction training of a tiny real Stage C (or SDXL) on the world's distribution; the bases
+    differ only in the model, its noising and its conditioning."""
     c = world.cfg
     if c.base == "sdxl":
-        return _pretrain_sdxl(world, seed, log)
-    unet = build_tiny_stage_c(seed=seed, width=c.width, clip_dim=c.width).train()
+        w = c.width
+        unet: torch.nn.Module = build_tiny_sdxl_unet(seed=seed, widths=(w // 2, w, 2 * w), heads=(1, 2, 4),
+                                                     text_widths=(w // 2, w - w // 2))
+        time_ids = world.time_ids(c.pretrain_batch)
+
+        def predict(x0, eps, t, caps):
+            return unet(sdxl_add_noise(x0, eps, t), sdxl_timesteps(t), world.text[caps],
+                        added_cond_kwargs=dict(text_embeds=world.pooled[caps, 0], time_ids=time_ids)).sample
+    else:
+        unet = build_tiny_stage_c(seed=seed, width=c.width, clip_dim=c.width)
+        img = torch.zeros(c.pretrain_batch, 1, c.width)
+
+        def predict(x0, eps, t, caps):
+            return unet(add_noise(x0, eps, t), t, world.pooled[caps], world.text[caps], img).sample
+    unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=c.pretrain_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, c.pretrain_steps)
     g = torch.Generator().manual_seed(seed + 1)
-    img = torch.zeros(c.pretrain_batch, 1, c.width)
     for step in range(c.pretrain_steps):
         caps = torch.randint(c.n_captions, (c.pretrain_batch,), generator=g)
         x0 = world.sample_data(caps, g)
         t = torch.rand(c.pretrain_batch, generator=g) * 0.98 + 0.01
         eps = torch.randn(x0.shape, generator=g)
-        pred = unet(add_noise(x0, eps, t), t, world.pooled[caps], world.text[caps], img).sample
-        loss = (pred - eps).pow(2).mean()
+        loss = (predict(x0, eps, t, caps) - eps).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
         if (step + 1) % max(1, c.pretrain_steps // 4) == 0:
-            log(f"  pre-train base Stage C: step {step + 1}/{c.pretrain_steps}, eps-loss {loss.item():.4f}")
-    return unet.eval()
-
-
-def _pretrain_sdxl(world: World, seed: int, log=print) -> torch.nn.Module:
-    """:func:`pretrain_base` for SDXL: its DDPM schedule, its conditioning (text, pooled text, size numbers)."""
-    c = world.cfg
-    w = c.width
-    unet = build_tiny_sdxl_unet(seed=seed, widths=(w // 2, w, 2 * w), heads=(1, 2, 4),
-                                text_widths=(w // 2, w - w // 2)).train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=c.pretrain_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, c.pretrain_steps)
-    g = torch.Generator().manual_seed(seed + 1)
-    time_ids = world.time_ids(c.pretrain_batch)
-    for step in range(c.pretrain_steps):
-        caps = torch.randint(c.n_captions, (c.pretrain_batch,), generator=g)
-        x0 = world.sample_data(caps, g)
-        t = torch.rand(c.pretrain_batch, generator=g) * 0.98 + 0.01
-        eps = torch.randn(x0.shape, generator=g)
-        pred = unet(sdxl_add_noise(x0, eps, t), sdxl_timesteps(t), world.text[caps],
-                    added_cond_kwargs=dict(text_embeds=world.pooled[caps, 0], time_ids=time_ids)).sample
-        loss = (pred - eps).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % max(1, c.pretrain_steps // 4) == 0:
-            log(f"  pre-train base SDXL: step {step + 1}/{c.pretrain_steps}, eps-loss {loss.item():.4f}")
+            log(f"  pre-train base {BASES[c.base]}: step {step + 1}/{c.pretrain_steps}, eps-loss {loss.item():.4f}")
     return unet.eval()
 
 
@@ -425,7 +410,7 @@ def train_world(cfg: DemoConfig, log=print, show_progress: bool = True) -> Train
     world = World(cfg.world, cfg.seed)
     log(f"synthetic world: {cfg.world.k_styles} styles, {len(world.seen)} seen + {len(world.unseen)} unseen users, "
         f"N={cfg.world.n_embed_pairs} pairs per embedding")
-    base, name = cfg.world.base, "Stage C" if cfg.world.base == "stage_c" else "SDXL"
+    base, name = cfg.world.base, BASES[cfg.world.base]
     base_dir = out / f"base_{base}"
     if (base_dir / "config.json").is_file():
         log(f"  base {name}: reusing the pre-trained one in {base_dir}")
