@@ -113,6 +113,16 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
         raise
 
 
+def diffusers_folder(path: Path, sub: str, what: str) -> Path:
+    """The folder holding a diffusers model's ``config.json``: ``path`` or its ``sub`` folder (a pipeline folder),
+    refused unless it exists and holds safetensors weights."""
+    folder = path / sub if (path / sub / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise FileFormatError(f"{path} has no config.json (nor {sub}/config.json): not a diffusers {what} folder.")
+    require_safetensors(folder, what)
+    return folder
+
+
 def require_safetensors(folder: str | os.PathLike, what: str) -> None:
     """Refuse a model folder without .safetensors weights before any loader looks at it: a folder holding only
     ``.bin`` (pickle) files would otherwise go through ``torch.load``, which can run code."""

@@ -23,7 +23,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from .adapter import ModelInfo, count_adapter_parameters
 from .errors import FileFormatError, IncompatibleError
-from .safetensors_io import read_safetensors, require_safetensors
+from .safetensors_io import diffusers_folder, read_safetensors
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 
@@ -85,10 +85,7 @@ def load_sdxl(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     ``config.json``, says otherwise)."""
     path = Path(path)
     if path.is_dir():
-        folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
-        if not (folder / "config.json").is_file():
-            raise FileFormatError(f"{path} has no config.json (nor unet/config.json): not a diffusers SDXL folder.")
-        require_safetensors(folder, "SDXL UNet")
+        folder = diffusers_folder(path, "unet", "SDXL")
         unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True, local_files_only=True,
                                                     torch_dtype=dtype)
     else:

@@ -17,7 +17,7 @@ from .adapter import KNOWN_STAGE_C, ModelInfo, count_adapter_parameters
 from .binding import PPDAttnProcessor as PPDAttnProcessor  # re-exported: one binding for every base
 from .binding import PPDBinding as PPDBinding
 from .errors import FileFormatError, IncompatibleError
-from .safetensors_io import read_safetensors, require_safetensors
+from .safetensors_io import diffusers_folder, read_safetensors
 
 
 class _NoEmptyFp32Warning(logging.Filter):
@@ -84,10 +84,7 @@ def load_stage_c(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     need ``config``, a diffusers ``config.json``)."""
     path = Path(path)
     if path.is_dir():
-        folder = path / "prior" if (path / "prior" / "config.json").is_file() else path
-        if not (folder / "config.json").is_file():
-            raise FileFormatError(f"{path} has no config.json (nor prior/config.json): not a diffusers Stage C folder.")
-        require_safetensors(folder, "Stage C")
+        folder = diffusers_folder(path, "prior", "Stage C")
         unet = StableCascadeUNet.from_pretrained(folder, use_safetensors=True, local_files_only=True,
                                                  torch_dtype=dtype)
     else:
