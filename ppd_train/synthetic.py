@@ -300,6 +300,18 @@ def diagnose_users(world: World, embeddings: dict[str, UserEmbedding], per_user:
             "adapter is wrong" if m["embedding_agrees"] else "pairs say too little"
 
 
+def interpolation_pair(world: World, trained: list[str], per_user: dict[str, dict]) -> tuple[str, str]:
+    """The two most opposed (by true taste) of the ``trained`` users whose evaluation pairs agree with their taste
+    (``embedding_agrees`` from :func:`diagnose_users`); all of them when fewer than two agree. The interpolation
+    measures how the adapter blends two users it can read: an endpoint whose 4 pairs say too little is not its user
+    (its reward along the path is noise), and is already counted and flagged by the failure diagnosis."""
+    agreeing = [u for u in trained if per_user[u]["embedding_agrees"]]
+    pool = agreeing if len(agreeing) >= 2 else trained
+    prefs = torch.stack([world.prefs[u] for u in pool])
+    i, j = divmod(int((prefs @ prefs.T).argmin()), len(pool))
+    return pool[i], pool[j]
+
+
 def failure_counts(per_user: dict[str, dict]) -> dict:
     """Users below 50% by cause, and whether the confidence measure flagged them."""
     failing = [m for m in per_user.values() if m.get("failure")]
@@ -454,12 +466,8 @@ def run_demo(cfg: DemoConfig, log=print, show_progress: bool = True) -> dict:
     diagnose_users(world, embeddings, metrics["users"])
     metrics["failures"] = failure_counts(metrics["users"])
     metrics["selected"] = adapter.config.training.get("selected")
-    # interpolate between the two most opposed seen users: their rewards must move in opposite directions
-    trained = [u for u in world.seen if u not in heldout]
-    prefs = torch.stack([world.prefs[u] for u in trained])
-    sim = prefs @ prefs.T
-    i, j = divmod(int(sim.argmin()), len(trained))
-    a, b = trained[i], trained[j]
+    # interpolate between two opposed trained users: their rewards must move in opposite directions
+    a, b = interpolation_pair(world, [u for u in world.seen if u not in heldout], metrics["users"])
     metrics["interpolation"] = interpolation_curve(binding, cond, embeddings[a], embeddings[b], world.reward, (a, b),
                                                    samples=cfg.world.eval_samples, steps=cfg.world.sample_steps)
     binding.detach()

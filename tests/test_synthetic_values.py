@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from ppd_train.embedding import UserEmbedding
-from ppd_train.synthetic import Targets, World, WorldConfig, check_targets, diagnose_users, failure_counts
+from ppd_train.synthetic import (
+    Targets,
+    World,
+    WorldConfig,
+    check_targets,
+    diagnose_users,
+    failure_counts,
+    interpolation_pair,
+)
 
 STYLE, NOISE = 2.0, 0.5  # not 1: a world where dividing and multiplying by them differ
 
@@ -179,3 +187,20 @@ def test_each_target_is_met_at_its_bound_and_missed_past_it():
     # all misses at once, in order
     assert len(check_targets(_with(seen__win_rate=0.0, unseen__win_rate=0.0, all__drift_sd=9.0,
                                    all__noise_ratio=9.0, interpolation__monotone=False), Targets())) == 5
+
+
+def test_interpolation_pair_is_the_most_opposed_of_the_users_the_embedder_reads(world):
+    # hand-set tastes: a and b are the most opposed pair overall, but b's pairs do not agree with its taste
+    w = World(WorldConfig(k_styles=2, n_captions=1, latent_size=4, seen_users=4, unseen_users=1, unseen_mixtures=0),
+              seed=0)
+    w.prefs.update({"seen00": torch.tensor([1.0, 0.0]), "seen01": torch.tensor([-1.0, 0.0]),
+                    "seen02": torch.tensor([0.0, 1.0]), "seen03": torch.tensor([-0.6, -0.8])})
+    users = {u: {"embedding_agrees": u != "seen01"} for u in w.seen}
+    assert interpolation_pair(w, w.seen, users) == ("seen02", "seen03")  # cos -0.8: the most opposed that agree
+    users["seen01"]["embedding_agrees"] = True
+    assert interpolation_pair(w, w.seen, users) == ("seen00", "seen01")  # cos -1 once seen01 agrees
+    # fewer than two agree: the most opposed of all trained users (held-out users are not passed in)
+    assert interpolation_pair(w, w.seen, {u: {"embedding_agrees": u == "seen02"} for u in w.seen}) == \
+        ("seen00", "seen01")
+    users["seen01"]["embedding_agrees"] = False
+    assert interpolation_pair(w, ["seen00", "seen01", "seen02"], users) == ("seen00", "seen02")  # seen03 not trained
