@@ -29,7 +29,7 @@ from .effnet import load_effnet, preprocess
 from .embedding import UserEmbedding
 from .errors import PPDError
 from .pairs import PreferencePair
-from .safetensors_io import require_file, require_safetensors
+from .safetensors_io import require_safetensors
 
 PREPROCESS_VERSION = "shorter-side-bicubic+center-crop+imagenet-norm/clip-g-last-hidden+text-embeds/v1"
 SDXL_PREPROCESS_VERSION = ("sdxl/l-resized-to-w+shorter-side-bicubic+center-crop+[-1,1]/vae-mean*scaling/"
@@ -80,11 +80,11 @@ class SDXLEncoders:
                                "config and tokenizer options are for a single-file checkpoint only. Leave them out.")
             self.vae, self.tokenizers, text_encoders = self._from_folder(path, dtype)
         else:
-            from .sdxl_file import load_sdxl_encoders_file, sdxl_tokenizers
+            from .sdxl_file import ENCODERS, load_part, read_sdxl_file, sdxl_tokenizers
 
-            require_file(path, "SDXL checkpoint")
-            self.tokenizers = sdxl_tokenizers(tokenizer, config)  # first: a missing tokenizer costs no model load
-            self.vae, text_encoders = load_sdxl_encoders_file(path, config, dtype)
+            weights = read_sdxl_file(path, ENCODERS)  # pickles, other models, damaged files: refused first
+            self.tokenizers = sdxl_tokenizers(tokenizer, config)
+            self.vae, *text_encoders = [load_part(path, weights, part, config, dtype) for part in ENCODERS]
         self.vae = self.vae.to(self.device)
         self.text_encoders = [m.to(self.device) for m in text_encoders]
 

@@ -199,21 +199,13 @@ def load_sdxl_unet_file(path: str | os.PathLike, dtype: torch.dtype = torch.floa
     return load_part(path, read_sdxl_file(path, ["unet"]), "unet", config, dtype)
 
 
-def load_sdxl_encoders_file(path: str | os.PathLike, config: str | os.PathLike | None = None,
-                            dtype: torch.dtype = torch.float32) -> tuple[Any, list[Any]]:
-    """SDXL's VAE and its two text encoders (CLIP-L, bigG with projection) from a single-file checkpoint."""
-    weights = read_sdxl_file(path, ENCODERS)
-    vae = load_part(path, weights, "vae", config, dtype)
-    return vae, [load_part(path, weights, p, config, dtype) for p in ("text_encoder", "text_encoder_2")]
-
-
 def comfyui_tokenizer(here: str | os.PathLike = __file__) -> Path | None:
     """ComfyUI's own CLIP tokenizer folder (``comfy/sd1_tokenizer``, the one its SDXL text encoders use) when this
     pack is installed in ComfyUI (``ComfyUI/custom_nodes/<pack>/ppd_train``), else None."""
     parents = Path(here).resolve().parents
     if len(parents) > 3 and parents[2].name == "custom_nodes":
         folder = parents[3] / "comfy" / "sd1_tokenizer"
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        if folder.is_dir():
             return folder
     return None
 

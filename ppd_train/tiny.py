@@ -306,10 +306,20 @@ def sdxl_bigg_to_openclip(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def sdxl_single_file_tensors(unet, vae, clip_l, bigg) -> dict[str, torch.Tensor]:
+    """SDXL's four models as one checkpoint in the original layout artists download (UNet, VAE, CLIP-L, bigG under
+    ``model.diffusion_model.`` / ``first_stage_model.`` / ``conditioner.embedders.{0,1}.``)."""
+    tensors = {**sdxl_unet_to_ldm(unet), **sdxl_vae_to_ldm(vae), **sdxl_bigg_to_openclip(bigg)}
+    for key, value in clip_l.state_dict().items():  # CLIP-L keeps transformers' names, under the original's prefix
+        tensors["conditioner.embedders.0.transformer.text_model." + key.removeprefix("text_model.")] = value
+    n = clip_l.config.max_position_embeddings  # released files carry this computed buffer too
+    tensors["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(n)[None]
+    return tensors
+
+
 def write_tiny_sdxl_single_file(folder, path) -> None:
     """Write a diffusers SDXL folder (e.g. :func:`build_tiny_sdxl`'s) as one ``.safetensors`` checkpoint in the
-    original layout artists download (UNet, VAE, CLIP-L, bigG under their ``model.diffusion_model.`` /
-    ``first_stage_model.`` / ``conditioner.embedders.{0,1}.`` prefixes), for testing the single-file loader."""
+    original layout (:func:`sdxl_single_file_tensors`), for testing the single-file loader."""
     from pathlib import Path
 
     from diffusers import AutoencoderKL
@@ -317,13 +327,8 @@ def write_tiny_sdxl_single_file(folder, path) -> None:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(folder)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    vae = AutoencoderKL.from_pretrained(folder / "vae")
-    clip_l = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    bigg = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
-    tensors = {**sdxl_unet_to_ldm(unet), **sdxl_vae_to_ldm(vae), **sdxl_bigg_to_openclip(bigg)}
-    for key, value in clip_l.state_dict().items():  # CLIP-L keeps transformers' names, under the original's prefix
-        tensors["conditioner.embedders.0.transformer.text_model." + key.removeprefix("text_model.")] = value
-    n = clip_l.config.max_position_embeddings  # released files carry this computed buffer too
-    tensors["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(n)[None]
+    tensors = sdxl_single_file_tensors(UNet2DConditionModel.from_pretrained(folder / "unet"),
+                                       AutoencoderKL.from_pretrained(folder / "vae"),
+                                       CLIPTextModel.from_pretrained(folder / "text_encoder"),
+                                       CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"))
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
