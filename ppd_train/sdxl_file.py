@@ -225,9 +225,9 @@ def sdxl_tokenizers(tokenizer: str | os.PathLike | None = None, config: str | os
         if source is not None:
             print(f"SDXL tokenizers: ComfyUI's {source}", file=sys.stderr)
     if source is None:
-        raise PPDError("A single-file SDXL checkpoint holds no tokenizer: give one with --sdxl-tokenizer "
-                       "(sdxl_tokenizer): ComfyUI's comfy/sd1_tokenizer folder, the tokenizer folder of "
-                       "stabilityai/stable-diffusion-xl-base-1.0, or a diffusers SDXL folder.")
+        raise PPDError("A single-file SDXL checkpoint holds no tokenizer: give one with --sdxl-tokenizer: ComfyUI's "
+                       "comfy/sd1_tokenizer folder, the tokenizer folder of stabilityai/stable-diffusion-xl-base-1.0, "
+                       "or a diffusers SDXL folder (found by itself when this pack is installed in ComfyUI).")
     if not source.is_dir():
         raise FileFormatError(f"SDXL tokenizer folder not found: {source}. Give ComfyUI's comfy/sd1_tokenizer folder "
                               "or a diffusers SDXL folder.")

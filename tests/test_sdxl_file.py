@@ -128,3 +128,41 @@ def test_sdxl_1_0_configs_take_the_released_checkpoints_layout():
         loaded = load_part("sd_xl_base_1.0.safetensors", tensors, part, None, torch.float16)
         assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in
                                                                         model.state_dict().items()}
+
+
+def test_fit_and_tune_user_on_the_single_file_match_the_folder(single_file, tiny_sdxl_dir, tiny_sdxl, tmp_path):
+    """`fit` with `sdxl = <file>` and `tune-user --sdxl <file> --pairs` train exactly as on the folder."""
+    from helpers import trained_looking_adapter
+
+    from ppd_train.adapter import read_adapter_config, save_adapter
+    from ppd_train.embedding import UserEmbedding, save_embedding_table
+    from ppd_train.pairs import load_users
+    from ppd_train.prepare import prepare_dpo_data
+
+    folders = [str(write_pair_folder(tmp_path / "pairs" / f"user{u}", n=3, seed=u)) for u in range(3)]
+    data = prepare_dpo_data(load_users(folders), None, None, tmp_path / "data.safetensors", image_size=16,
+                            show_progress=False, sdxl=tiny_sdxl_dir)
+    g = torch.Generator().manual_seed(0)
+    save_embedding_table(tmp_path / "users.safetensors", {u: UserEmbedding(torch.randn(3, 8, generator=g), "test")
+                                                         for u in data.user_ids})
+    base = {"folder": [f"sdxl={tiny_sdxl_dir}"], "file": [f"sdxl={single_file}", f"sdxl_config={tiny_sdxl_dir}"]}
+    for name, sets in base.items():
+        sets = [*sets, f"data={tmp_path / 'data.safetensors'}", f"embeddings={tmp_path / 'users.safetensors'}",
+                f"out_dir={tmp_path / name}", "max_steps=2", "batch_size=4", "lr=1e-2", "beta=100",
+                "tensorboard=false"]
+        assert main(["fit", "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
+    want, got = (read_adapter_config(tmp_path / n / "adapter_last.safetensors")[1] for n in base)
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+    save_adapter(trained_looking_adapter(tiny_sdxl, embed_dim=8, num_tokens=3), tmp_path / "adapter.safetensors")
+    UserEmbedding(torch.randn(3, 8, generator=g), "test").save(tmp_path / "start.safetensors")
+    common = ["tune-user", "--pairs", folders[0], "--image-size", "16", "--adapter",
+              str(tmp_path / "adapter.safetensors"), "--embedding", str(tmp_path / "start.safetensors"),
+              "--steps", "2", "--seed", "3", "--quiet", "--device", "cpu", "--dtype", "float32"]
+    assert main([*common, "--sdxl", str(tiny_sdxl_dir), "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert main([*common, "--sdxl", str(single_file), "--sdxl-config", str(tiny_sdxl_dir),
+                 "--out", str(tmp_path / "b.safetensors")]) == 0
+    a, b = (UserEmbedding.load(tmp_path / f"{n}.safetensors") for n in "ab")
+    assert torch.equal(a.tokens, b.tokens)
+    for key in ("val_before", "val_after"):  # held-out scores: the pairs encoded and scored by each model
+        assert a.meta["tuned"][key] == b.meta["tuned"][key] and a.meta["tuned"][key]["loss"] > 0
