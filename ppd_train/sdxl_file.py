@@ -73,8 +73,8 @@ def part_config(part: str, config: str | os.PathLike | None) -> tuple[dict, str]
     if config is not None and Path(config).is_dir():
         path = Path(config) / part / "config.json"
         if not path.is_file():
-            raise FileFormatError(f"{config} has no {part}/config.json: give a diffusers SDXL folder as the config "
-                                  "(its configs are read, not its weights), or leave the config out for SDXL 1.0's.")
+            raise FileFormatError(f"{config} has no {part}/config.json: give a diffusers SDXL folder as the SDXL "
+                                  "config (its configs are read, not its weights), or leave it out for SDXL 1.0's.")
         return _read_json(path), f"the config {path}"
     if config is not None and part == "unet":
         return _read_json(Path(config)), f"the config {config}"
@@ -124,7 +124,8 @@ def read_sdxl_file(path: str | os.PathLike, parts: Iterable[str]) -> dict[str, t
         check_sdxl_names(path, names, parts)
         return [n for n in names if n.startswith(prefixes)]
 
-    weights, _ = read_safetensors(path, "SDXL checkpoint", advice="download it again", select=select)
+    weights, _ = read_safetensors(path, "Stable Diffusion XL checkpoint", advice="download it again",
+                                  select=select)
     return weights
 
 
@@ -141,8 +142,9 @@ def load_part(path: str | os.PathLike, weights: dict[str, torch.Tensor], part: s
         state = _convert(part, own, cfg, model)
     except Exception as e:  # diffusers' converters index the weights they expect: a missing one is a KeyError
         raise IncompatibleError(f"{path}: its {NAMES[part]} weights do not convert for {where} ({type(e).__name__}: "
-                                f"{e}). The file is incomplete or not an SDXL checkpoint; download it again, or pass "
-                                "the checkpoint's diffusers folder as the config.") from None
+                                f"{e}). The file is incomplete or not an SDXL checkpoint: download it again, or give "
+                                "the checkpoint's diffusers folder as the SDXL config (--sdxl-config, sdxl_config)."
+                                ) from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
@@ -150,8 +152,10 @@ def load_part(path: str | os.PathLike, weights: dict[str, torch.Tensor], part: s
             ("missing", sorted(set(expected) - set(found))),
             ("unexpected", sorted(set(found) - set(expected))),
             ("wrong shape", sorted(k for k in set(expected) & set(found) if expected[k] != found[k]))) if keys]
-        raise IncompatibleError(f"{path}: its {NAMES[part]} does not fit {where} ({'; '.join(problems)}). Pass the "
-                                "checkpoint's diffusers folder (or, for the UNet, its config.json) as the config.")
+        raise IncompatibleError(f"{path}: its {NAMES[part]} does not fit {where} ({'; '.join(problems)}). Give the "
+                                "checkpoint's diffusers folder (or, for the UNet, its config.json) as the SDXL config "
+                                "(--sdxl-config, sdxl_config); a file missing weights is incomplete: download it "
+                                "again.")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return model.eval().requires_grad_(False)
 

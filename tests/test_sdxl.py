@@ -63,7 +63,7 @@ def test_single_file_checkpoint_loads_like_the_folder(tmp_path):
     assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
     # without a config, the file must fit SDXL 1.0's: a tiny one does not, and the message says what to pass
     with pytest.raises(IncompatibleError, match="its UNet does not fit SDXL 1.0.s UNet config .*wrong shape.*"
-                                                 "Pass the checkpoint.s diffusers folder"):
+                                                 "Give the checkpoint.s diffusers folder"):
         load_sdxl(path)
 
 
