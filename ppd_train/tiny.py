@@ -327,8 +327,8 @@ def write_tiny_sdxl_single_file(folder, path) -> None:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(folder)
-    tensors = sdxl_single_file_tensors(UNet2DConditionModel.from_pretrained(folder / "unet"),
-                                       AutoencoderKL.from_pretrained(folder / "vae"),
-                                       CLIPTextModel.from_pretrained(folder / "text_encoder"),
-                                       CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"))
+    models = [cls.from_pretrained(folder / part, use_safetensors=True, local_files_only=True)  # type: ignore[attr-defined]
+              for cls, part in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder"),
+                                (CLIPTextModelWithProjection, "text_encoder_2"))]
+    tensors = sdxl_single_file_tensors(*models)
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))

@@ -1417,9 +1417,9 @@ CASES = [
     Case("two-bases", "`fit` with both `stage_c` and `sdxl` set", "CLI", "refused",
          "Config: set one base model, stage_c or sdxl, not both. Fix it in the config file or with --set KEY=VALUE.",
          case_two_bases),
-    Case("prepare-no-encoders", "`prepare` with neither Stage C's encoders nor an SDXL folder", "CLI", "refused",
+    Case("prepare-no-encoders", "`prepare` with neither Stage C's encoders nor an SDXL model", "CLI", "refused",
          "prepare needs the base model's encoders: --effnet and --clip-text (Stage C), or --sdxl (an SDXL diffusers "
-         "folder, for its VAE and text encoders).", case_prepare_no_encoders),
+         "folder or single-file checkpoint, for its VAE and text encoders).", case_prepare_no_encoders),
     Case("sdxl-file-not-sdxl", "a Stable Cascade Stage C single file given as SDXL", "API", "refused",
          "…/stage_c.safetensors looks like a Stable Cascade Stage C checkpoint (give it as stage_c / --stage-c), not "
          "an SDXL checkpoint.", case_sdxl_file_not_sdxl),
