@@ -224,7 +224,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         return
     data = DPOData.load(cfg.data)
     table, _ = load_embedding_table(cfg.embeddings)
-    unet = load_base(cfg.stage_c, None, cfg.sdxl, None)
+    unet = load_base(cfg.stage_c, None, cfg.sdxl, cfg.sdxl_config)
     data.check_fits(unet.config, cfg.data, cfg.stage_c or cfg.sdxl)
     adapter = load_adapter(cfg.adapter)
     binding = PPDBinding(unet, adapter)

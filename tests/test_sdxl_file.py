@@ -130,8 +130,13 @@ def test_sdxl_1_0_configs_take_the_released_checkpoints_layout():
                                                                         model.state_dict().items()}
 
 
-def test_fit_and_tune_user_on_the_single_file_match_the_folder(single_file, tiny_sdxl_dir, tiny_sdxl, tmp_path):
-    """`fit` with `sdxl = <file>` and `tune-user --sdxl <file> --pairs` train exactly as on the folder."""
+def test_fit_eval_and_tune_user_on_the_single_file_match_the_folder(single_file, tiny_sdxl_dir, tiny_sdxl, tmp_path,
+                                                                     monkeypatch):
+    """`fit` and `eval` with `sdxl = <file>`, and `tune-user --sdxl <file> --pairs`, give exactly what they give on
+    the folder."""
+    import json
+    import sys
+
     from helpers import trained_looking_adapter
 
     from ppd_train.adapter import read_adapter_config, save_adapter
@@ -153,6 +158,18 @@ def test_fit_and_tune_user_on_the_single_file_match_the_folder(single_file, tiny
         assert main(["fit", "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
     want, got = (read_adapter_config(tmp_path / n / "adapter_last.safetensors")[1] for n in base)
     assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+    (tmp_path / "file_rewards.py").write_text("def brightness(user_id, latents, caption_idx):\n"
+                                              "    return latents.mean(dim=(1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, sets in base.items():
+        sets = [*sets, f"adapter={tmp_path / 'folder' / 'adapter.safetensors'}",
+                f"data={tmp_path / 'data.safetensors'}", f"embeddings={tmp_path / 'users.safetensors'}",
+                "reward=file_rewards:brightness", "samples=2", "steps=2", f"out={tmp_path / name}.json"]
+        assert main(["eval", *[a for s in sets for a in ("--set", s)]]) == 0
+    sys.modules.pop("file_rewards", None)
+    want_m, got_m = (json.loads((tmp_path / f"{n}.json").read_text()) for n in base)
+    assert got_m["users"] == want_m["users"] and len(want_m["users"]) == 3
 
     save_adapter(trained_looking_adapter(tiny_sdxl, embed_dim=8, num_tokens=3), tmp_path / "adapter.safetensors")
     UserEmbedding(torch.randn(3, 8, generator=g), "test").save(tmp_path / "start.safetensors")
