@@ -206,11 +206,10 @@ def load_sdxl_unet_file(path: str | os.PathLike, dtype: torch.dtype = torch.floa
 def comfyui_tokenizer(here: str | os.PathLike = __file__) -> Path | None:
     """ComfyUI's own CLIP tokenizer folder (``comfy/sd1_tokenizer``, the one its SDXL text encoders use) when this
     pack is installed in ComfyUI (``ComfyUI/custom_nodes/<pack>/ppd_train``), else None."""
-    parents = Path(here).resolve().parents
-    if len(parents) > 3 and parents[2].name == "custom_nodes":
-        folder = parents[3] / "comfy" / "sd1_tokenizer"
-        if folder.is_dir():
-            return folder
+    for path in (Path(here).absolute(), Path(here).resolve()):  # custom_nodes/<pack> may be a link to the pack
+        parents = path.parents
+        if len(parents) > 3 and parents[2].name == "custom_nodes" and (parents[3] / "comfy" / "sd1_tokenizer").is_dir():
+            return parents[3] / "comfy" / "sd1_tokenizer"
     return None
 
 

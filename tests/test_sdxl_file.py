@@ -96,6 +96,11 @@ def test_tokenizers_come_from_comfyui_next_to_the_pack(tiny_sdxl_dir, tmp_path, 
         ids = [t(CAPTIONS, padding="max_length", max_length=77).input_ids for t in (a, b)]
         assert ids[0] == ids[1]
     assert found[0].pad_token == "<|endoftext|>" and found[1].pad_token == "!"
+    pack = tmp_path / "elsewhere" / "ppd"  # a pack linked into custom_nodes from where it was cloned
+    (pack / "ppd_train").mkdir(parents=True)
+    (comfy / "custom_nodes").mkdir()
+    (comfy / "custom_nodes" / "ppd").symlink_to(pack)
+    assert sdxl_tokenizers(here=comfy / "custom_nodes" / "ppd" / "ppd_train" / "sdxl_file.py")[1].pad_token == "!"
     with pytest.raises(PPDError, match="holds no tokenizer: give one with --sdxl-tokenizer: .*comfy/sd1_tokenizer"):
         sdxl_tokenizers(here=tmp_path / "elsewhere" / "ppd" / "ppd_train" / "sdxl_file.py")
 
