@@ -98,6 +98,13 @@ def _cmd_embed(args: argparse.Namespace) -> None:
               f"{hint} (each user's confidence is in the table's metadata)", file=sys.stderr)
 
 
+def _sdxl_file_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sdxl-config", help="single-file SDXL not shaped like SDXL 1.0: its diffusers folder (configs "
+                   "read, not weights) or its UNet's config.json")
+    p.add_argument("--sdxl-tokenizer", help="single-file SDXL: the CLIP tokenizer folder (ComfyUI's "
+                   "comfy/sd1_tokenizer, found by itself when the pack is in ComfyUI) or a diffusers SDXL folder")
+
+
 def _cmd_prepare(args: argparse.Namespace) -> None:
     import torch
 
@@ -106,18 +113,19 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     from .prepare import prepare_dpo_data
 
     if args.sdxl and (args.effnet or args.clip_text):
-        raise PPDError("prepare: give Stage C's encoders (--effnet and --clip-text) or an SDXL folder (--sdxl), not "
+        raise PPDError("prepare: give Stage C's encoders (--effnet and --clip-text) or an SDXL model (--sdxl), not "
                        "both.")
     if not args.sdxl and not (args.effnet and args.clip_text):
         raise PPDError("prepare needs the base model's encoders: --effnet and --clip-text (Stage C), or --sdxl "
-                       "(an SDXL diffusers folder, for its VAE and text encoders).")
+                       "(an SDXL diffusers folder or single-file checkpoint, for its VAE and text encoders).")
     dtype = getattr(torch, args.dtype)
     table = load_embedding_table(args.embeddings)[0] if args.embeddings else None
     users = load_users(args.pairs, merge_users=args.merge_users)
     image_size = args.image_size or (1024 if args.sdxl else 768)
     data = prepare_dpo_data(users, args.effnet, args.clip_text, args.out, embeddings=table,
                             image_size=image_size, batch_size=args.batch_size, device=args.device, dtype=dtype,
-                            show_progress=not args.quiet, sdxl=args.sdxl)
+                            show_progress=not args.quiet, sdxl=args.sdxl, sdxl_config=args.sdxl_config,
+                            sdxl_tokenizer=args.sdxl_tokenizer)
     print(f"{len(data)} pairs of {len(data.user_ids)} users, latents {tuple(data.latents_w.shape[1:])} -> {args.out}")
 
 
@@ -216,7 +224,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         return
     data = DPOData.load(cfg.data)
     table, _ = load_embedding_table(cfg.embeddings)
-    unet = load_base(cfg.stage_c, None, cfg.sdxl, None)
+    unet = load_base(cfg.stage_c, None, cfg.sdxl, cfg.sdxl_config)
     data.check_fits(unet.config, cfg.data, cfg.stage_c or cfg.sdxl)
     adapter = load_adapter(cfg.adapter)
     binding = PPDBinding(unet, adapter)
@@ -306,13 +314,10 @@ def _cmd_tune_user(args: argparse.Namespace) -> int:
             raise PPDError(f"The pairs hold the users {', '.join(sorted(users)[:8])}; say which one with --user."
                            if user is None else f"No pairs of user {user!r} (users: {', '.join(sorted(users)[:8])}).")
         pairs_hash = content_hash(users[user])
-        if args.sdxl:  # SDXL's own VAE and text encoders, from its diffusers folder
-            if not Path(args.sdxl).is_dir():
-                raise PPDError(f"--pairs are images: encoding them for SDXL needs its diffusers folder (VAE and text "
-                               f"encoders), but {args.sdxl} is a file. Give the folder, or pass a prepared --data "
-                               "file.")
+        if args.sdxl:  # SDXL's own VAE and text encoders, from its diffusers folder or single file
             data = encode_sdxl_pairs({user: users[user]}, args.sdxl, args.image_size or 1024, device=args.device,
-                                     show_progress=not args.quiet)
+                                     show_progress=not args.quiet, config=args.sdxl_config,
+                                     tokenizer=args.sdxl_tokenizer)
         else:
             data = encode_pairs({user: users[user]}, args.effnet, args.clip_text, args.image_size or 768,
                                 device=args.device, show_progress=not args.quiet)
@@ -400,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     _merge_users_arg(p)
     p.add_argument("--effnet", help="Stage C: Stable Cascade's effnet_encoder.safetensors")
     p.add_argument("--clip-text", help="Stage C: local CLIP-G text encoder folder (transformers format)")
-    p.add_argument("--sdxl", help="or SDXL: a local diffusers folder (its vae, text encoders and tokenizers)")
+    p.add_argument("--sdxl", help="or SDXL: a local diffusers folder, or a single-file .safetensors checkpoint (its "
+                   "VAE and text encoders)")
+    _sdxl_file_args(p)
     p.add_argument("--embeddings", help="embedding table from `ppd-train embed`: keeps its users, drops their "
                    "embedding pairs")
     p.add_argument("--out", required=True, help="DPO data file (.safetensors)")
@@ -433,8 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive, help="image size, as for prepare (Stage C 768, SDXL 1024)")
     p.add_argument("--stage-c", help="Stage C: diffusers folder or Stability single file")
     p.add_argument("--stage-c-config", help="diffusers config.json, only for single files of non-standard size")
-    p.add_argument("--sdxl", help="or SDXL: diffusers folder (needed with --pairs) or single-file checkpoint")
-    p.add_argument("--sdxl-config", help="diffusers UNet config.json, only for single files not shaped like SDXL 1.0")
+    p.add_argument("--sdxl", help="or SDXL: diffusers folder or single-file .safetensors checkpoint")
+    _sdxl_file_args(p)
     p.add_argument("--adapter", required=True, help="the PPD adapter (.safetensors)")
     p.add_argument("--embedding", help="start: the user's embedding (from the embedder)")
     p.add_argument("--library", nargs="+", default=[], help="embedding tables / files of known users to mix")

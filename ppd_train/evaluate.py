@@ -49,6 +49,7 @@ class EvalConfig:
     config_version: int = 1
     stage_c: str = ""
     sdxl: str = ""  # or an SDXL (diffusers folder or single file): one of the two
+    sdxl_config: str = ""  # single files not shaped like SDXL 1.0: their diffusers folder or UNet config.json
     adapter: str = ""
     embeddings: str = ""  # embedding table (ppd-train embed)
     data: str = ""  # DPO data file: captions to sample with, latent size, and which users were seen in training

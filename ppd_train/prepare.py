@@ -17,6 +17,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,32 +64,52 @@ class ClipTextEncoder:
 
 
 class SDXLEncoders:
-    """SDXL's VAE and two text encoders from a local diffusers pipeline folder (safetensors only)."""
+    """SDXL's VAE and two text encoders from local files (safetensors only): a diffusers pipeline folder, or a
+    single-file checkpoint with ``config`` and ``tokenizer`` as :mod:`ppd_train.sdxl_file` takes them."""
 
     PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
-    def __init__(self, folder: str | os.PathLike, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 config: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None) -> None:
+        self.device = torch.device(device)
+        self.vae: Any
+        path = Path(path)
+        if path.is_dir():
+            if tokenizer or config:
+                raise PPDError(f"{path} is a diffusers folder, which brings its own configs and tokenizers: the SDXL "
+                               "config and tokenizer options are for a single-file checkpoint only. Leave them out.")
+            self.vae, self.tokenizers, text_encoders = self._from_folder(path, dtype)
+        else:
+            from .sdxl_file import ENCODERS, load_part, read_sdxl_file, sdxl_tokenizers
+
+            weights = read_sdxl_file(path, ENCODERS)  # pickles, other models, damaged files: refused first
+            self.tokenizers = sdxl_tokenizers(tokenizer, config)
+            self.vae, *text_encoders = [load_part(path, weights, part, config, dtype) for part in ENCODERS]
+        self.vae = self.vae.to(self.device)
+        self.text_encoders = [m.to(self.device) for m in text_encoders]
+
+    @classmethod
+    def _from_folder(cls, folder: Path, dtype: torch.dtype) -> tuple[Any, list, list[Any]]:
         from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-        self.folder = Path(folder)
-        missing = [p for p in self.PARTS if not (self.folder / p).is_dir()]
+        missing = [p for p in cls.PARTS if not (folder / p).is_dir()]
         if missing:
-            raise PPDError(f"{self.folder} is not an SDXL diffusers folder (no {', '.join(missing)}/). Use the folder "
-                           "of stabilityai/stable-diffusion-xl-base-1.0 (or of a fine-tune in diffusers format): "
-                           "prepare needs its VAE, both text encoders and their tokenizers.")
+            raise PPDError(f"{folder} is not an SDXL diffusers folder (no {', '.join(missing)}/). Use the folder "
+                           "of stabilityai/stable-diffusion-xl-base-1.0 (or of a fine-tune in diffusers format), "
+                           "or a single-file SDXL checkpoint: prepare needs its VAE, both text encoders and their "
+                           "tokenizers.")
         for part in ("vae", "text_encoder", "text_encoder_2"):
-            require_safetensors(self.folder / part, f"SDXL {part}")
-        self.device = torch.device(device)
-        self.vae = AutoencoderKL.from_pretrained(self.folder / "vae", use_safetensors=True, local_files_only=True,
-                                                 torch_dtype=dtype).to(self.device).eval()
-        self.tokenizers = [AutoTokenizer.from_pretrained(self.folder / p, local_files_only=True)
-                           for p in ("tokenizer", "tokenizer_2")]
-        self.text_encoders = [
-            cls.from_pretrained(self.folder / p, use_safetensors=True, local_files_only=True,
-                                dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]
-            for cls, p in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))]
+            require_safetensors(folder / part, f"SDXL {part}")
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, local_files_only=True,
+                                            torch_dtype=dtype).eval()
+        tokenizers = [AutoTokenizer.from_pretrained(folder / p, local_files_only=True)
+                      for p in ("tokenizer", "tokenizer_2")]
+        text_encoders = [
+            c.from_pretrained(folder / p, use_safetensors=True, local_files_only=True,
+                              dtype=dtype).eval()  # type: ignore[arg-type]
+            for c, p in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))]
+        return vae, tokenizers, text_encoders
 
     @torch.inference_mode()
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,12 +209,14 @@ def encode_pairs_with(users: dict[str, list[PreferencePair]], effnet: torch.nn.M
     return _encode(users, encode_images, encode_text, batch_size, show_progress, on_batch, "stage_c")
 
 
-def encode_sdxl_pairs(users: dict[str, list[PreferencePair]], sdxl_folder: str | os.PathLike,
+def encode_sdxl_pairs(users: dict[str, list[PreferencePair]], sdxl: str | os.PathLike,
                       image_size: int = 1024, batch_size: int = 8, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32, show_progress: bool = True) -> DPOData:
+                      dtype: torch.dtype = torch.float32, show_progress: bool = True,
+                      config: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None) -> DPOData:
     """Pairs -> SDXL latents, size/crop numbers and text (see the module's docstring): the image path of ``prepare``
-    and ``tune-user`` for SDXL."""
-    enc = SDXLEncoders(sdxl_folder, device=device, dtype=dtype)
+    and ``tune-user`` for SDXL (``sdxl``: a diffusers folder, or a single-file checkpoint with ``config`` and
+    ``tokenizer`` as :class:`SDXLEncoders` takes them)."""
+    enc = SDXLEncoders(sdxl, device=device, dtype=dtype, config=config, tokenizer=tokenizer)
     return _encode(users, lambda pairs: enc.encode_images(pairs, image_size), enc.encode_text, batch_size,
                    show_progress, None, "sdxl")
 
@@ -233,11 +256,14 @@ def prepare_dpo_data(users: dict[str, list[PreferencePair]], effnet_path: str | 
                      text_encoder_folder: str | os.PathLike | None, out: str | os.PathLike,
                      embeddings: dict[str, UserEmbedding] | None = None, image_size: int = 768,
                      batch_size: int = 8, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                     show_progress: bool = True, sdxl: str | os.PathLike | None = None) -> DPOData:
-    """Encode for Stage C (``effnet_path`` and ``text_encoder_folder``) or for SDXL (``sdxl``, its diffusers folder)."""
+                     show_progress: bool = True, sdxl: str | os.PathLike | None = None,
+                     sdxl_config: str | os.PathLike | None = None,
+                     sdxl_tokenizer: str | os.PathLike | None = None) -> DPOData:
+    """Encode for Stage C (``effnet_path`` and ``text_encoder_folder``) or for SDXL (``sdxl``, its diffusers folder or
+    single-file checkpoint; ``sdxl_config`` and ``sdxl_tokenizer`` for a single file, see :class:`SDXLEncoders`)."""
     if (sdxl is None) == (effnet_path is None or text_encoder_folder is None):
-        raise PPDError("prepare: give Stage C's encoders (--effnet and --clip-text) or an SDXL diffusers folder "
-                       "(--sdxl), not both.")
+        raise PPDError("prepare: give Stage C's encoders (--effnet and --clip-text) or an SDXL model (--sdxl), not "
+                       "both.")
     out = Path(out)
     if embeddings is not None:  # train only users that have an embedding, never on the pairs that made it
         held = {u: set(e.meta.get("pair_sources", [])) for u, e in embeddings.items()}
@@ -246,7 +272,10 @@ def prepare_dpo_data(users: dict[str, list[PreferencePair]], effnet_path: str | 
     if not users:
         raise PPDError("No pairs left to train on (no user has both an embedding and pairs beyond its embedding "
                        "pairs). Check that --embeddings was made from the same dataset.")
-    if sdxl is not None:
+    if sdxl is not None and Path(sdxl).is_file():  # a single-file checkpoint: VAE and text encoders in one file
+        key = {"preprocess": SDXL_PREPROCESS_VERSION, "image_size": image_size, "base": "sdxl",
+               "checkpoint": _file_key(Path(sdxl)), "pairs": _pairs_key(users)}
+    elif sdxl is not None:
         vae_files = sorted((Path(sdxl) / "vae").glob("*.safetensors"))
         key = {"preprocess": SDXL_PREPROCESS_VERSION, "image_size": image_size, "base": "sdxl",
                "vae": _file_key(vae_files[0]) if vae_files else "", "text_encoders": _folder_key(Path(sdxl)),
@@ -265,7 +294,8 @@ def prepare_dpo_data(users: dict[str, list[PreferencePair]], effnet_path: str | 
             pass
     # the encoders load only now: an up-to-date file costs no model load
     if sdxl is not None:
-        data = encode_sdxl_pairs(users, sdxl, image_size, batch_size, device, dtype, show_progress)
+        data = encode_sdxl_pairs(users, sdxl, image_size, batch_size, device, dtype, show_progress, sdxl_config,
+                                 sdxl_tokenizer)
     else:
         assert effnet_path is not None and text_encoder_folder is not None
         data = encode_pairs(users, effnet_path, text_encoder_folder, image_size, batch_size, device, dtype,

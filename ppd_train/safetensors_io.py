@@ -9,13 +9,14 @@ import os
 import re
 import secrets
 import socket
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import FileFormatError
+from .errors import FileFormatError, PPDError
 from .guards import json_safe
 
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
@@ -137,12 +138,14 @@ def require_safetensors(folder: str | os.PathLike, what: str) -> None:
 
 
 def read_safetensors(path: str | os.PathLike, what: str, advice: str = "download or export it again",
-                     floats_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+                     floats_only: bool = False, select: Callable[[list[str]], Iterable[str]] | None = None,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read all tensors and the metadata of a safetensors file, turning every failure into a clear FileFormatError.
 
     ``what`` names the kind of file for messages ("PPD adapter", "user embedding"); ``advice`` is the fix for a damaged
     one. ``floats_only``: refuse integer and boolean tensors (weights and tokens are floats: a cast would hide the
-    damage).
+    damage). ``select(names)``: the names to read, from all the file's names (only those are loaded: a checkpoint's
+    other parts stay on disk); it may raise a PPDError to refuse the file before any tensor is read.
     """
     path = Path(path)
     require_file(path, what)
@@ -154,9 +157,12 @@ def read_safetensors(path: str | os.PathLike, what: str, advice: str = "download
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            names = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in (select(names) if select is not None else names)}
     except PermissionError:
         raise _unreadable(path, what) from None
+    except PPDError:  # refused by ``select``
+        raise
     except Exception as e:  # safetensors raises its own error types (and OSError) for bad headers/truncation
         raise FileFormatError(
             f"{path} is not a readable safetensors file ({type(e).__name__}: {e}). It may be truncated (an interrupted "

@@ -6,13 +6,11 @@ same layers IP-Adapter attaches to. SDXL 1.0 has 70 of them (:data:`~ppd_train.a
 the one of ``binding.py``; the user term goes where IP-Adapter's image term goes (before ``to_out``).
 
 Only local files are read: a diffusers folder (a pipeline folder with ``unet/``, or the ``unet`` folder itself), or a
-single-file ``.safetensors`` checkpoint as artists download them (the LDM layout ``model.diffusion_model.*``), for which
-the config is SDXL 1.0's own (:func:`sdxl_config`) or a diffusers ``config.json`` given next to it.
+single-file ``.safetensors`` checkpoint as artists download them (:mod:`ppd_train.sdxl_file`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,7 +21,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from .adapter import ModelInfo, count_adapter_parameters
 from .errors import FileFormatError, IncompatibleError
-from .safetensors_io import diffusers_folder, read_safetensors
+from .safetensors_io import diffusers_folder
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 
@@ -81,36 +79,17 @@ def sdxl_info(unet: UNet2DConditionModel) -> ModelInfo:
 def load_sdxl(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
               config: str | os.PathLike | None = None) -> UNet2DConditionModel:
     """Load SDXL's UNet from local files only: a diffusers folder (pipeline folder with ``unet/``, or the ``unet``
-    folder), or a single-file ``.safetensors`` checkpoint (SDXL 1.0's config unless ``config``, a diffusers
-    ``config.json``, says otherwise)."""
+    folder), or a single-file ``.safetensors`` checkpoint (SDXL 1.0's config unless ``config``, a diffusers SDXL
+    folder or the UNet's ``config.json``, says otherwise; see :mod:`ppd_train.sdxl_file`)."""
     path = Path(path)
     if path.is_dir():
         folder = diffusers_folder(path, "unet", "SDXL")
         unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True, local_files_only=True,
                                                     torch_dtype=dtype)
     else:
-        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+        from .sdxl_file import load_sdxl_unet_file
 
-        weights, _ = read_safetensors(path, "SDXL checkpoint")
-        if not any(k.startswith(LDM_UNET_PREFIX + "label_emb.") for k in weights):
-            raise FileFormatError(f"{path} has no '{LDM_UNET_PREFIX}label_emb.*' weights: it is not a single-file SDXL "
-                                  "checkpoint (for a diffusers folder, pass the folder).")
-        cfg = json.loads(Path(config).read_text()) if config is not None else sdxl_config()
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-        with torch.device("meta"):  # shapes only: nothing is allocated before the file is known to fit
-            unet = UNet2DConditionModel(**cfg)
-        converted = convert_ldm_unet_checkpoint(weights, cfg)
-        expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in converted.items()}
-        if expected != found:
-            problems = [f"{label} {keys[:3]}" for label, keys in (
-                ("missing", sorted(set(expected) - set(found))),
-                ("unexpected", sorted(set(found) - set(expected))),
-                ("wrong shape", sorted(k for k in set(expected) & set(found) if expected[k] != found[k]))) if keys]
-            what = "SDXL 1.0's UNet config" if config is None else f"the config {config}"
-            raise IncompatibleError(f"{path} does not fit {what} ({'; '.join(problems)}). Pass the checkpoint's "
-                                    "diffusers config.json as `config`, or use its diffusers folder.")
-        unet.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, assign=True)
+        unet = load_sdxl_unet_file(path, dtype, config)
     if not isinstance(unet, UNet2DConditionModel):
         raise FileFormatError(f"{path} is not an SDXL UNet.")
     sdxl_info(unet)  # refuse an SD 1.x/2.x UNet now, with a clear message

@@ -241,3 +241,94 @@ def _ldm_resnet(rest: str) -> str:
         if rest.startswith(ours + "."):
             return theirs + rest[len(ours):]
     return rest
+
+
+_VAE_ATTENTION_TO_LDM = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
+
+
+def sdxl_vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+    """The VAE's weights in the single-file layout (``first_stage_model.*``; attention as 1x1 convolutions): the
+    inverse of diffusers' ``convert_ldm_vae_checkpoint``."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    direct = cast(dict[str, str], DIFFUSERS_TO_LDM_MAPPING["vae"])
+    levels = len(vae.config["up_block_types"])
+    out: dict[str, torch.Tensor] = {}
+    for key, value in vae.state_dict().items():
+        side, group, *rest = key.split(".")
+        if key in direct:
+            new = direct[key]
+        elif group == "mid_block" and rest[0] == "resnets":
+            new = f"{side}.mid.block_{int(rest[1]) + 1}.{'.'.join(rest[2:])}".replace("conv_shortcut", "nin_shortcut")
+        elif group == "mid_block":  # attentions.0.<part>.<weight|bias>
+            part = ".".join(rest[2:-1])
+            new = f"{side}.mid.attn_1.{dict(_VAE_ATTENTION_TO_LDM)[part]}.{rest[-1]}"
+            if value.dim() == 2:
+                value = value[:, :, None, None]
+        else:  # {down,up}_blocks.i.{resnets.j,downsamplers.0,upsamplers.0}.*
+            i = int(rest[0]) if side == "encoder" else levels - 1 - int(rest[0])
+            level = f"{side}.{'down' if side == 'encoder' else 'up'}.{i}"
+            if rest[1] == "resnets":
+                new = f"{level}.block.{rest[2]}.{'.'.join(rest[3:])}".replace("conv_shortcut", "nin_shortcut")
+            else:
+                new = f"{level}.{'downsample' if side == 'encoder' else 'upsample'}.conv.{rest[-1]}"
+        out["first_stage_model." + new] = value
+    return out
+
+
+_OPENCLIP = (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))
+
+
+def sdxl_bigg_to_openclip(model) -> dict[str, torch.Tensor]:
+    """bigG's weights in OpenCLIP's layout (``conditioner.embedders.1.model.*``: fused q/k/v, ``text_projection``
+    transposed): the inverse of diffusers' ``convert_open_clip_checkpoint``."""
+    prefix, out = "conditioner.embedders.1.model.", {}
+    state = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+    fixed = {"embeddings.token_embedding.weight": "token_embedding.weight",
+             "embeddings.position_embedding.weight": "positional_embedding",
+             "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+    for key, value in state.items():
+        if key in fixed:
+            out[prefix + fixed[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif ".self_attn.q_proj." in key:
+            layer, kind = key.split(".")[2], key.rsplit(".", 1)[1]
+            qkv = [state[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(qkv)
+        elif ".self_attn.k_proj." not in key and ".self_attn.v_proj." not in key:
+            new = key.replace("encoder.layers.", "transformer.resblocks.")
+            for ours, theirs in _OPENCLIP:
+                new = new.replace(ours, theirs)
+            out[prefix + new] = value
+    out[prefix + "logit_scale"] = torch.tensor(4.6052)  # OpenCLIP's, in released files; no text model reads it
+    return out
+
+
+def sdxl_single_file_tensors(unet, vae, clip_l, bigg) -> dict[str, torch.Tensor]:
+    """SDXL's four models as one checkpoint in the original layout artists download (UNet, VAE, CLIP-L, bigG under
+    ``model.diffusion_model.`` / ``first_stage_model.`` / ``conditioner.embedders.{0,1}.``)."""
+    tensors = {**sdxl_unet_to_ldm(unet), **sdxl_vae_to_ldm(vae), **sdxl_bigg_to_openclip(bigg)}
+    for key, value in clip_l.state_dict().items():  # CLIP-L keeps transformers' names, under the original's prefix
+        tensors["conditioner.embedders.0.transformer.text_model." + key.removeprefix("text_model.")] = value
+    n = clip_l.config.max_position_embeddings  # released files carry this computed buffer too
+    tensors["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(n)[None]
+    return tensors
+
+
+def write_tiny_sdxl_single_file(folder, path) -> None:
+    """Write a diffusers SDXL folder (e.g. :func:`build_tiny_sdxl`'s) as one ``.safetensors`` checkpoint in the
+    original layout (:func:`sdxl_single_file_tensors`), for testing the single-file loader."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    models = [cls.from_pretrained(folder / part, use_safetensors=True, local_files_only=True)  # type: ignore[attr-defined]
+              for cls, part in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder"),
+                                (CLIPTextModelWithProjection, "text_encoder_2"))]
+    tensors = sdxl_single_file_tensors(*models)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))

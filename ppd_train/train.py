@@ -40,7 +40,7 @@ class TrainConfig:
     stage_c: str = ""  # diffusers folder or Stability single-file .safetensors
     stage_c_config: str = ""  # diffusers config.json, only for single files of non-standard size
     sdxl: str = ""  # or: SDXL, a diffusers folder or a single-file .safetensors checkpoint (set one of the two)
-    sdxl_config: str = ""  # diffusers UNet config.json, only for single files not shaped like SDXL 1.0
+    sdxl_config: str = ""  # single files not shaped like SDXL 1.0: their diffusers folder or UNet config.json
     data: str = ""  # DPO data file (see dpo_data.py)
     embeddings: str = ""  # embedding table from `ppd-train embed`
     out_dir: str = "runs/ppd"

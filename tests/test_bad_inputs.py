@@ -456,6 +456,82 @@ def case_sdxl_file_not_sdxl(ctx: Ctx) -> str:
     return refused(lambda: load_sdxl(ctx.tmp / "stage_c.safetensors"))
 
 
+def _sdxl_single_file(ctx: Ctx) -> tuple[Path, Path, Path]:
+    """A tiny SDXL pipeline folder, the same model as one checkpoint in the original layout, and a pair folder (built
+    once per module, in ``ctx.files``)."""
+    from helpers import write_pair_folder
+
+    from ppd_train.tiny import build_tiny_sdxl, write_tiny_sdxl_single_file
+
+    folder, path = ctx.files / "sdxl", ctx.files / "sdxl.safetensors"
+    if not path.is_file():
+        build_tiny_sdxl(folder)
+        write_tiny_sdxl_single_file(folder, path)
+        write_pair_folder(ctx.files / "sdxl_pairs", n=2)
+    return folder, path, ctx.files / "sdxl_pairs"
+
+
+def _prepare_sdxl(ctx: Ctx, sdxl: Path, *extra: str) -> str:
+    _, _, pairs = _sdxl_single_file(ctx)
+    return cli_refused(ctx, "prepare", "--pairs", str(pairs), "--sdxl", str(sdxl), "--image-size", "16", "--quiet",
+                       "--out", str(ctx.tmp / "d.safetensors"), *extra)
+
+
+def case_sdxl_file_pickle(ctx: Ctx) -> str:
+    torch.save({"state_dict": {}}, ctx.tmp / "model.ckpt")
+    return _prepare_sdxl(ctx, ctx.tmp / "model.ckpt")
+
+
+def case_sdxl_file_sd15(ctx: Ctx) -> str:
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 3, 3),
+               "first_stage_model.encoder.conv_in.weight": torch.zeros(2, 3, 3, 3),
+               "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)},
+              ctx.tmp / "sd15.safetensors")
+    return _prepare_sdxl(ctx, ctx.tmp / "sd15.safetensors")
+
+
+def case_sdxl_file_unet_only(ctx: Ctx) -> str:
+    from safetensors.torch import load_file, save_file
+
+    _, path, _ = _sdxl_single_file(ctx)
+    save_file({k: v for k, v in load_file(path).items() if k.startswith("model.diffusion_model.")},
+              ctx.tmp / "unet_only.safetensors")
+    return _prepare_sdxl(ctx, ctx.tmp / "unet_only.safetensors")
+
+
+def case_sdxl_file_missing_weight(ctx: Ctx) -> str:
+    from safetensors.torch import load_file, save_file
+
+    folder, path, _ = _sdxl_single_file(ctx)
+    tensors = load_file(path)
+    del tensors["first_stage_model.encoder.conv_in.bias"]
+    save_file(tensors, ctx.tmp / "partial.safetensors")
+    return _prepare_sdxl(ctx, ctx.tmp / "partial.safetensors", "--sdxl-config", str(folder))
+
+
+def case_sdxl_file_truncated(ctx: Ctx) -> str:
+    _, path, _ = _sdxl_single_file(ctx)
+    data = path.read_bytes()
+    (ctx.tmp / "half.safetensors").write_bytes(data[:len(data) // 2])
+    return _prepare_sdxl(ctx, ctx.tmp / "half.safetensors")
+
+
+def case_sdxl_file_no_tokenizer(ctx: Ctx) -> str:
+    return _prepare_sdxl(ctx, _sdxl_single_file(ctx)[1])
+
+
+def case_sdxl_file_other_shape(ctx: Ctx) -> str:
+    folder, path, _ = _sdxl_single_file(ctx)
+    return _prepare_sdxl(ctx, path, "--sdxl-tokenizer", str(folder / "tokenizer"))
+
+
+def case_sdxl_folder_with_tokenizer(ctx: Ctx) -> str:
+    folder, _, _ = _sdxl_single_file(ctx)
+    return _prepare_sdxl(ctx, folder, "--sdxl-tokenizer", str(folder / "tokenizer"))
+
+
 def case_adapter_other_base(ctx: Ctx) -> str:
     from ppd_train.adapter import AdapterConfig, PPDAdapter
     from ppd_train.binding import PPDBinding, model_info
@@ -1341,12 +1417,44 @@ CASES = [
     Case("two-bases", "`fit` with both `stage_c` and `sdxl` set", "CLI", "refused",
          "Config: set one base model, stage_c or sdxl, not both. Fix it in the config file or with --set KEY=VALUE.",
          case_two_bases),
-    Case("prepare-no-encoders", "`prepare` with neither Stage C's encoders nor an SDXL folder", "CLI", "refused",
+    Case("prepare-no-encoders", "`prepare` with neither Stage C's encoders nor an SDXL model", "CLI", "refused",
          "prepare needs the base model's encoders: --effnet and --clip-text (Stage C), or --sdxl (an SDXL diffusers "
-         "folder, for its VAE and text encoders).", case_prepare_no_encoders),
-    Case("sdxl-file-not-sdxl", "a single file that is not an SDXL checkpoint given as SDXL", "API", "refused",
-         "…/stage_c.safetensors has no 'model.diffusion_model.label_emb.*' weights: it is not a single-file SDXL "
-         "checkpoint (for a diffusers folder, pass the folder).", case_sdxl_file_not_sdxl),
+         "folder or single-file checkpoint, for its VAE and text encoders).", case_prepare_no_encoders),
+    Case("sdxl-file-not-sdxl", "a Stable Cascade Stage C single file given as SDXL", "API", "refused",
+         "…/stage_c.safetensors looks like a Stable Cascade Stage C checkpoint (give it as stage_c / --stage-c), not "
+         "an SDXL checkpoint.", case_sdxl_file_not_sdxl),
+    Case("sdxl-file-pickle", "`prepare --sdxl model.ckpt` (a pickled checkpoint)", "CLI", "refused",
+         "…/model.ckpt looks like a pickled PyTorch file (.ckpt); Stable Diffusion XL checkpoint files are loaded from "
+         ".safetensors only, because pickles can run code. Re-export it as .safetensors.", case_sdxl_file_pickle),
+    Case("sdxl-file-sd15", "`prepare --sdxl` with an SD 1.5 single-file checkpoint", "CLI", "refused",
+         "…/sd15.safetensors looks like an SD 1.x checkpoint (Stable Diffusion 1.4/1.5 or a fine-tune of it), not an "
+         "SDXL checkpoint.", case_sdxl_file_sd15),
+    Case("sdxl-file-unet-only", "`prepare --sdxl` with a UNet-only single file (no VAE, no text encoders)", "CLI",
+         "refused", "…/unet_only.safetensors has no VAE (first_stage_model.*) and no CLIP-L text encoder "
+         "(conditioner.embedders.0.transformer.*) and no OpenCLIP bigG text encoder (conditioner.embedders.1.model.*) "
+         "weights. Give the full SDXL checkpoint (as ComfyUI's Load Checkpoint reads it: UNet, VAE and both text "
+         "encoders), or a diffusers SDXL folder.", case_sdxl_file_unet_only),
+    Case("sdxl-file-missing-weight", "a single-file SDXL checkpoint with one weight missing", "CLI", "refused",
+         "…/partial.safetensors: its VAE does not fit the config …/vae/config.json (missing ['encoder.conv_in.bias'])."
+         " Give the checkpoint's diffusers folder (or, for the UNet, its config.json) as the SDXL config "
+         "(--sdxl-config, sdxl_config); a file missing weights is incomplete: download it again.",
+         case_sdxl_file_missing_weight),
+    Case("sdxl-file-truncated", "a truncated single-file SDXL checkpoint (an interrupted download)", "CLI", "refused",
+         "…/half.safetensors is not a readable safetensors file (SafetensorError: …). It may be truncated (an "
+         "interrupted download or copy) or not a Stable Diffusion XL checkpoint file at all; download it again.",
+         case_sdxl_file_truncated),
+    Case("sdxl-file-no-tokenizer", "`prepare --sdxl <file>` outside ComfyUI without `--sdxl-tokenizer`", "CLI",
+         "refused", "A single-file SDXL checkpoint holds no tokenizer: give one with --sdxl-tokenizer: ComfyUI's "
+         "comfy/sd1_tokenizer folder, the tokenizer folder of stabilityai/stable-diffusion-xl-base-1.0, or a "
+         "diffusers SDXL folder (found by itself when this pack is installed in ComfyUI).",
+         case_sdxl_file_no_tokenizer),
+    Case("sdxl-file-other-shape", "a single-file checkpoint not shaped like SDXL 1.0, without `--sdxl-config`", "CLI",
+         "refused", "…: its VAE does not fit SDXL 1.0's VAE config (missing […]; wrong shape […]). Give the "
+         "checkpoint's diffusers folder (or, for the UNet, its config.json) as the SDXL config (--sdxl-config, "
+         "sdxl_config); a file missing weights is incomplete: download it again.", case_sdxl_file_other_shape),
+    Case("sdxl-folder-with-tokenizer", "`prepare --sdxl <diffusers folder> --sdxl-tokenizer …`", "CLI", "refused",
+         "…/sdxl is a diffusers folder, which brings its own configs and tokenizers: the SDXL config and tokenizer "
+         "options are for a single-file checkpoint only. Leave them out.", case_sdxl_folder_with_tokenizer),
     Case("adapter-other-base", "a Stage C adapter attached to an SDXL model", "API", "refused",
          "the adapter was made for Stage C custom (4 attention blocks, width 32), but the SDXL model is SDXL custom "
          "(11 attention blocks, width 32/64). Load the model the adapter was trained on, or pick an adapter for this "
