@@ -181,3 +181,30 @@ def test_small_tensors_take_torchs_adamw_step_exactly_and_the_defaults_are_torch
     torch_defaults = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).defaults
     assert AdamW8bit([torch.nn.Parameter(torch.zeros(1))]).defaults == {
         k: torch_defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+
+
+def test_make_optimizer_passes_lr_and_weight_decay_and_adamw_takes_the_fused_kernel():
+    """Each name builds its optimizer with the run's lr and weight decay (not a default); ``adamw`` is torch's fused
+    kernel where torch has one (a CPU here), the reason it exists (benchmarks/optimizer_step.py)."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    plain, eight = make_optimizer("adamw", [p], 0.3, 0.2), make_optimizer("adamw8bit", [p], 0.4, 0.1)
+    assert type(plain) is torch.optim.AdamW and type(eight) is AdamW8bit
+    assert (plain.defaults["lr"], plain.defaults["weight_decay"], plain.defaults["fused"]) == (0.3, 0.2, True)
+    assert (eight.defaults["lr"], eight.defaults["weight_decay"]) == (0.4, 0.1)
+    assert [q for g in plain.param_groups for q in g["params"]] == [p]
+
+
+def test_loaded_8bit_state_lands_on_the_parameters_device():
+    """Resuming on another device puts the codes where the parameter is, as torch's loader does with the float state
+    (the meta device stands in for an accelerator: no data, but a device of its own)."""
+    w = torch.nn.Parameter(torch.zeros(64, 128))
+    opt = AdamW8bit([w])
+    w.grad = torch.ones_like(w)
+    opt.step()
+    on_meta = torch.nn.Parameter(torch.zeros(64, 128, device="meta"))
+    resumed = AdamW8bit([on_meta])
+    resumed.load_state_dict(opt.state_dict())
+    state = resumed.state[on_meta]
+    assert {k for k in state if torch.is_tensor(state[k])} == set(optim.RATIO + optim.ROOT)
+    assert all(state[k].device.type == "meta" and state[k].dtype == opt.state[w][k].dtype
+               for k in optim.RATIO + optim.ROOT)
