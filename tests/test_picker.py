@@ -610,3 +610,12 @@ def test_a_linked_lock_file_is_refused_and_a_new_nested_set_is_created(tmp_path)
     with pytest.raises(PairError, match=r"\.pairs\.lock is a symbolic link"):
         append_pair(folder, "p", _solid(RED), _solid(BLUE))
     assert append_pair(tmp_path / "anna" / "portraits", "p", _solid(RED), _solid(BLUE)) == 1  # two levels, new
+
+
+def test_pairs_jsonl_keeps_a_prompts_letters_readable_in_utf8(tmp_path):
+    """An artist opens pairs.jsonl in an editor: accented and non-Latin letters are written as themselves (UTF-8),
+    not as \\u escapes; only the characters some readers take as line breaks are escaped."""
+    append_pair(tmp_path, "café 東京\u2028x", _solid(RED), _solid(BLUE), user_id="zoë")
+    line = (tmp_path / "pairs.jsonl").read_bytes()
+    assert line == ('{"prompt": "café 東京\\u2028x", "chosen": "pair_00001_chosen.png", '
+                    '"rejected": "pair_00001_rejected.png", "user_id": "zoë"}\n').encode()
