@@ -208,3 +208,22 @@ def test_loaded_8bit_state_lands_on_the_parameters_device():
     assert {k for k in state if torch.is_tensor(state[k])} == set(optim.RATIO + optim.ROOT)
     assert all(state[k].device.type == "meta" and state[k].dtype == opt.state[w][k].dtype
                for k in optim.RATIO + optim.ROOT)
+
+
+def test_a_value_that_never_had_a_gradient_keeps_ratio_code_0_and_leaves_its_blocks_scale_alone():
+    """Gradients +1 then -1 on half the values, exactly 0 on the rest: m_hat = (0.1 * 0.9 - 0.1) / (1 - 0.9**2)
+    = -1/19 and v_hat = 1 (s = 1, exact on a block of one value), so the stored ratio m_hat / s is -1/19 for the first
+    half. The other half has s = 0 and m = 0: its ratio is stored as code 0, and the block's scale is 1/19, not
+    coarsened to a larger one by those values."""
+    n = optim.MIN_8BIT_SIZE
+    w = torch.nn.Parameter(torch.zeros(n))
+    opt = AdamW8bit([w], weight_decay=0.0)
+    touched = torch.arange(n) % 2 == 0
+    for sign in (1.0, -1.0):
+        w.grad = touched.float() * sign
+        opt.step()
+    state = {k: v.reshape(-1) if torch.is_tensor(v) else v for k, v in opt.state[w].items()}  # codes: [blocks, 256]
+    assert torch.equal(state["exp_avg_sq_root_codes"][~touched], torch.zeros(n // 2, dtype=torch.uint8))
+    assert torch.equal(state["exp_avg_ratio_codes"][~touched], torch.zeros(n // 2, dtype=torch.int8))
+    assert torch.equal(state["exp_avg_ratio_codes"][touched], torch.full((n // 2,), -127, dtype=torch.int8))
+    assert state["exp_avg_ratio_scale"].tolist() == pytest.approx([1 / 19] * (n // optim.BLOCK), rel=1e-5)
