@@ -227,3 +227,17 @@ def test_a_value_that_never_had_a_gradient_keeps_ratio_code_0_and_leaves_its_blo
     assert torch.equal(state["exp_avg_ratio_codes"][~touched], torch.zeros(n // 2, dtype=torch.int8))
     assert torch.equal(state["exp_avg_ratio_codes"][touched], torch.full((n // 2,), -127, dtype=torch.int8))
     assert state["exp_avg_ratio_scale"].tolist() == pytest.approx([1 / 19] * (n // optim.BLOCK), rel=1e-5)
+
+
+def test_the_root_codes_floor_limits_the_span_in_whole_half_decades():
+    """The scale reaches down to ``floor`` and no lower: a block whose largest value is 1e-4 spans at most
+    2 * log10(1e-4 / 1e-10) = 12 half decades over a floor of 1e-10, so 1e-12 (16 half decades down) is stored as
+    the floor; a block wholly below its floor (1e-11 over 1e-10) spans nothing: every value is stored as its largest."""
+    def back(values, floor):
+        x = torch.tensor(values + [values[0]] * (optim.BLOCK - len(values)))
+        codes, scale, span = optim.quantize_root(x, floor)
+        return span.tolist(), optim.dequantize_root(codes, scale, span, x)[:len(values)].tolist()
+
+    assert back([1e-4, 1e-12], floor=1e-10) == ([12], pytest.approx([1e-4, 1e-10], rel=1e-5))
+    assert back([1e-4, 1e-12], floor=0.0) == ([16], pytest.approx([1e-4, 1e-12], rel=1e-5))
+    assert back([1e-11, 1e-12], floor=1e-10) == ([0], pytest.approx([1e-11, 1e-11], rel=1e-5))
