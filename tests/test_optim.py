@@ -241,3 +241,14 @@ def test_the_root_codes_floor_limits_the_span_in_whole_half_decades():
     assert back([1e-4, 1e-12], floor=1e-10) == ([12], pytest.approx([1e-4, 1e-10], rel=1e-5))
     assert back([1e-4, 1e-12], floor=0.0) == ([16], pytest.approx([1e-4, 1e-12], rel=1e-5))
     assert back([1e-11, 1e-12], floor=1e-10) == ([0], pytest.approx([1e-11, 1e-11], rel=1e-5))
+
+
+def test_an_8bit_step_runs_on_the_parameters_device():
+    """Off the CPU (the meta device stands in for an accelerator) a step takes each tensor at once and everything,
+    the code table included, stays on the parameter's device: mixing devices would fail there."""
+    w = torch.nn.Parameter(torch.zeros(64, 128, device="meta"))
+    opt = AdamW8bit([w])
+    for _ in range(2):
+        w.grad = torch.ones_like(w)
+        opt.step()
+    assert all(v.device.type == "meta" for v in opt.state[w].values() if torch.is_tensor(v))
