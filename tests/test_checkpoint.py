@@ -92,3 +92,40 @@ def test_read_meta_gives_the_run_metadata_or_none(tmp_path):
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"), {"other": "1"})
     assert read_meta(tmp_path / "cut.safetensors") is None and read_meta(tmp_path / "plain.safetensors") is None
+
+
+class _TwoAverages(torch.optim.Optimizer):
+    """A real (if simple) optimizer whose state names hold dots, as any optimizer's may: SGD on a running mean of
+    the gradient, keeping ``avg.grad`` (a tensor) and ``avg.count`` (a plain number) per parameter."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["avg.grad"], state["avg.count"] = torch.zeros_like(p), 0
+                state["avg.count"] += 1
+                state["avg.grad"].add_((p.grad - state["avg.grad"]) / state["avg.count"])
+                p.sub_(group["lr"] * state["avg.grad"])
+
+
+def test_state_names_holding_dots_round_trip(tmp_path):
+    """The file's keys are ``optim.<param>.<name>`` (tensors) and ``<param>.<name>`` (numbers): a name is everything
+    after the parameter's index, dots and all."""
+    model = _model()
+    opt = _TwoAverages(model.parameters())
+    for _ in range(3):
+        _step(model, opt)
+    save_checkpoint(tmp_path / "c.safetensors", model, opt, {})
+    fresh = _model(seed=1)
+    fresh_opt = _TwoAverages(fresh.parameters())
+    load_checkpoint(tmp_path / "c.safetensors", fresh, fresh_opt)
+    got = fresh_opt.state_dict()["state"]
+    assert sorted(got) == [0, 1, 2, 3] and all(sorted(s) == ["avg.count", "avg.grad"] for s in got.values())
+    assert [s["avg.count"] for s in got.values()] == [3, 3, 3, 3]
+    for i, s in opt.state_dict()["state"].items():
+        assert torch.equal(s["avg.grad"], got[i]["avg.grad"]), i

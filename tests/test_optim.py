@@ -181,3 +181,74 @@ def test_small_tensors_take_torchs_adamw_step_exactly_and_the_defaults_are_torch
     torch_defaults = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).defaults
     assert AdamW8bit([torch.nn.Parameter(torch.zeros(1))]).defaults == {
         k: torch_defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+
+
+def test_make_optimizer_passes_lr_and_weight_decay_and_adamw_takes_the_fused_kernel():
+    """Each name builds its optimizer with the run's lr and weight decay (not a default); ``adamw`` is torch's fused
+    kernel where torch has one (a CPU here), the reason it exists (benchmarks/optimizer_step.py)."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    plain, eight = make_optimizer("adamw", [p], 0.3, 0.2), make_optimizer("adamw8bit", [p], 0.4, 0.1)
+    assert type(plain) is torch.optim.AdamW and type(eight) is AdamW8bit
+    assert (plain.defaults["lr"], plain.defaults["weight_decay"], plain.defaults["fused"]) == (0.3, 0.2, True)
+    assert (eight.defaults["lr"], eight.defaults["weight_decay"]) == (0.4, 0.1)
+    assert [q for g in plain.param_groups for q in g["params"]] == [p]
+
+
+def test_loaded_8bit_state_lands_on_the_parameters_device():
+    """Resuming on another device puts the codes where the parameter is, as torch's loader does with the float state
+    (the meta device stands in for an accelerator: no data, but a device of its own)."""
+    w = torch.nn.Parameter(torch.zeros(64, 128))
+    opt = AdamW8bit([w])
+    w.grad = torch.ones_like(w)
+    opt.step()
+    on_meta = torch.nn.Parameter(torch.zeros(64, 128, device="meta"))
+    resumed = AdamW8bit([on_meta])
+    resumed.load_state_dict(opt.state_dict())
+    state = resumed.state[on_meta]
+    assert {k for k in state if torch.is_tensor(state[k])} == set(optim.RATIO + optim.ROOT)
+    assert all(state[k].device.type == "meta" and state[k].dtype == opt.state[w][k].dtype
+               for k in optim.RATIO + optim.ROOT)
+
+
+def test_a_value_that_never_had_a_gradient_keeps_ratio_code_0_and_leaves_its_blocks_scale_alone():
+    """Gradients +1 then -1 on half the values, exactly 0 on the rest: m_hat = (0.1 * 0.9 - 0.1) / (1 - 0.9**2)
+    = -1/19 and v_hat = 1 (s = 1, exact on a block of one value), so the stored ratio m_hat / s is -1/19 for the first
+    half. The other half has s = 0 and m = 0: its ratio is stored as code 0, and the block's scale is 1/19, not
+    coarsened to a larger one by those values."""
+    n = optim.MIN_8BIT_SIZE
+    w = torch.nn.Parameter(torch.zeros(n))
+    opt = AdamW8bit([w], weight_decay=0.0)
+    touched = torch.arange(n) % 2 == 0
+    for sign in (1.0, -1.0):
+        w.grad = touched.float() * sign
+        opt.step()
+    state = {k: v.reshape(-1) if torch.is_tensor(v) else v for k, v in opt.state[w].items()}  # codes: [blocks, 256]
+    assert torch.equal(state["exp_avg_sq_root_codes"][~touched], torch.zeros(n // 2, dtype=torch.uint8))
+    assert torch.equal(state["exp_avg_ratio_codes"][~touched], torch.zeros(n // 2, dtype=torch.int8))
+    assert torch.equal(state["exp_avg_ratio_codes"][touched], torch.full((n // 2,), -127, dtype=torch.int8))
+    assert state["exp_avg_ratio_scale"].tolist() == pytest.approx([1 / 19] * (n // optim.BLOCK), rel=1e-5)
+
+
+def test_the_root_codes_floor_limits_the_span_in_whole_half_decades():
+    """The scale reaches down to ``floor`` and no lower: a block whose largest value is 1e-4 spans at most
+    2 * log10(1e-4 / 1e-10) = 12 half decades over a floor of 1e-10, so 1e-12 (16 half decades down) is stored as
+    the floor; a block wholly below its floor (1e-11 over 1e-10) spans nothing: every value is stored as its largest."""
+    def back(values, floor):
+        x = torch.tensor(values + [values[0]] * (optim.BLOCK - len(values)))
+        codes, scale, span = optim.quantize_root(x, floor)
+        return span.tolist(), optim.dequantize_root(codes, scale, span, x)[:len(values)].tolist()
+
+    assert back([1e-4, 1e-12], floor=1e-10) == ([12], pytest.approx([1e-4, 1e-10], rel=1e-5))
+    assert back([1e-4, 1e-12], floor=0.0) == ([16], pytest.approx([1e-4, 1e-12], rel=1e-5))
+    assert back([1e-11, 1e-12], floor=1e-10) == ([0], pytest.approx([1e-11, 1e-11], rel=1e-5))
+
+
+def test_an_8bit_step_runs_on_the_parameters_device():
+    """Off the CPU (the meta device stands in for an accelerator) a step takes each tensor at once and everything,
+    the code table included, stays on the parameter's device: mixing devices would fail there."""
+    w = torch.nn.Parameter(torch.zeros(64, 128, device="meta"))
+    opt = AdamW8bit([w])
+    for _ in range(2):
+        w.grad = torch.ones_like(w)
+        opt.step()
+    assert all(v.device.type == "meta" for v in opt.state[w].values() if torch.is_tensor(v))

@@ -610,3 +610,32 @@ def test_a_linked_lock_file_is_refused_and_a_new_nested_set_is_created(tmp_path)
     with pytest.raises(PairError, match=r"\.pairs\.lock is a symbolic link"):
         append_pair(folder, "p", _solid(RED), _solid(BLUE))
     assert append_pair(tmp_path / "anna" / "portraits", "p", _solid(RED), _solid(BLUE)) == 1  # two levels, new
+
+
+def test_pairs_jsonl_keeps_a_prompts_letters_readable_in_utf8(tmp_path):
+    """An artist opens pairs.jsonl in an editor: accented and non-Latin letters are written as themselves (UTF-8),
+    not as \\u escapes; only the characters some readers take as line breaks are escaped."""
+    append_pair(tmp_path, "café 東京\u2028x", _solid(RED), _solid(BLUE), user_id="zoë")
+    line = (tmp_path / "pairs.jsonl").read_bytes()
+    assert line == ('{"prompt": "café 東京\\u2028x", "chosen": "pair_00001_chosen.png", '
+                    '"rejected": "pair_00001_rejected.png", "user_id": "zoë"}\n').encode()
+
+
+def test_a_writer_whose_locale_is_not_utf8_keeps_earlier_rows(tmp_path):
+    """pairs.jsonl is UTF-8 whatever the system's locale (Windows' is cp1252): a picker in a process whose locale is
+    ASCII (C, no UTF-8 mode) reads the earlier rows as UTF-8 and appends its own."""
+    import os
+    import subprocess
+    import sys
+
+    import ppd_train
+
+    append_pair(tmp_path, "café", _solid(RED), _solid(BLUE))
+    code = ("import locale, sys; from PIL import Image; from ppd_train.pair_writer import append_pair; "
+            "assert locale.getpreferredencoding(False).lower().replace('-', '') != 'utf8', 'a UTF-8 locale'; "
+            "append_pair(sys.argv[1], 'Stra\\xdfe', Image.new('RGB', (8, 8), 'red'), Image.new('RGB', (8, 8), 'blue'))")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(Path(ppd_train.__file__).parents[1])}
+    child = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr
+    assert [p.prompt for p in load_pair_folder(tmp_path)] == ["café", "Straße"]

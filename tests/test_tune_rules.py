@@ -13,7 +13,7 @@ from ppd_train.dpo_data import DPOData
 from ppd_train.embedding import UserEmbedding
 from ppd_train.stage_c import PPDBinding
 from ppd_train.tiny import build_tiny_stage_c
-from ppd_train.tune import Selection, TuneConfig, UserTuner, split_pairs
+from ppd_train.tune import Selection, TuneConfig, UserTuner, _Tokens, one_user, split_pairs
 
 
 def _run_rule(patience: int, start: float, losses: list[float]) -> tuple[int, int]:
@@ -192,3 +192,54 @@ def test_the_tuned_embeddings_metadata(binding):
                      library=library)
     meta = cold.embedding(*cold.run(show_progress=False)).meta
     assert meta["user_id"] == "" and meta["tuned"]["start"] == {"embedding": "", "library_users": 0}
+
+
+def test_the_tokens_and_the_anchor_penalty_by_hand():
+    """tokens = center + sum_i c_i (e_i - center) + rms(center) * delta, penalty = mean(((tokens - center) / rms)^2),
+    with a center of RMS 2 and two library users one offset each from it."""
+    center = torch.tensor([[2.0, -2.0], [2.0, 2.0]])
+    library = torch.stack([center + torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
+                           center + torch.tensor([[0.0, 0.0], [0.0, 2.0]])])
+    tokens = _Tokens(center, library)
+    assert tokens.scale == 2.0 and torch.equal(tokens(), center)  # c and delta start at 0: the start
+    with torch.no_grad():
+        tokens.c.copy_(torch.tensor([0.5, -1.0]))
+        tokens.delta.copy_(torch.tensor([[0.0, 0.5], [0.0, 0.0]]))
+    assert torch.equal(tokens(), torch.tensor([[2.5, -1.0], [2.0, 0.0]]))
+    assert float(tokens.penalty().detach()) == (0.25**2 + 0.5**2 + 0.0 + 1.0**2) / 4
+
+
+def test_timesteps_are_drawn_in_the_configured_range(binding):
+    """t_min/t_max set for tune-user replace the adapter's training range (0.1-0.9 here): every timestep a score
+    draws lies in [0.3, 0.6] and they spread over it."""
+    cfg = TuneConfig(mode="tokens", max_steps=0, val_fraction=0.5, val_draws=16, t_min=0.3, t_max=0.6)
+    tuner = UserTuner(binding, _data("same", cfg), cfg, _start())
+    drawn = []
+    inputs = tuner.pair_inputs
+
+    def recording(data, idx, t, eps, device):  # the tuner's own pair_inputs, its timesteps noted
+        drawn.append(t)
+        return inputs(data, idx, t, eps, device)
+
+    tuner.pair_inputs = recording
+    tuner.score(tuner.val_idx)
+    t = torch.cat(drawn)
+    assert (tuner.t_min, tuner.t_max) == (0.3, 0.6) and len(t) == 16 * len(tuner.val_idx)
+    assert t.min() >= 0.3 and t.max() <= 0.6 and t.max() - t.min() > 0.2
+
+
+def test_one_user_keeps_that_users_pairs_and_the_sdxl_fields():
+    """One user's pairs, in order, as a one-user data set: its SDXL size/crop ids and base go with them."""
+    g = torch.Generator().manual_seed(0)
+    w, lat = torch.randn(5, 4, 2, 2, generator=g), torch.randn(5, 4, 2, 2, generator=g)
+    time_ids = torch.arange(30.0).view(5, 6)
+    data = DPOData(w, lat, torch.tensor([0, 1, 0, 1, 1]), torch.tensor([0, 1, 1, 0, 1]), torch.randn(2, 77, 8),
+                   torch.randn(2, 1, 8), ["ann", "bo"], {"k": 1}, time_ids, "sdxl")
+    sub, user = one_user(data, "bo")
+    assert user == "bo" and sub.user_ids == ["bo"] and sub.user_idx.tolist() == [0, 0, 0]
+    assert torch.equal(sub.latents_w, w[[1, 2, 4]]) and torch.equal(sub.latents_l, lat[[1, 2, 4]])
+    assert sub.caption_idx.tolist() == [1, 0, 1] and torch.equal(sub.text, data.text)
+    assert sub.time_ids is not None and torch.equal(sub.time_ids, time_ids[[1, 2, 4]])
+    assert sub.base == "sdxl" and sub.info == {"k": 1}
+    alone, user = one_user(sub, None)  # a single user needs no name
+    assert user == "bo" and torch.equal(alone.latents_w, sub.latents_w)
