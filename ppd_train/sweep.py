@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 
 from .config import ConfigError, _read_file, from_dict, to_dict
+from .errors import PPDError
 from .safetensors_io import dumps_json
-from .synthetic import DemoConfig, run_demo
+from .synthetic import DemoConfig, check_world, run_demo
 
 ALLOWED = {"name", "seed", "world"}
 COLUMNS = [("world", "{}"), ("seed", "{}"), ("K", "{}"), ("captions", "{}"), ("seen", "{}"), ("unseen", "{}"),
@@ -121,10 +122,15 @@ def run_sweep(base: DemoConfig, worlds: list[tuple[str, dict]], out_dir: str | o
     """Run every world with the base recipe. A world whose folder holds the metrics of a finished run with the same
     config is reported from them; one with a finished training run is evaluated again, not retrained."""
     out = Path(out_dir)
+    configs = [world_config(base, change, out / name) for name, change in worlds]
+    for (name, _), cfg in zip(worlds, configs):  # refuse a world that cannot run before hours go into the others
+        try:
+            check_world(cfg.world)
+        except PPDError as e:
+            raise PPDError(f"sweep world {name!r}: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (name, change) in enumerate(worlds):
-        cfg = world_config(base, change, out / name)
+    for i, ((name, _), cfg) in enumerate(zip(worlds, configs)):
         log(f"[{i + 1}/{len(worlds)}] world {name}")
         done = out / name / "metrics.json"
         metrics = json.loads(done.read_text()) if done.is_file() else None

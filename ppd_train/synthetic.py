@@ -105,16 +105,26 @@ class DemoConfig:
     targets: Targets = field(default_factory=Targets)
 
 
+def check_world(cfg: WorldConfig) -> int:
+    """The latent channels of ``cfg.base``, or a refusal naming the key to change: a world needs one latent channel
+    per style direction (Stage C's latents have 16 channels, SDXL's 4)."""
+    if cfg.base not in ("stage_c", "sdxl"):
+        raise PPDError(f"world.base = {cfg.base!r}: use \"stage_c\" or \"sdxl\".")
+    ch = 16 if cfg.base == "stage_c" else 4
+    if cfg.k_styles > ch:
+        other = " or world.base = \"stage_c\" (16 channels)" if cfg.base == "sdxl" else ""
+        raise PPDError(f"world.k_styles = {cfg.k_styles}: k_styles must be <= {ch}, the latent channels of "
+                       f"{BASES[cfg.base]} (one style direction per channel at most); use world.k_styles <= "
+                       f"{ch}{other}.")
+    return ch
+
+
 class World:
     def __init__(self, cfg: WorldConfig, seed: int) -> None:
         self.cfg = cfg
         g = torch.Generator().manual_seed(seed)
-        if cfg.base not in ("stage_c", "sdxl"):
-            raise PPDError(f"world.base = {cfg.base!r}: use \"stage_c\" or \"sdxl\".")
         s, k = cfg.latent_size, cfg.k_styles
-        ch = self.channels = 16 if cfg.base == "stage_c" else 4
-        if k > ch:
-            raise ValueError(f"k_styles must be <= {ch} (one direction per latent channel at most).")
+        ch = self.channels = check_world(cfg)
         q, _ = torch.linalg.qr(torch.randn(ch, ch, generator=g))
         self.directions = q[:, :k].T.contiguous()  # [K, C] orthonormal over channels
         self.caption_means = 0.5 * torch.randn(cfg.n_captions, ch, s, s, generator=g)

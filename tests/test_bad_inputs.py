@@ -81,6 +81,16 @@ def cli_refused(ctx: Ctx, *argv: str, rc: int = 2) -> str:
     return text
 
 
+def case_sweep_world_too_many_styles(ctx: Ctx) -> str:
+    sweep = ctx.tmp / "sweep.toml"
+    sweep.write_text('[[worlds]]\nname = "rich"\nseed = 2\nworld = { k_styles = 6 }\n\n'
+                     '[[worlds]]\nname = "small"\nseed = 1\n')
+    text = cli_refused(ctx, "demo", "--sweep", str(sweep), "--set", 'world.base="sdxl"', "--out",
+                       str(ctx.tmp / "runs"), "--quiet")
+    assert not (ctx.tmp / "runs").exists()  # refused before the first world ran
+    return text
+
+
 # ------------------------------------------------------------------------------------------------- builders
 def _adapter_file(ctx: Ctx, name: str = "a.safetensors", edit_meta=None, edit_tensors=None) -> Path:
     from helpers import trained_looking_adapter
@@ -1788,6 +1798,10 @@ CASES = [
          "65536, got 100000000.", config_case("batch_size", "100000000")),
     Case("token-noise-negative", "`token_noise = -1`", "CLI", "refused", "Config key 'token_noise' must be between 0 "
          "and 100, got -1.0.", config_case("token_noise", "-1")),
+    Case("sweep-world-too-many-styles", "`demo --sweep` on SDXL with a world of 6 styles (SDXL latents have 4 "
+         "channels)", "CLI", "refused", "sweep world 'rich': world.k_styles = 6: k_styles must be <= 4, the latent "
+         "channels of SDXL (one style direction per channel at most); use world.k_styles <= 4 or world.base = "
+         "\"stage_c\" (16 channels).", case_sweep_world_too_many_styles),
     Case("section-checked-at-parse", "`demo` config with `[train] t_min = 0.9, t_max = 0.1`", "API", "refused",
          "In section [train] (keys train.KEY): Config: need 0 <= t_min < t_max <= 1.", case_section_checked_at_parse),
     Case("yaml-alias-bomb", "a YAML config whose nested aliases expand to billions of strings", "CLI", "refused",

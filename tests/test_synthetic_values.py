@@ -51,7 +51,7 @@ def test_the_world_is_built_as_configured(world):
     for uid in ("mix00", "mix01"):
         sums = [World._unit(seen[a] + seen[b]) for a in range(3) for b in range(3) if a != b]
         assert any(torch.allclose(world.prefs[uid], s, atol=1e-6) for s in sums)
-    with pytest.raises(ValueError, match="k_styles must be <= 16"):
+    with pytest.raises(ValueError, match="world.k_styles = 17: k_styles must be <= 16"):
         World(WorldConfig(k_styles=17), seed=0)
     assert World._unit(torch.zeros(3)).abs().max() == 0  # no NaN from a zero vector
     again = World(WorldConfig(k_styles=2, n_captions=3, latent_size=4, style_scale=STYLE, noise_scale=NOISE,
