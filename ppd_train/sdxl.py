@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -78,6 +78,33 @@ def sdxl_info(unet: UNet2DConditionModel) -> ModelInfo:
     return ModelInfo(tuple(a.to_q.in_features for a in layers), tuple(a.heads for a in layers), base="sdxl")
 
 
+def unet_from_ldm(weights: dict[str, torch.Tensor], config: dict, problem: str, fix: str,
+                  convert: Callable[[torch.Tensor], torch.Tensor]) -> UNet2DConditionModel:
+    """A diffusers SDXL UNet of ``config`` holding ``weights`` in the single-file (LDM) layout, keys prefixed
+    ``model.diffusion_model.`` (as ComfyUI's own UNet names them, prefix aside), each weight passed through
+    ``convert`` (a dtype, a device, a copy) and assigned as is. Shapes are checked before anything is allocated; a
+    mismatch raises ``IncompatibleError("<problem> (<what differs>). <fix>")``."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):  # shapes only: nothing is allocated before the weights are known to fit
+        unet = UNet2DConditionModel(**config)
+    try:
+        converted = convert_ldm_unet_checkpoint(weights, config)
+    except KeyError as e:  # diffusers' conversion looks weights up by name
+        raise IncompatibleError(f"{problem} (missing {e.args[0]!r}). {fix}") from None
+    expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in converted.items()}
+    if expected != found:
+        problems = [f"{label} {keys[:3]}" for label, keys in (
+            ("missing", sorted(set(expected) - set(found))),
+            ("unexpected", sorted(set(found) - set(expected))),
+            ("wrong shape", sorted(k for k in set(expected) & set(found) if expected[k] != found[k]))) if keys]
+        raise IncompatibleError(f"{problem} ({'; '.join(problems)}). {fix}")
+    unet.load_state_dict({k: convert(v) for k, v in converted.items()}, assign=True)
+    return unet
+
+
 def load_sdxl(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
               config: str | os.PathLike | None = None) -> UNet2DConditionModel:
     """Load SDXL's UNet from local files only: a diffusers folder (pipeline folder with ``unet/``, or the ``unet``
@@ -89,28 +116,14 @@ def load_sdxl(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True, local_files_only=True,
                                                     torch_dtype=dtype)
     else:
-        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
         weights, _ = read_safetensors(path, "SDXL checkpoint")
         if not any(k.startswith(LDM_UNET_PREFIX + "label_emb.") for k in weights):
             raise FileFormatError(f"{path} has no '{LDM_UNET_PREFIX}label_emb.*' weights: it is not a single-file SDXL "
                                   "checkpoint (for a diffusers folder, pass the folder).")
         cfg = json.loads(Path(config).read_text()) if config is not None else sdxl_config()
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-        with torch.device("meta"):  # shapes only: nothing is allocated before the file is known to fit
-            unet = UNet2DConditionModel(**cfg)
-        converted = convert_ldm_unet_checkpoint(weights, cfg)
-        expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in converted.items()}
-        if expected != found:
-            problems = [f"{label} {keys[:3]}" for label, keys in (
-                ("missing", sorted(set(expected) - set(found))),
-                ("unexpected", sorted(set(found) - set(expected))),
-                ("wrong shape", sorted(k for k in set(expected) & set(found) if expected[k] != found[k]))) if keys]
-            what = "SDXL 1.0's UNet config" if config is None else f"the config {config}"
-            raise IncompatibleError(f"{path} does not fit {what} ({'; '.join(problems)}). Pass the checkpoint's "
-                                    "diffusers config.json as `config`, or use its diffusers folder.")
-        unet.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, assign=True)
+        what = "SDXL 1.0's UNet config" if config is None else f"the config {config}"
+        unet = unet_from_ldm(weights, cfg, f"{path} does not fit {what}", "Pass the checkpoint's diffusers config.json "
+                             "as `config`, or use its diffusers folder.", lambda v: v.to(dtype))
     if not isinstance(unet, UNet2DConditionModel):
         raise FileFormatError(f"{path} is not an SDXL UNet.")
     sdxl_info(unet)  # refuse an SD 1.x/2.x UNet now, with a clear message
