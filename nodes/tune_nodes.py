@@ -164,6 +164,17 @@ def sdxl_unet_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor],
     return unet.eval().requires_grad_(False)
 
 
+def vae_latents(vae, latent_format) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``pixels in [-1, 1], [N, 3, S, S]`` -> latents as the UNet sees them when sampling: ComfyUI's VAE encode (which
+    takes ``[N, S, S, 3]`` images in [0, 1]) and the MODEL's latent format (SDXL's scale, as ``prepare``'s
+    ``scaling_factor``)."""
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        raw = vae.encode(((pixels + 1) / 2).movedim(1, -1))
+        return latent_format.process_in(raw.float().cpu())
+
+    return encode
+
+
 def check_sdxl_vae(latent_channels: int, downscale_ratio) -> None:
     """The connected VAE must make SDXL's latents (4 channels, 1/8 of the image size)."""
     if latent_channels != 4 or downscale_ratio != 8:
@@ -389,12 +400,7 @@ def tune_in_comfyui(pairs, model, clip, vae, adapter: NamedAdapter, start: UserE
                 mm.throw_exception_if_processing_interrupted()
 
             if sdxl:
-                latent_format = model.get_model_object("latent_format")
-
-                def latents(pixels: torch.Tensor) -> torch.Tensor:  # [-1, 1] -> ComfyUI's [0, 1] images, and back
-                    raw = vae.encode(((pixels + 1) / 2).movedim(1, -1))
-                    return latent_format.process_in(raw.float().cpu())  # the scale the UNet sees when sampling
-
+                latents = vae_latents(vae, model.get_model_object("latent_format"))
                 data = sdxl_pairs_data(pairs, user or "user", latents, encode_one, image_size, on_batch=interrupted)
             else:
                 effnet = effnet_from_vae_weights(vae.first_stage_model.state_dict())

@@ -138,15 +138,11 @@ def test_node_data_is_prepares_and_the_unet_is_comfyuis(comfy, world):
 
     def encode_one(caption):
         captions.append(caption)
-        with torch.inference_mode():
-            cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
         return tn.text_tokens(cond, pooled)
 
-    def comfy_latents(pixels):
-        with torch.inference_mode():
-            return latent_format.process_in(world["vae"].encode(((pixels + 1) / 2).movedim(1, -1)).float())
-
-    data = tn.sdxl_pairs_data(pairs, "anna", comfy_latents, encode_one, IMAGE_SIZE)
+    with torch.inference_mode():
+        data = tn.sdxl_pairs_data(pairs, "anna", tn.vae_latents(world["vae"], latent_format), encode_one, IMAGE_SIZE)
     vae = world["diffusers_vae"]
     with torch.no_grad():
         want_w, want_l, want_ids = prepare.sdxl_pair_images(
