@@ -48,15 +48,15 @@ def _latent(server, entry, node):
     return load_file(server.base / "output" / item["subfolder"] / item["filename"])["latent_tensor"]
 
 
-def _answer(server, prompt_id, choice):
-    deadline = time.time() + 120
+def _answer(server, prompt_id, choice, timeout: float = 300):
+    deadline = time.time() + timeout  # generous: on a loaded 2-core machine a tiny SDXL graph can take minutes
     while not (pending := server.get("/ppd/picker/pending")) and time.time() < deadline:
         assert server.get(f"/history/{prompt_id}").get(prompt_id) is None, execution_error(
             server.get(f"/history/{prompt_id}")[prompt_id])
         time.sleep(0.3)
     (question,) = pending
     assert server.post("/ppd/picker/choose", {"request_id": question["request_id"], "choice": choice})[0] == 200
-    return server.wait(prompt_id, 120)
+    return server.wait(prompt_id, timeout)
 
 
 def test_sdxl_graph_with_the_stock_ksampler_and_the_picker(comfy_server):
