@@ -120,7 +120,7 @@ def test_sdxl_loop_picks_tune_sample_pick(comfy_server):
     for run, choice in ((1, "B"), (2, "A")):
         status, answer = comfy_server.post("/prompt", {"prompt": _loop_graph("sdxl_loop", 5 + run)})  # all pairs
         assert status == 200, answer
-        entry = _answer(comfy_server, answer["prompt_id"], choice)
+        entry = _answer(comfy_server, answer["prompt_id"], choice, timeout=600)  # tunes first
         assert entry["status"]["status_str"] == "success", execution_error(entry)
         (report,) = entry["outputs"]["report"]["text"]
         assert report.startswith(f"Tuned ben on {5 + run} pairs") and "Held-out DPO loss" in report, report
