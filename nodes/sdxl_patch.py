@@ -11,6 +11,8 @@ ComfyUI's ``BasicTransformerBlock`` looks it up (and as IP-Adapter packs registe
 from __future__ import annotations
 
 import comfy.model_base
+import comfy.model_sampling
+import torch
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 
 from ..ppd_train.adapter import ModelInfo
@@ -25,6 +27,20 @@ Key = tuple[str, int, int]  # ComfyUI's attn2_replace key: ("input" | "middle" |
 def is_sdxl(model) -> bool:
     """Whether a ComfyUI MODEL is an SDXL UNet (SDXL 1.0 and its fine-tunes: Pony, Illustrious, ...)."""
     return isinstance(model.model, comfy.model_base.SDXL)
+
+
+def check_noise_prediction(model) -> None:
+    """Training and tuning use SDXL's noise-predicting (eps) objective: refuse a MODEL that predicts v or x0 (some
+    fine-tunes do, or a ModelSamplingDiscrete node made it so) rather than tune it on the wrong target."""
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.EPS) or isinstance(
+            sampling, (comfy.model_sampling.V_PREDICTION, comfy.model_sampling.X0)):
+        # ComfyUI mixes a prediction class (EPS, V_PREDICTION, CONST, ...) into a torch module: name the former
+        mixed = [c for c in type(sampling).__mro__ if c is not object and not issubclass(c, torch.nn.Module)]
+        kind = mixed[0].__name__ if mixed else type(sampling).__name__
+        raise IncompatibleError(f"Tune User Embedding tunes noise-predicting (eps) SDXL models, but this MODEL "
+                                f"samples as {kind}. Connect the SDXL model without the sampling change (or an eps "
+                                "checkpoint).")
 
 
 def attn2_layers(diffusion_model) -> list[tuple[Key, object]]:

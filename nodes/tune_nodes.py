@@ -1,18 +1,22 @@
 """Tune User Embedding: fit a user's embedding to all of their pairs inside ComfyUI (``ppd-train tune-user`` as a node).
 
-The tuning itself is ``ppd_train.tune.UserTuner`` on the diffusers binding, unchanged. What this module adds:
+The tuning itself is ``ppd_train.tune.UserTuner`` on the diffusers binding, unchanged, for either base. What this
+module adds is the adaptation of ComfyUI's objects to it:
 
-- **Stage C**: a diffusers ``StableCascadeUNet`` built from the weights of the connected ComfyUI MODEL (patched, as
-  ComfyUI samples with them), keys mapped directly from ComfyUI's layout. ComfyUI loads models under
-  ``torch.inference_mode()``, and inference tensors cannot be saved for backward, so the weights are *copied* once
-  (in the model's compute dtype) and ComfyUI's own copy is unloaded from the device while tuning: one Stage C in
-  device memory, two for a moment while copying.
-- **Images**: the connected VAE must be the Stage C VAE (``effnet_encoder.safetensors``, what
+- **The model**: a diffusers UNet built from the weights of the connected ComfyUI MODEL (patched, as ComfyUI samples
+  with them): Stage C with keys mapped directly from ComfyUI's layout, SDXL through diffusers' own single-file (LDM)
+  conversion, since ComfyUI's SDXL UNet keeps that layout. ComfyUI loads models under ``torch.inference_mode()``, and
+  inference tensors cannot be saved for backward, so the weights are *copied* once (in the model's compute dtype) and
+  ComfyUI's own copy is unloaded from the device while tuning: one model in device memory, two for a moment while
+  copying.
+- **Images**: Stage C: the connected VAE must be the Stage C VAE (``effnet_encoder.safetensors``, what
   ``StableCascade_StageC_VAEEncode`` uses). Its EfficientNet weights run in ``ppd_train``'s encoder with ``prepare``'s
   preprocessing (PIL bicubic, centre crop), so the latents are those ``ppd-train prepare`` gives the adapter in
   training; ComfyUI's VAE encode resizes with torch's bicubic (no antialiasing), which gives other latents.
-- **Text**: ComfyUI's CLIP, i.e. the conditioning ComfyUI gives Stage C when sampling, cut to 77 tokens as
-  ``prepare`` does.
+  SDXL: ``prepare``'s own SDXL image path (the dispreferred image resized to the preferred one, PIL bicubic, centre
+  crop, each pair's size/crop numbers) with ComfyUI's VAE as the encoder and the MODEL's latent format for the scale.
+- **Text**: ComfyUI's CLIP, i.e. the conditioning ComfyUI gives the model when sampling (for SDXL: both text encoders'
+  penultimate states and the pooled output), cut to 77 tokens as ``prepare`` does.
 
 Everything that needs no ComfyUI (key and config mapping, the EfficientNet weights, the report) is a plain function
 here that ``make test`` checks; ComfyUI is imported inside the node only.
@@ -32,7 +36,7 @@ from ..ppd_train.effnet import EfficientNetEncoder
 from ..ppd_train.embedding import UserEmbedding
 from ..ppd_train.errors import IncompatibleError, PPDError
 from ..ppd_train.pairs import PreferencePair, content_hash
-from ..ppd_train.prepare import encode_pairs_with
+from ..ppd_train.prepare import encode_pairs_with, encode_sdxl_pairs_with
 from .sockets import ADAPTER, CATEGORY, EMBEDDING, PAIRS, NamedAdapter, tip
 
 MAX_TEXT_TOKENS = 77  # prepare's CLIP length; longer prompts are cut, as its tokenizer does
@@ -83,18 +87,111 @@ def unet_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor], devi
     inference tensor, which autograd cannot save) is used as is, anything else is copied once."""
     from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
 
-    def usable(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device=device, dtype=dtype)
-        return t.clone() if t.is_inference() else t
-
     with torch.device("meta"):
         unet = StableCascadeUNet(**config)
-    weights = {diffusers_key(k): usable(v) for k, v in state_dict.items()}
+    weights = {diffusers_key(k): _usable(v, device, dtype) for k, v in state_dict.items()}
     missing, unexpected = unet.load_state_dict(weights, strict=False, assign=True)
     if missing or unexpected:
         raise IncompatibleError(f"The MODEL's Stage C weights do not map onto diffusers' Stage C (missing "
                                 f"{missing[:3]}, unexpected {unexpected[:3]}); is it a Stable Cascade Stage C?")
     return unet.eval().requires_grad_(False)
+
+
+def _usable(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` on ``device`` in ``dtype``: as is when it already is (shared, no second copy), else copied once; an
+    inference tensor (which autograd cannot save for backward) is always copied."""
+    t = t.to(device=device, dtype=dtype)
+    return t.clone() if t.is_inference() else t
+
+
+# --------------------------------------------------------------------------------------------- SDXL, ComfyUI-free
+SDXL_TIME_DIM = 256  # ComfyUI's SDXL embeds each of the 6 size/crop numbers in 256 (comfy.model_base.SDXL.embedder)
+_SDXL_UNSUPPORTED = ("use_temporal_attention", "use_temporal_resblock", "disable_self_attentions",
+                     "num_attention_blocks", "disable_middle_self_attn", "use_spatial_context")
+
+
+def sdxl_diffusers_config(unet_config: dict) -> dict:
+    """diffusers ``UNet2DConditionModel`` config of a ComfyUI SDXL ``unet_config`` (``model_config.unet_config``, as
+    ``comfy.model_detection`` reads it from a checkpoint).
+
+    Only SDXL's structure is accepted (each level with equal blocks and one transformer depth, the middle as deep as
+    the last level, linear transformer projections, pooled text and 6 size numbers in the added embedding), which SDXL
+    1.0, its fine-tunes and the tests' tiny model share; anything else is refused rather than mis-built."""
+    c = unet_config
+    refuse = IncompatibleError("Tune User Embedding supports SDXL's UNet layout (SDXL 1.0 and its fine-tunes); this "
+                               "MODEL's structure differs. Connect the SDXL checkpoint the adapter was trained on.")
+    try:
+        mult = [int(m) for m in c["channel_mult"]]
+        levels = len(mult)
+        blocks = c["num_res_blocks"]
+        blocks = [int(blocks)] * levels if isinstance(blocks, int) else [int(b) for b in blocks]
+        n = blocks[0]
+        depth = [int(d) for d in c["transformer_depth"]]
+        out = [int(d) for d in c["transformer_depth_output"]]
+        per_level = [depth[i * n] for i in range(levels)]
+        widths = [int(c["model_channels"]) * m for m in mult]
+        head_channels, num_heads = int(c.get("num_head_channels", -1)), int(c.get("num_heads", -1))
+        per_head = [head_channels if head_channels > 0 else w // num_heads for w in widths]
+        heads = [w // d for w, d in zip(widths, per_head)]
+        pooled = int(c["adm_in_channels"]) - 6 * SDXL_TIME_DIM
+        same = (blocks == [n] * levels and depth == [d for d in per_level for _ in range(n)]
+                and out == [d for d in per_level for _ in range(n + 1)] and per_level[-1] > 0
+                and int(c.get("transformer_depth_middle", -1)) == per_level[-1]
+                and all(d > 0 and w % d == 0 for w, d in zip(widths, per_head)) and pooled > 0
+                and c.get("in_channels") == c.get("out_channels") == 4 and c.get("num_classes") == "sequential"
+                and c.get("use_linear_in_transformer") and not c.get("legacy", False)
+                and not any(c.get(k) for k in _SDXL_UNSUPPORTED))
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
+        raise refuse from None
+    if not same:
+        raise refuse
+    from ..ppd_train.sdxl import sdxl_shape
+
+    return sdxl_shape(tuple(widths), tuple(heads), tuple(per_level), n, (int(c["context_dim"]), 0), pooled,
+                      SDXL_TIME_DIM, 32, 128)
+
+
+def sdxl_unet_from_state_dict(config: dict, state_dict: dict[str, torch.Tensor], device: torch.device | str,
+                              dtype: torch.dtype):
+    """A diffusers SDXL UNet holding the weights of ComfyUI's SDXL UNet (``diffusion_model.state_dict()``: the
+    single-file layout without its ``model.diffusion_model.`` prefix), frozen and in eval mode; weights as in
+    :func:`unet_from_state_dict` (shared when usable, else copied once)."""
+    from ..ppd_train.sdxl import LDM_UNET_PREFIX, unet_from_ldm
+
+    unet = unet_from_ldm({LDM_UNET_PREFIX + k: v for k, v in state_dict.items()}, config,
+                         "The MODEL's SDXL weights do not map onto diffusers' SDXL UNet",
+                         "Is it an SDXL checkpoint (stock Load Checkpoint)?", lambda t: _usable(t, device, dtype))
+    return unet.eval().requires_grad_(False)
+
+
+def vae_latents(vae, latent_format) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``pixels in [-1, 1], [N, 3, S, S]`` -> latents as the UNet sees them when sampling: ComfyUI's VAE encode (which
+    takes ``[N, S, S, 3]`` images in [0, 1]) and the MODEL's latent format (SDXL's scale, as ``prepare``'s
+    ``scaling_factor``)."""
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        raw = vae.encode(((pixels + 1) / 2).movedim(1, -1))
+        return latent_format.process_in(raw.float().cpu())
+
+    return encode
+
+
+def check_sdxl_vae(latent_channels: int, downscale_ratio) -> None:
+    """The connected VAE must make SDXL's latents (4 channels, 1/8 of the image size)."""
+    if latent_channels != 4 or downscale_ratio != 8:
+        raise IncompatibleError(f"The VAE is not an SDXL VAE (it makes {latent_channels}-channel latents, not SDXL's "
+                                "4 channels at 1/8 of the image size). Connect the VAE output of the SDXL checkpoint's "
+                                "Load Checkpoint (or a Load VAE of an SDXL VAE), not a Stable Cascade or other VAE.")
+
+
+def check_clip(tokens: torch.Tensor, pooled: torch.Tensor, unet_config: dict, model_name: str) -> None:
+    """The connected CLIP must give the text widths the MODEL reads (a CLIP of another model would not)."""
+    from ..ppd_train.dpo_data import model_inputs
+
+    _, _, text, pooled_width = model_inputs(unet_config)
+    if (tokens.shape[-1], pooled.shape[-1]) != (text, pooled_width):
+        raise IncompatibleError(f"The CLIP gives text of width {tokens.shape[-1]} (pooled {pooled.shape[-1]}), but "
+                                f"{model_name} reads {text} (pooled {pooled_width}). Connect the CLIP of the same "
+                                "checkpoint as the MODEL (Load Checkpoint's CLIP output).")
 
 
 # ---------------------------------------------------------------------------------------- images, ComfyUI-free
@@ -131,22 +228,39 @@ def text_tokens(cond: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor,
 def pairs_data(pairs: Sequence[PreferencePair], user: str, effnet: EfficientNetEncoder,
                encode_one: Callable[[str], tuple[torch.Tensor, torch.Tensor]], image_size: int,
                device: torch.device | str = "cpu", on_batch: Callable[[int], None] | None = None) -> DPOData:
-    """The DPO data of one user's pairs, through ``prepare``'s own encoding loop; ``encode_one(caption)`` ->
+    """The Stage C DPO data of one user's pairs, through ``prepare``'s own encoding loop; ``encode_one(caption)`` ->
     (tokens ``[L, c]``, pooled ``[1, c]``)."""
+    _need_pairs(pairs)
+    effnet = effnet.to(device)
+    try:
+        return encode_pairs_with({user: list(pairs)}, effnet, _batched(encode_one), image_size, device=device,
+                                 show_progress=False, on_batch=on_batch)
+    finally:
+        effnet.to("cpu")
+
+
+def sdxl_pairs_data(pairs: Sequence[PreferencePair], user: str, latents: Callable[[torch.Tensor], torch.Tensor],
+                    encode_one: Callable[[str], tuple[torch.Tensor, torch.Tensor]], image_size: int,
+                    on_batch: Callable[[int], None] | None = None) -> DPOData:
+    """The SDXL DPO data of one user's pairs, through ``prepare``'s own SDXL encoding; ``latents(pixels in [-1, 1],
+    [N, 3, S, S])`` -> scaled latents, ``encode_one`` as in :func:`pairs_data`."""
+    _need_pairs(pairs)
+    return encode_sdxl_pairs_with({user: list(pairs)}, latents, _batched(encode_one), image_size, show_progress=False,
+                                  on_batch=on_batch)
+
+
+def _need_pairs(pairs: Sequence[PreferencePair]) -> None:
     if not pairs:
         raise PPDError("No preference pairs to tune on; connect a Preference Pair Loader (raise num_pairs to use "
                        "all of the user's pairs).")
 
+
+def _batched(encode_one: Callable[[str], tuple[torch.Tensor, torch.Tensor]]):
     def encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         out = [encode_one(c) for c in captions]
         return torch.stack([t for t, _ in out]), torch.stack([p for _, p in out])
 
-    effnet = effnet.to(device)
-    try:
-        return encode_pairs_with({user: list(pairs)}, effnet, encode_text, image_size, device=device,
-                                 show_progress=False, on_batch=on_batch)
-    finally:
-        effnet.to("cpu")
+    return encode_text
 
 
 def report_text(report: dict, user: str) -> str:
@@ -170,10 +284,12 @@ def _inputs() -> dict:
     return {
         "pairs": (PAIRS, tip("All of the user's pairs: a Preference Pair Loader with num_pairs raised (e.g. the "
                              "picker's folder). A quarter is held out to check the tuning.")),
-        "model": ("MODEL", tip("The Stage C MODEL the adapter was trained on (stable_cascade_stage_c / lite).")),
-        "clip": ("CLIP", tip("The Stage C text encoder (CLIP-G), for the pairs' captions.")),
-        "vae": ("VAE", tip("The Stage C VAE: Load VAE of effnet_encoder.safetensors (what "
-                           "StableCascade_StageC_VAEEncode uses), for the pairs' images.")),
+        "model": ("MODEL", tip("The model the adapter was trained on: Stable Cascade Stage C (stable_cascade_stage_c "
+                               "/ lite) or SDXL (Load Checkpoint's MODEL).")),
+        "clip": ("CLIP", tip("The model's text encoder, for the pairs' captions: Stage C's CLIP-G, or the SDXL "
+                             "checkpoint's CLIP (both text encoders).")),
+        "vae": ("VAE", tip("For the pairs' images. Stage C: Load VAE of effnet_encoder.safetensors (what "
+                           "StableCascade_StageC_VAEEncode uses). SDXL: the checkpoint's VAE.")),
         "ppd_adapter": (ADAPTER, tip("From PPD Adapter Loader; it stays frozen.")),
         "user_embedding": (EMBEDDING, tip("The start: from VLM User Embedder or Load User Embedding. Tuning never "
                                           "returns something that scores worse on the held-out pairs.")),
@@ -186,8 +302,9 @@ def _inputs() -> dict:
                             "jumps.", default=0.05, min=0.001, max=1.0, step=0.001)),
         "batch_size": ("INT", tip("Pairs per step. Device memory grows with it: lower it on out-of-memory.",
                                   default=4, min=1, max=64)),
-        "image_size": ("INT", tip("EfficientNet input size, as ppd-train prepare's --image-size: 768 gives 24x24 "
-                                  "latents (Stage C's 1024x1024). Use the size the adapter was trained with.",
+        "image_size": ("INT", tip("Image size the pairs are encoded at, as ppd-train prepare's --image-size. Stage "
+                                  "C: EfficientNet input, 768 gives 24x24 latents (Stage C's 1024x1024). SDXL: the "
+                                  "square crop, 1024 for SDXL 1.0. Use the size the adapter was trained with.",
                                   default=768, min=64, max=2048, step=32)),
     }
 
@@ -197,8 +314,8 @@ _NUMBERS = ("steps", "seed", "lr", "batch_size", "image_size")
 
 class PPDTuneUserEmbedding:
     DESCRIPTION = ("Fits a user's embedding to all of their preference pairs with the DPO loss the adapter was "
-                   "trained with (adapter and Stage C frozen), like ppd-train tune-user. Minutes on a GPU; the "
-                   "input embedding is not changed.")
+                   "trained with (adapter and model frozen; Stable Cascade Stage C or SDXL), like ppd-train "
+                   "tune-user. Minutes on a GPU; the input embedding is not changed.")
     CATEGORY = f"{CATEGORY}/embedding"
     RETURN_TYPES = (EMBEDDING, "STRING")
     RETURN_NAMES = ("user_embedding", "report")
@@ -236,9 +353,10 @@ def _number_problem(**values) -> str | None:
     return None
 
 
-def check_fit(adapter: NamedAdapter, info: ModelInfo, embedding: UserEmbedding) -> None:
-    """The sampler's refusals, before any heavy work: adapter vs Stage C, embedding vs adapter."""
-    check_base(adapter.adapter.config, info, f"PPD adapter '{adapter.name}'", "the connected Stage C")
+def check_fit(adapter: NamedAdapter, info: ModelInfo, embedding: UserEmbedding,
+              model_name: str = "the connected Stage C") -> None:
+    """The sampler's refusals, before any heavy work: adapter vs model, embedding vs adapter."""
+    check_base(adapter.adapter.config, info, f"PPD adapter '{adapter.name}'", model_name)
     check_embedding(adapter.adapter.config, tuple(embedding.tokens.shape), embedding.embedder,
                     f"PPD adapter '{adapter.name}'")
 
@@ -248,17 +366,20 @@ def tune_in_comfyui(pairs, model, clip, vae, adapter: NamedAdapter, start: UserE
     import comfy.model_management as mm
     import comfy.utils
 
-    from ..ppd_train.stage_c import PPDBinding
+    from ..ppd_train.binding import PPDBinding
     from ..ppd_train.tune import TuneConfig, UserTuner
-    from .sdxl_patch import is_sdxl
+    from .sdxl_patch import check_noise_prediction, is_sdxl, sdxl_of
     from .stage_c_patch import stage_c_of
 
-    if is_sdxl(model):  # SDXL's encoders (VAE latents, two text encoders, size rows) are not wired to ComfyUI's yet
-        raise IncompatibleError("Tune User Embedding works on Stable Cascade Stage C only for now; this MODEL is SDXL. "
-                                "Tune an SDXL user outside ComfyUI with `ppd-train tune-user --sdxl <your SDXL "
-                                "diffusers folder>`; the VLM User Embedder and Apply PPD Adapter work on SDXL here.")
-    _, info = stage_c_of(model)
-    check_fit(adapter, info, start)
+    sdxl = is_sdxl(model)
+    model_name = "the connected SDXL model" if sdxl else "the connected Stage C"
+    info = sdxl_of(model)[1] if sdxl else stage_c_of(model)[1]
+    check_fit(adapter, info, start, model_name)
+    unet_config = model.model.model_config.unet_config
+    config = sdxl_diffusers_config(unet_config) if sdxl else diffusers_config(unet_config)
+    if sdxl:  # before any heavy work, as the Stage C VAE's refusals below
+        check_noise_prediction(model)
+        check_sdxl_vae(int(vae.latent_channels), vae.downscale_ratio)
     cfg = TuneConfig(mode="tokens", max_steps=steps, lr=lr, batch_size=batch_size, seed=seed)
     cfg.validate()
     user = str(start.meta.get("user_id", "") or (pairs[0].user_id if pairs and pairs[0].user_id else ""))
@@ -268,21 +389,29 @@ def tune_in_comfyui(pairs, model, clip, vae, adapter: NamedAdapter, start: UserE
     # weights, the adapter and the start are copied.
     with torch.inference_mode(False), torch.enable_grad():
         with torch.no_grad():
-            effnet = effnet_from_vae_weights(vae.first_stage_model.state_dict())
-
             def encode_one(caption: str) -> tuple[torch.Tensor, torch.Tensor]:
                 cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
                 return text_tokens(cond, pooled)
 
-            data = pairs_data(pairs, user or "user", effnet, encode_one, image_size, device,
-                              on_batch=lambda _: mm.throw_exception_if_processing_interrupted())
-            del effnet
-            data.check_fits(diffusers_config(model.model.model_config.unet_config), "the pairs", "the MODEL")
+            if pairs:  # a CLIP of another model is refused before the images are encoded
+                check_clip(*encode_one(pairs[0].prompt), config, model_name)
+
+            def interrupted(_: int) -> None:
+                mm.throw_exception_if_processing_interrupted()
+
+            if sdxl:
+                latents = vae_latents(vae, model.get_model_object("latent_format"))
+                data = sdxl_pairs_data(pairs, user or "user", latents, encode_one, image_size, on_batch=interrupted)
+            else:
+                effnet = effnet_from_vae_weights(vae.first_stage_model.state_dict())
+                data = pairs_data(pairs, user or "user", effnet, encode_one, image_size, device, on_batch=interrupted)
+                del effnet
+            data.check_fits(config, "the pairs", "the MODEL")
             mm.load_models_gpu([model], force_full_load=True)  # ComfyUI's patched weights, on its device
             base = model.model
             dtype = base.manual_cast_dtype or base.get_dtype()
-            unet = unet_from_state_dict(diffusers_config(base.model_config.unet_config),
-                                        base.diffusion_model.state_dict(), device, dtype)
+            build = sdxl_unet_from_state_dict if sdxl else unet_from_state_dict
+            unet = build(config, base.diffusion_model.state_dict(), device, dtype)
             mm.free_memory(1e30, device)  # ComfyUI's own copy leaves the device while ours tunes
             ppd = copy.deepcopy(adapter.adapter).to(device=device, dtype=torch.float32).requires_grad_(False)
         binding = PPDBinding(unet, ppd)

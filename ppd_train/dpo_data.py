@@ -32,6 +32,15 @@ def tensor_digest(*tensors: torch.Tensor, extra: str = "") -> str:
     return h.hexdigest()[:16]
 
 
+def model_inputs(unet_config) -> tuple[str, int, int, int]:
+    """(base, latent channels, text width, pooled text width) of a diffusers Stage C or SDXL UNet config."""
+    if "addition_embed_type" in unet_config:  # SDXL: the pooled text shares the added embedding with 6 size numbers
+        pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+        return "sdxl", int(unet_config["in_channels"]), int(unet_config["cross_attention_dim"]), int(pooled)
+    return ("stage_c", int(unet_config["in_channels"]), int(unet_config["clip_text_in_channels"]),
+            int(unet_config["clip_text_pooled_in_channels"]))
+
+
 @dataclass
 class DPOData:
     latents_w: torch.Tensor  # [P, 16, h, w] preferred
@@ -71,20 +80,15 @@ class DPOData:
                    stage_c: str | os.PathLike = "the Stage C") -> None:
         """Refuse data encoded for another base model, or another model of the same base (latent channels, text
         widths), before torch fails deep inside. ``stage_c`` names the model (a Stage C or an SDXL)."""
-        base = "sdxl" if "addition_embed_type" in unet_config else "stage_c"
+        base, channels, text, pooled = model_inputs(unet_config)
         if self.base != base:
             raise PPDError(f"{path} holds {BASES[self.base]} data, but {stage_c} is {BASES[base]}: latents and text "
                            f"encoded for one base mean nothing to the other. Re-run `ppd-train prepare` for "
                            f"{BASES[base]}, or train on the {BASES[self.base]} model the data was prepared for.")
-        if base == "sdxl":
-            pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
-            want = {"latent channels": (self.latents_w.shape[1], unet_config["in_channels"]),
-                    "text width": (self.text.shape[-1], unet_config["cross_attention_dim"]),
-                    "pooled text width": (self.pooled.shape[-1], pooled)}
-        else:
-            want = {"latent channels": (self.latents_w.shape[1], unet_config["in_channels"]),
-                    "CLIP text width": (self.text.shape[-1], unet_config["clip_text_in_channels"]),
-                    "pooled CLIP text width": (self.pooled.shape[-1], unet_config["clip_text_pooled_in_channels"])}
+        clip = "" if base == "sdxl" else "CLIP "
+        want = {"latent channels": (self.latents_w.shape[1], channels),
+                f"{clip}text width": (self.text.shape[-1], text),
+                f"pooled {clip}text width": (self.pooled.shape[-1], pooled)}
         name = BASES[base]
         wrong = [f"{k} {have} ({name} takes {need})" for k, (have, need) in want.items() if int(have) != int(need)]
         if wrong:

@@ -124,19 +124,28 @@ class SDXLEncoders:
         return torch.cat(states, dim=-1), pooled.float().cpu().unsqueeze(1)
 
     @torch.inference_mode()
-    def encode_images(self, pairs: list[PreferencePair], image_size: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor]:
-        images, time_ids = [], []
-        for p in pairs:
-            chosen = p.chosen.load().convert("RGB")
-            rejected = p.rejected.load().convert("RGB").resize(chosen.size, Image.Resampling.BICUBIC)
-            x, top, left = sdxl_preprocess(chosen, image_size)
-            images += [x, sdxl_preprocess(rejected, image_size)[0]]
-            time_ids.append([chosen.height, chosen.width, top, left, image_size, image_size])
+    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images ``[N, 3, S, S]`` in [-1, 1] -> the VAE's latent mean times its scaling factor, as SDXL trains."""
         vae = self.vae
-        x = torch.stack(images).to(self.device, vae.dtype)
-        lat = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).float().cpu()
-        return lat[0::2], lat[1::2], torch.tensor(time_ids, dtype=torch.float32)
+        lat = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        return lat.float().cpu()
+
+
+def sdxl_pair_images(pairs: list[PreferencePair], image_size: int,
+                     encode: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDXL's image path of ``prepare`` (and of the Tune User Embedding node, with ComfyUI's VAE as ``encode``): each
+    pair's dispreferred image resized to the preferred one's size, both through :func:`sdxl_preprocess`, then
+    ``encode(pixels in [-1, 1])`` -> scaled latents. -> (preferred latents, dispreferred latents, size/crop numbers
+    ``[P, 6]``: original height and width, crop top and left, target height and width)."""
+    images, time_ids = [], []
+    for p in pairs:
+        chosen = p.chosen.load().convert("RGB")
+        rejected = p.rejected.load().convert("RGB").resize(chosen.size, Image.Resampling.BICUBIC)
+        x, top, left = sdxl_preprocess(chosen, image_size)
+        images += [x, sdxl_preprocess(rejected, image_size)[0]]
+        time_ids.append([chosen.height, chosen.width, top, left, image_size, image_size])
+    lat = encode(torch.stack(images))
+    return lat[0::2], lat[1::2], torch.tensor(time_ids, dtype=torch.float32)
 
 
 def sdxl_preprocess(img: Image.Image, image_size: int) -> tuple[torch.Tensor, int, int]:
@@ -217,8 +226,17 @@ def encode_sdxl_pairs(users: dict[str, list[PreferencePair]], sdxl: str | os.Pat
     and ``tune-user`` for SDXL (``sdxl``: a diffusers folder, or a single-file checkpoint with ``config`` and
     ``tokenizer`` as :class:`SDXLEncoders` takes them)."""
     enc = SDXLEncoders(sdxl, device=device, dtype=dtype, config=config, tokenizer=tokenizer)
-    return _encode(users, lambda pairs: enc.encode_images(pairs, image_size), enc.encode_text, batch_size,
-                   show_progress, None, "sdxl")
+    return encode_sdxl_pairs_with(users, enc.latents, enc.encode_text, image_size, batch_size, show_progress)
+
+
+def encode_sdxl_pairs_with(users: dict[str, list[PreferencePair]], latents: Callable[[torch.Tensor], torch.Tensor],
+                           encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
+                           image_size: int = 1024, batch_size: int = 8, show_progress: bool = True,
+                           on_batch: Callable[[int], None] | None = None) -> DPOData:
+    """:func:`encode_sdxl_pairs` with the encoders already loaded (the ComfyUI node passes ComfyUI's VAE and CLIP):
+    ``latents(pixels in [-1, 1])`` -> scaled latents, ``encode_text`` as in :func:`encode_pairs_with`."""
+    return _encode(users, lambda pairs: sdxl_pair_images(pairs, image_size, latents), encode_text, batch_size,
+                   show_progress, on_batch, "sdxl")
 
 
 def _encode(users: dict[str, list[PreferencePair]], encode_images: EncodeImages,

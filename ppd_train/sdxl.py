@@ -12,7 +12,7 @@ single-file ``.safetensors`` checkpoint as artists download them (:mod:`ppd_trai
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -74,6 +74,33 @@ def sdxl_info(unet: UNet2DConditionModel) -> ModelInfo:
         raise IncompatibleError("This UNet2DConditionModel has no cross-attention layers or no SDXL size/pooled-text "
                                 "conditioning (addition_embed_type 'text_time'): it is not an SDXL model.")
     return ModelInfo(tuple(a.to_q.in_features for a in layers), tuple(a.heads for a in layers), base="sdxl")
+
+
+def unet_from_ldm(weights: dict[str, torch.Tensor], config: dict, problem: str, fix: str,
+                  convert: Callable[[torch.Tensor], torch.Tensor]) -> UNet2DConditionModel:
+    """A diffusers SDXL UNet of ``config`` holding ``weights`` in the single-file (LDM) layout, keys prefixed
+    ``model.diffusion_model.`` (as ComfyUI's own UNet names them, prefix aside), each weight passed through
+    ``convert`` (a dtype, a device, a copy) and assigned as is. Shapes are checked before anything is allocated; a
+    mismatch raises ``IncompatibleError("<problem> (<what differs>). <fix>")``."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):  # shapes only: nothing is allocated before the weights are known to fit
+        unet = UNet2DConditionModel(**config)
+    try:
+        converted = convert_ldm_unet_checkpoint(weights, config)
+    except KeyError as e:  # diffusers' conversion looks weights up by name
+        raise IncompatibleError(f"{problem} (missing {e.args[0]!r}). {fix}") from None
+    expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in converted.items()}
+    if expected != found:
+        problems = [f"{label} {keys[:3]}" for label, keys in (
+            ("missing", sorted(set(expected) - set(found))),
+            ("unexpected", sorted(set(found) - set(expected))),
+            ("wrong shape", sorted(k for k in set(expected) & set(found) if expected[k] != found[k]))) if keys]
+        raise IncompatibleError(f"{problem} ({'; '.join(problems)}). {fix}")
+    unet.load_state_dict({k: convert(v) for k, v in converted.items()}, assign=True)
+    return unet
 
 
 def load_sdxl(path: str | os.PathLike, dtype: torch.dtype = torch.float32,

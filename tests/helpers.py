@@ -130,3 +130,24 @@ def write_tiny_clip_vision(folder, seed: int = 0):
     CLIPVisionModelWithProjection(config).save_pretrained(folder)
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+def write_color_pairs(folder, n: int = 12, size: int = 128):
+    """A user who prefers warm, bright images to cold, dark ones: ``n`` pairs of noisy flat colours, ``size`` px, three
+    captions (``a lighthouse, view 0..2``), in a pair folder (``pairs.jsonl``)."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        for side, colour in (("good", (0.65, 0.45, 0.2)), ("bad", (0.1, 0.2, 0.4))):
+            arr = (torch.tensor(colour).view(1, 1, 3) + 0.3 * torch.rand(size, size, 3, generator=g))
+            Image.fromarray((arr.clamp(0, 1) * 255).byte().numpy()).save(folder / f"{side}_{i}.png")
+        rows.append({"prompt": f"a lighthouse, view {i % 3}", "chosen": f"good_{i}.png", "rejected": f"bad_{i}.png"})
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder

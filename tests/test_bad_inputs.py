@@ -913,6 +913,26 @@ def case_long_prefix(ctx: Ctx) -> str:
     return refused(lambda: nodes.save_embedding(emb.UserEmbedding(torch.randn(5, 24), "t"), ctx.tmp, "x" * 300))
 
 
+
+def case_tune_sdxl_stage_c_vae(ctx: Ctx) -> str:
+    return refused(lambda: ctx.node("nodes.tune_nodes").check_sdxl_vae(16, 32))  # what Stage C's VAE reports
+
+
+def case_tune_sdxl_other_clip(ctx: Ctx) -> str:
+    from test_tune_node import SDXL_1
+
+    tn = ctx.node("nodes.tune_nodes")
+    config = tn.sdxl_diffusers_config(SDXL_1)  # Stage C's CLIP-G: 1280 wide, pooled 1280
+    return refused(lambda: tn.check_clip(torch.zeros(77, 1280), torch.zeros(1, 1280), config,
+                                         "the connected SDXL model"))
+
+
+def case_tune_sdxl_layout(ctx: Ctx) -> str:
+    from test_tune_node import SDXL_1
+
+    return refused(lambda: ctx.node("nodes.tune_nodes").sdxl_diffusers_config({**SDXL_1,
+                                                                               "transformer_depth_middle": 1}))
+
 # --- round 2: data ---
 def _folder(ctx: Ctx, name: str, seed: int = 0, user_id: str | None = None) -> Path:
     from helpers import write_pair_folder
@@ -1506,6 +1526,18 @@ CASES = [
     Case("tune-images-no-encoders", "`tune-user --pairs` (images) without `--effnet` / `--clip-text`", "CLI",
          "refused", "--pairs are images: give --effnet and --clip-text too, the encoders `ppd-train prepare` uses (or "
          "pass a prepared --data file).", case_tune_images_without_encoders),
+    Case("tune-node-sdxl-stage-c-vae", "Tune User Embedding on SDXL with a Stable Cascade VAE connected", "node",
+         "refused", "The VAE is not an SDXL VAE (it makes 16-channel latents, not SDXL's 4 channels at 1/8 of the "
+         "image size). Connect the VAE output of the SDXL checkpoint's Load Checkpoint (or a Load VAE of an SDXL VAE), "
+         "not a Stable Cascade or other VAE.", case_tune_sdxl_stage_c_vae),
+    Case("tune-node-sdxl-other-clip", "Tune User Embedding on SDXL with another model's CLIP (Stage C's CLIP-G)",
+         "node", "refused", "The CLIP gives text of width 1280 (pooled 1280), but the connected SDXL model reads 2048 "
+         "(pooled 1280). Connect the CLIP of the same checkpoint as the MODEL (Load Checkpoint's CLIP output).",
+         case_tune_sdxl_other_clip),
+    Case("tune-node-sdxl-layout", "Tune User Embedding on an SDXL-like MODEL of another UNet layout (a middle block "
+         "shallower than the last level)", "node", "refused", "Tune User Embedding supports SDXL's UNet layout (SDXL "
+         "1.0 and its fine-tunes); this MODEL's structure differs. Connect the SDXL checkpoint the adapter was "
+         "trained on.", case_tune_sdxl_layout),
     # files
     Case("temp-of-killed-save", "a writer killed while saving (temporary file left)", "API", "handled",
          "the next save of that file removes the dead writer's temporary", case_temp_from_killed_save),

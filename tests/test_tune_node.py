@@ -66,7 +66,7 @@ def test_unet_from_comfy_weights_shares_or_copies(tn, IncompatibleError):  # noq
         expected = ref(**inputs).sample
     shared = tn.unet_from_state_dict(config, sd, "cpu", torch.float32)
     with torch.no_grad():
-        assert torch.equal(shared(**inputs).sample, expected)
+        torch.testing.assert_close(shared(**inputs).sample, expected, atol=1e-5, rtol=1e-5)
     # usable tensors are shared, not copied: no second Stage C in memory
     assert shared.clip_txt_mapper.weight.data_ptr() == ref.clip_txt_mapper.weight.data_ptr()
     assert not any(p.requires_grad for p in shared.parameters()) and not shared.training
@@ -160,3 +160,105 @@ def test_number_inputs_are_checked(tn):
     for bad in (dict(lr=float("nan")), dict(lr=2.0), dict(steps=0), dict(batch_size=0), dict(image_size=10)):
         problem = node.VALIDATE_INPUTS(**bad)
         assert isinstance(problem, str) and f"'{next(iter(bad))}'" in problem
+
+
+# ------------------------------------------------------------------------------------------------------------- SDXL
+# ComfyUI's unet_config of SDXL 1.0 (what comfy.model_detection reads from its checkpoint, with SDXL's extra config),
+# and of a tiny SDXL with the same structure (a first level without attention, as SDXL's)
+SDXL_1 = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+              num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320,
+              num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4],
+              transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+              num_heads=-1, transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False,
+              use_temporal_resblock=False)
+TINY_SDXL = dict(SDXL_1, adm_in_channels=16 + 6 * 256, model_channels=32, num_res_blocks=[1, 1, 1],
+                 transformer_depth=[0, 1, 2], channel_mult=[1, 1, 2], transformer_depth_middle=2, context_dim=32,
+                 num_head_channels=16, transformer_depth_output=[0, 0, 1, 1, 2, 2])
+
+
+def test_sdxl_configs_map_and_other_layouts_are_refused(tn, IncompatibleError):  # noqa: N803
+    from ppd_train.sdxl import sdxl_config, sdxl_shape
+
+    assert tn.sdxl_diffusers_config(SDXL_1) == sdxl_config()
+    assert tn.sdxl_diffusers_config(TINY_SDXL) == sdxl_shape((32, 32, 64), (2, 2, 4), (0, 1, 2), 1, (32, 0), 16, 256,
+                                                             32, 128)
+    sd15 = dict(SDXL_1, num_classes=None, adm_in_channels=None, use_linear_in_transformer=False, context_dim=768)
+    for other in (sd15, TINY, {**TINY_SDXL, "transformer_depth_middle": 1},  # diffusers' middle is the last level's
+                  {**TINY_SDXL, "transformer_depth": [0, 1, 1]}, {**TINY_SDXL, "in_channels": 9},  # an inpainting UNet
+                  {**TINY_SDXL, "num_head_channels": 24}, {**TINY_SDXL, "use_temporal_attention": True}):
+        with pytest.raises(IncompatibleError, match="supports SDXL's UNet layout"):
+            tn.sdxl_diffusers_config(other)
+
+
+def test_sdxl_unet_from_comfy_weights_computes_the_same(tn, IncompatibleError):  # noqa: N803
+    """A diffusers SDXL's weights in ComfyUI's layout (the single-file layout without its prefix) become a diffusers
+    SDXL again that computes the same, shared when usable, copied (and trainable through) when inference tensors."""
+    from diffusers import UNet2DConditionModel
+    from helpers import sdxl_inputs
+
+    from ppd_train.sdxl import LDM_UNET_PREFIX
+    from ppd_train.tiny import sdxl_unet_to_ldm
+
+    config = tn.sdxl_diffusers_config(TINY_SDXL)
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(**config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn(p.shape) * 0.02)  # no zero-initialised layer left
+    sd = {k.removeprefix(LDM_UNET_PREFIX): v for k, v in sdxl_unet_to_ldm(ref).items()}
+    inputs = sdxl_inputs(text_widths=(16, 16))
+    with torch.no_grad():
+        expected = ref(**inputs).sample
+    shared = tn.sdxl_unet_from_state_dict(config, sd, "cpu", torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(**inputs).sample, expected, atol=1e-5, rtol=1e-5)
+    assert shared.conv_in.weight.data_ptr() == ref.conv_in.weight.data_ptr()  # no second UNet in memory
+    assert not any(p.requires_grad for p in shared.parameters()) and not shared.training
+    with torch.inference_mode():
+        frozen = {k: v.clone() for k, v in sd.items()}
+    copied = tn.sdxl_unet_from_state_dict(config, frozen, "cpu", torch.float32)
+    assert not any(p.is_inference() for p in copied.parameters())
+    x = inputs["sample"].clone().requires_grad_(True)
+    copied(**{**inputs, "sample": x}).sample.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(IncompatibleError, match="SDXL weights do not map onto diffusers' SDXL UNet.*missing"):
+        tn.sdxl_unet_from_state_dict(config, {k: v for k, v in sd.items() if not k.startswith("label_emb")}, "cpu",
+                                     torch.float32)
+
+
+def test_sdxl_node_data_is_prepares(tn, tiny_sdxl_dir, tmp_path):
+    """Pairs through the node's SDXL path (a VAE's latents, one caption at a time) are the DPO data that
+    ``prepare``'s encode_sdxl_pairs makes from the same SDXL folder."""
+    from dataclasses import replace
+
+    from ppd_train.prepare import SDXLEncoders, encode_sdxl_pairs
+
+    pairs = load_pair_folder(write_pair_folder(tmp_path / "p", n=10, seed=4))
+    pairs[3] = replace(pairs[3], prompt=pairs[0].prompt)
+    expected = encode_sdxl_pairs({"anna": pairs}, tiny_sdxl_dir, image_size=16, show_progress=False)
+    enc = SDXLEncoders(tiny_sdxl_dir)
+    done = []
+
+    def encode_one(caption: str):
+        tokens, pooled = enc.encode_text([caption])
+        return tn.text_tokens(tokens, pooled[:, 0])
+
+    data = tn.sdxl_pairs_data(pairs, "anna", enc.latents, encode_one, 16, on_batch=done.append)
+    assert data.base == expected.base == "sdxl" and torch.equal(data.time_ids, expected.time_ids)
+    assert torch.equal(data.latents_w, expected.latents_w) and torch.equal(data.latents_l, expected.latents_l)
+    assert torch.equal(data.caption_idx, expected.caption_idx) and len(data.text) == 9
+    torch.testing.assert_close(data.text, expected.text, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(data.pooled, expected.pooled, rtol=1e-5, atol=1e-5)
+    assert done == [8, 10]
+
+
+def test_sdxl_vae_and_clip_refusals(tn, IncompatibleError):  # noqa: N803
+    tn.check_sdxl_vae(4, 8)
+    for channels, ratio in ((16, 32), (4, 4)):  # Stage C's VAE, Stage A
+        with pytest.raises(IncompatibleError, match=f"not an SDXL VAE \\(it makes {channels}-channel"):
+            tn.check_sdxl_vae(channels, ratio)
+    config = tn.sdxl_diffusers_config(SDXL_1)
+    tn.check_clip(torch.zeros(77, 2048), torch.zeros(1, 1280), config, "the SDXL")
+    with pytest.raises(IncompatibleError, match=r"width 1280 \(pooled 1280\), but the SDXL reads 2048 \(pooled "
+                                                r"1280\)\. Connect the CLIP of the same checkpoint"):
+        tn.check_clip(torch.zeros(77, 1280), torch.zeros(1, 1280), config, "the SDXL")  # Stage C's CLIP-G

@@ -532,3 +532,68 @@ def test_sdxl_workflow_with_the_picker_in_the_browser(page, ui_server):
                                                                   shown["a"]) as a:
         assert row["prompt"] == prompt and chosen.size == (64, 64)
         assert chosen.convert("RGB").tobytes() == a.convert("RGB").tobytes()  # A was clicked: A is the chosen one
+
+
+# ------------------------------------------------------------------------------------- SDXL: tune, sample, pick
+SDXL_TUNE = next(w for w in WORKFLOWS if w.stem == "ppd_sdxl_tune_user_from_picks")
+SWAP_SDXL_TUNE_TO_TINY_AND_PICK = """
+// The shipped SDXL tune workflow with Load Checkpoint swapped for the fixture pack's tiny SDXL (its MODEL, CLIP and VAE
+// feed Tune User Embedding, the stock text encoders and VAE Decode as before), the pairs from a prepared set, a few
+// tuning steps at 64 px, two 64 px candidates, and Save Image replaced by the Preference Picker on the same set.
+const [setName, numPairs, adapterName, userName] = arguments;
+const g = app.graph;
+const targets = (node, slot) => (node.outputs[slot].links || []).map(id => g.links[id]).filter(Boolean)
+  .map(l => [g.getNodeById(l.target_id), l.target_slot]);
+const ckpt = g._nodes.find(n => n.type === 'CheckpointLoaderSimple');
+const tiny = LiteGraph.createNode('PPDTestTinySDXL');
+g.add(tiny);
+tiny.pos = [...ckpt.pos];
+for (const [from, to] of [[0, 0], [1, 2], [2, 1]]) {  // MODEL, CLIP, VAE
+  for (const [t, slot] of targets(ckpt, from)) tiny.connect(to, t, slot);
+}
+g.remove(ckpt);
+tiny.widgets[0].value = 'tiny_sdxl_unet.safetensors';
+const set = (type, values) => g._nodes.filter(n => n.type === type).forEach(n =>
+  Object.entries(values).forEach(([k, v]) => { n.widgets.find(w => w.name === k).value = v; }));
+set('PPDPreferencePairLoader', {source: setName, num_pairs: numPairs});
+set('PPDTuneUserEmbedding', {steps: 4, image_size: 64, lr: 0.1});
+set('EmptyLatentImage', {width: 64, height: 64, batch_size: 2});
+set('KSampler', {steps: 3});
+set('PPDAdapterLoader', {adapter_name: adapterName});
+set('PPDLoadUserEmbedding', {embedding: userName});
+const save = g._nodes.find(n => n.type === 'SaveImage');
+const picker = LiteGraph.createNode('PPDPreferencePicker');
+g.add(picker);
+picker.pos = [...save.pos];
+g.getNodeById(g.links[save.inputs[0].link].origin_id).connect(0, picker, 0);
+g.remove(save);
+const prompt = g._nodes.find(n => n.type === 'CLIPTextEncode').widgets[0].value;
+set('PPDPreferencePicker', {pair_set: setName, prompt: prompt});
+app.canvas.draw(true, true);
+return prompt;
+"""
+
+
+def test_sdxl_tune_workflow_with_the_picker_in_the_browser(page, ui_server):
+    """The shipped SDXL tune workflow on the tiny SDXL (stock text encoders and VAE Decode on its CLIP and VAE),
+    queued with the Run button: Tune User Embedding tunes on the set's pairs, the tuned user samples through Apply
+    PPD Adapter and the stock KSampler, the picker shows the two candidates and the click on B joins the same set; the
+    tuned embedding is saved."""
+    from helpers import write_color_pairs
+
+    folder = write_color_pairs(ui_server.base / "input" / "sdxl_tune_picks", 6, 64)
+    assert isinstance(_load(page, json.loads(SDXL_TUNE.read_text())), list)
+    prompt = page.execute_script(SWAP_SDXL_TUNE_TO_TINY_AND_PICK, "sdxl_tune_picks", 6, SDXL_ADAPTER, SDXL_USER)
+    pid = _run(page, ui_server)
+    shown = _dialog(page, timeout=300)  # tuning first: minutes on a loaded 2-core machine
+    assert shown["prompt"] == prompt and "pair 1 of 1" in shown["title"]
+    _click(page, "B")
+    entry = ui_server.wait(pid, 300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    _dialog_closed(page, shown["request_id"])
+    rows = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and rows[-1]["prompt"] == prompt
+    (report,) = entry["outputs"]["7"]["text"]  # the workflow's report preview
+    assert report.startswith("Tuned") and "on 6 pairs" in report and "Held-out DPO loss" in report, report
+    (saved,) = (ui_server.base / "models" / "ppd_embeddings" / "ppd").glob("tuned_sdxl_*.safetensors")
+    assert saved.stat().st_size > 0

@@ -5,6 +5,7 @@ naming both bases and the next prompt runs."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 
@@ -47,15 +48,15 @@ def _latent(server, entry, node):
     return load_file(server.base / "output" / item["subfolder"] / item["filename"])["latent_tensor"]
 
 
-def _answer(server, prompt_id, choice):
-    deadline = time.time() + 120
+def _answer(server, prompt_id, choice, timeout: float = 300):
+    deadline = time.time() + timeout  # generous: on a loaded 2-core machine a tiny SDXL graph can take minutes
     while not (pending := server.get("/ppd/picker/pending")) and time.time() < deadline:
         assert server.get(f"/history/{prompt_id}").get(prompt_id) is None, execution_error(
             server.get(f"/history/{prompt_id}")[prompt_id])
         time.sleep(0.3)
     (question,) = pending
     assert server.post("/ppd/picker/choose", {"request_id": question["request_id"], "choice": choice})[0] == 200
-    return server.wait(prompt_id, 120)
+    return server.wait(prompt_id, timeout)
 
 
 def test_sdxl_graph_with_the_stock_ksampler_and_the_picker(comfy_server):
@@ -86,3 +87,48 @@ def test_a_stage_c_adapter_on_sdxl_is_a_clear_error_and_the_queue_goes_on(comfy_
     graph["adapter"]["inputs"]["adapter_name"] = SDXL_ADAPTER
     entry = comfy_server.run(graph)
     assert entry["status"]["status_str"] == "success", execution_error(entry)
+
+
+def _loop_graph(pair_set: str, num_pairs: int) -> dict:
+    """The SDXL loop in one graph: the user's pairs (earlier picks) -> Tune User Embedding on the tiny SDXL's MODEL,
+    CLIP and VAE -> Save User Embedding, and -> Apply PPD Adapter -> two stock KSamplers on the tiny SDXL CLIP's stock
+    CLIPTextEncode -> the Preference Picker, which adds the next pick to the same pair set."""
+    graph = _graph(pair_set=pair_set)
+    text = {name: {"class_type": "CLIPTextEncode", "inputs": {"text": t, "clip": ["sdxl", 2]}}
+            for name, t in (("pos", "a lighthouse at dusk"), ("neg", "blurry"))}
+    graph.update(text, **{
+        "pairs": {"class_type": "PPDPreferencePairLoader", "inputs": {
+            "source": pair_set, "user_id": "", "num_pairs": num_pairs, "selection": "first", "seed": 0}},
+        "tune": {"class_type": "PPDTuneUserEmbedding", "inputs": {
+            "pairs": ["pairs", 0], "model": ["sdxl", 0], "clip": ["sdxl", 2], "vae": ["sdxl", 1],
+            "ppd_adapter": ["adapter", 0], "user_embedding": ["user", 0], "steps": 6, "seed": 0, "lr": 0.1,
+            "batch_size": 4, "image_size": 64}},
+        "save_user": {"class_type": "PPDSaveUserEmbedding", "inputs": {
+            "user_embedding": ["tune", 0], "filename_prefix": "ppd/sdxl_loop", "note": ""}},
+        "report": {"class_type": "PreviewAny", "inputs": {"source": ["tune", 1]}}})
+    graph["ppd"]["inputs"]["user_embedding"] = ["tune", 0]
+    return graph
+
+
+def test_sdxl_loop_picks_tune_sample_pick(comfy_server):
+    """Earlier picks tune the user on SDXL, the tuned user samples through Apply PPD Adapter and the stock KSampler,
+    the picker saves the next pick into the same set; queued again, the tuning reads that pick too."""
+    from helpers import write_color_pairs
+
+    UserEmbedding = importlib.import_module("ppd_pack.ppd_train.embedding").UserEmbedding
+    folder = write_color_pairs(comfy_server.base / "input" / "sdxl_loop", 6, 64)
+    for run, choice in ((1, "B"), (2, "A")):
+        status, answer = comfy_server.post("/prompt", {"prompt": _loop_graph("sdxl_loop", 5 + run)})  # all pairs
+        assert status == 200, answer
+        entry = _answer(comfy_server, answer["prompt_id"], choice, timeout=600)  # tunes first
+        assert entry["status"]["status_str"] == "success", execution_error(entry)
+        (report,) = entry["outputs"]["report"]["text"]
+        assert report.startswith(f"Tuned ben on {5 + run} pairs") and "Held-out DPO loss" in report, report
+        assert len((folder / "pairs.jsonl").read_text().splitlines()) == 6 + run  # the pick joined the set
+        personal, stock = _latent(comfy_server, entry, "save_a"), _latent(comfy_server, entry, "save_stock")
+        assert (personal - stock).abs().max() > 1e-3
+    saved = sorted((comfy_server.base / "models" / "ppd_embeddings" / "ppd").glob("sdxl_loop_*.safetensors"))
+    assert len(saved) == 2
+    tuned = UserEmbedding.load(saved[-1])
+    assert tuned.meta["tuned"]["pairs"] == 7 and tuned.embedder == comfy_server.assets["ben"].embedder
+    assert not torch.equal(tuned.tokens, comfy_server.assets["ben"].tokens)

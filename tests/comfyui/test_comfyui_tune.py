@@ -6,7 +6,6 @@ refused with the sampler's messages."""
 from __future__ import annotations
 
 import importlib
-import json
 
 import pytest
 import torch
@@ -23,19 +22,10 @@ def _mod(name):
 def world(comfy, tmp_path_factory):
     """A user who prefers warm, bright images to cold, dark ones (12 pairs), and ComfyUI models made the way its
     loaders make them (inside inference mode, so their weights are inference tensors)."""
-    from PIL import Image
+    from helpers import write_color_pairs
 
     folder = tmp_path_factory.mktemp("tune")
-    pairs_dir = folder / "anna"
-    pairs_dir.mkdir()
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(12):
-        for side, colour in (("good", (0.65, 0.45, 0.2)), ("bad", (0.1, 0.2, 0.4))):
-            arr = (torch.tensor(colour).view(1, 1, 3) + 0.3 * torch.rand(IMAGE_SIZE, IMAGE_SIZE, 3, generator=g))
-            Image.fromarray((arr.clamp(0, 1) * 255).byte().numpy()).save(pairs_dir / f"{side}_{i}.png")
-        rows.append({"prompt": f"a lighthouse, view {i % 3}", "chosen": f"good_{i}.png", "rejected": f"bad_{i}.png"})
-    (pairs_dir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs_dir = write_color_pairs(folder / "anna", 12, IMAGE_SIZE)
     pairs, _ = _mod("nodes.pair_nodes").load_pair_source(pairs_dir, "", 12, "first", 0)
     fixtures = comfy["fixtures"]
     with torch.inference_mode():

@@ -27,13 +27,16 @@ TINY_B = dict(stable_cascade_stage="b", c_in=4, c_out=4, c_r=64, patch_size=2, c
               c_clip=TEXT_WIDTH, c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=[0.0, 0.0],
               self_attn=True, t_conds=["sca"])
 # SDXL's structure (ComfyUI's UNetModel as comfy.model_detection describes SDXL: linear transformers, "sequential"
-# ADM of pooled text + 6 size embeddings of 256) at 2 levels of width 32/64: 10 cross-attention layers (input 1 + 2,
-# middle 1, output 2 + 2 + 1 + 1), 2 and 4 heads.
+# ADM of pooled text + 6 size embeddings of 256, the middle as deep as the last level, so diffusers' UNet can hold it
+# too) at 2 levels of width 32/64: 11 cross-attention layers (input 1 + 2, middle 2, output 2 + 2 + 1 + 1), 2 and 4
+# heads. Text as from two text encoders of width 16 (concatenated: TEXT_WIDTH), pooled from the second.
+SDXL_POOLED_WIDTH = 16
 TINY_SDXL = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=32,
-                 num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 2], transformer_depth_middle=1,
-                 transformer_depth_output=[1, 1, 2, 2], context_dim=TEXT_WIDTH, adm_in_channels=TEXT_WIDTH + 6 * 256,
-                 num_classes="sequential", use_spatial_transformer=True, legacy=False, use_linear_in_transformer=True,
-                 use_temporal_attention=False, use_temporal_resblock=False)
+                 num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 2], transformer_depth_middle=2,
+                 transformer_depth_output=[1, 1, 2, 2], context_dim=TEXT_WIDTH,
+                 adm_in_channels=SDXL_POOLED_WIDTH + 6 * 256, num_classes="sequential", use_spatial_transformer=True,
+                 legacy=False, use_linear_in_transformer=True, use_temporal_attention=False,
+                 use_temporal_resblock=False)
 SDXL_HEAD_CHANNELS = 16
 SDXL_FILE = "tiny_sdxl_unet.safetensors"
 FILES = {"c": "tiny_stage_c.safetensors", "b": "tiny_stage_b.safetensors", "a": "tiny_stage_a.safetensors"}
@@ -143,6 +146,37 @@ def tiny_clip(seed: int = 0):
     return clip
 
 
+def tiny_sdxl_clip(seed: int = 0):
+    """A CLIP with SDXL's two text encoders' settings (ComfyUI's ``SDXLClipModel``: CLIP-L and bigG, penultimate
+    layer, no final LayerNorm, bigG's projected pooled output, ComfyUI's own SDXL tokenizer) but 3 layers of width
+    ``TEXT_WIDTH / 2`` each: conditioning ``[1, 77, TEXT_WIDTH]``, pooled ``[1, SDXL_POOLED_WIDTH]``."""
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    width = TEXT_WIDTH // 2
+    config = {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2, "num_hidden_layers": 3,
+              "projection_dim": width, "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu",
+              "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 49407, "pad_token_id": 1}
+
+    class TinySDXLClip(comfy.sdxl_clip.SDXLClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 - ComfyUI's signature
+            torch.nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(
+                layer="hidden", layer_idx=-2, device=device, dtype=dtype, layer_norm_hidden_state=False,
+                textmodel_json_config=dict(config), model_options=model_options)
+            self.clip_g = comfy.sd1_clip.SDClipModel(
+                layer="hidden", layer_idx=-2, device=device, dtype=dtype, textmodel_json_config=dict(config),
+                special_tokens={"start": 49406, "end": 49407, "pad": 0}, layer_norm_hidden_state=False,
+                return_projected_pooled=True, model_options={**model_options, "model_name": "clip_g"})
+            self.dtypes = {dtype}
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClip)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    _seeded_(clip.cond_stage_model, seed)
+    return clip
+
+
 def stage_c_vae(seed: int = 0, calibrate: bool = True):
     """ComfyUI's Stage C VAE (``StageC_coder``: EfficientNet encoder + previewer), as Load VAE builds it from the
     effnet and previewer files, with seeded weights. ``calibrate`` sets the BatchNorm statistics from a few random
@@ -200,11 +234,11 @@ def tiny_sdxl_vae(seed: int = 0):
 
 
 class PPDTestTinySDXL:
-    """The tiny SDXL from a file in diffusion_models, and a tiny SDXL-shaped VAE: what Load Checkpoint gives for a
+    """The tiny SDXL from a file in diffusion_models, a tiny SDXL-shaped VAE and CLIP: what Load Checkpoint gives for a
     real SDXL (a tiny one cannot go through it, since ComfyUI detects SDXL by its real sizes)."""
 
     CATEGORY = "PPD test fixtures"
-    RETURN_TYPES = ("MODEL", "VAE")
+    RETURN_TYPES = ("MODEL", "VAE", "CLIP")
     FUNCTION = "load"
 
     @classmethod
@@ -213,7 +247,7 @@ class PPDTestTinySDXL:
 
     def load(self, unet):
         sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("diffusion_models", unet))
-        return (tiny_sdxl(state_dict=sd), tiny_sdxl_vae())
+        return (tiny_sdxl(state_dict=sd), tiny_sdxl_vae(), tiny_sdxl_clip(seed=3))
 
 
 def write_tiny_sdxl(folder: str, seed: int = 0) -> None:
@@ -231,9 +265,10 @@ def text_conditioning(text: str):
 
 
 def sdxl_conditioning(text: str):
-    """The same tokens as :func:`text_conditioning`, with the pooled output ``[1, W]`` as SDXL's ADM reads it."""
+    """The same tokens as :func:`text_conditioning`, with a pooled output ``[1, SDXL_POOLED_WIDTH]`` as SDXL's ADM
+    reads it."""
     [[tokens, extra]] = text_conditioning(text)
-    return [[tokens, {"pooled_output": extra["pooled_output"].reshape(1, -1)}]]
+    return [[tokens, {"pooled_output": extra["pooled_output"].reshape(1, -1)[:, :SDXL_POOLED_WIDTH]}]]
 
 
 class PPDTestSDXLConditioning:
