@@ -259,7 +259,9 @@ def tune_in_comfyui(pairs, model, clip, vae, adapter: NamedAdapter, start: UserE
                                 "diffusers folder>`; the VLM User Embedder and Apply PPD Adapter work on SDXL here.")
     _, info = stage_c_of(model)
     check_fit(adapter, info, start)
-    cfg = TuneConfig(mode="tokens", max_steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    # checkpointing: Stage C's activations for backward are what an 8-12 GB card runs out of (docs/performance.md)
+    cfg = TuneConfig(mode="tokens", max_steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                     gradient_checkpointing=True)
     cfg.validate()
     user = str(start.meta.get("user_id", "") or (pairs[0].user_id if pairs and pairs[0].user_id else ""))
     device = mm.get_torch_device()

@@ -46,6 +46,18 @@ def model_info(unet: torch.nn.Module) -> ModelInfo:
     return attention_layers(unet)[1]
 
 
+def set_gradient_checkpointing(unet: Any, on: bool) -> bool:
+    """diffusers' gradient checkpointing of the base's blocks on or off (-> the previous setting): the blocks keep no
+    activations for backward and recompute them there, trading ~30% more compute for activation memory of about one
+    block. Active only where grad is enabled; needs ``backward()`` inside the user block (see the module docstring)."""
+    previous = bool(unet.is_gradient_checkpointing)
+    if on:
+        unet.enable_gradient_checkpointing()
+    elif previous:
+        unet.disable_gradient_checkpointing()
+    return previous
+
+
 @dataclass
 class _UserState:
     kv: UserKV | None = None
