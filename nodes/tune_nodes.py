@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 
 import torch
 
@@ -294,11 +293,9 @@ def tune_in_comfyui(pairs, model, clip, vae, adapter: NamedAdapter, start: UserE
             bar.update_absolute(min(step, steps))
             mm.throw_exception_if_processing_interrupted()  # ends the prompt as interrupted; the queue goes on
 
-        half = dtype in (torch.float16, torch.bfloat16)
         try:
-            with torch.autocast(device.type, dtype=dtype) if half else nullcontext():
-                tuner = UserTuner(binding, data, cfg, start=start)
-                tokens, report = tuner.run(show_progress=False, on_step=on_step)
+            tuner = UserTuner(binding, data, cfg, start=start)  # it autocasts a bf16/fp16 Stage C itself
+            tokens, report = tuner.run(show_progress=False, on_step=on_step)
             embedding = tuner.embedding(tokens, report, user, start_name=start.describe(),
                                         pairs_hash=content_hash(pairs))
         finally:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .binding import PPDBinding, set_gradient_checkpointing
+from .binding import PPDBinding, half_autocast, set_gradient_checkpointing
 from .dpo_data import DPOData, tensor_digest
 from .embedding import UserEmbedding, check_compatible
 from .errors import IncompatibleError, PPDError
@@ -182,10 +182,13 @@ class UserTuner:
         def kv():
             return adapter(self.tokens()[None].to(self.device))
 
+        def autocast():  # a bf16 Stage C (tune-user's default on CUDA) takes the float32 inputs under autocast
+            return half_autocast(self.binding.unet)
+
         if backward is not None:
-            return pair_loss(self.binding, inputs, eps, kv, self.beta, 1.0, backward=backward)
+            return pair_loss(self.binding, inputs, eps, kv, self.beta, 1.0, autocast, backward)
         with torch.no_grad():
-            return pair_loss(self.binding, inputs, eps, kv, self.beta, 1.0)
+            return pair_loss(self.binding, inputs, eps, kv, self.beta, 1.0, autocast)
 
     def score(self, idx: torch.Tensor) -> dict:
         """DPO loss and implicit accuracy (sign of each pair's mean margin) of the current tokens on pairs ``idx``,

@@ -187,6 +187,21 @@ def test_gradient_checkpointing_recomputes_stage_c_blocks_and_tunes_the_same(tin
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
 
 
+def test_tune_user_on_a_bf16_stage_c(tiny_setup):
+    """`--dtype bfloat16` (tune-user's default on CUDA): the float32 pairs, timesteps and adapter meet the bf16 Stage C
+    under autocast, through the command; and the tokens move the way the float32 run's do."""
+    tmp_path, common, images = tiny_setup
+    assert main(["tune-user", *images, *common, "--dtype", "bfloat16", "--out", str(tmp_path / "bf16.safetensors")]) \
+        == 0
+    assert torch.isfinite(UserEmbedding.load(tmp_path / "bf16.safetensors").tokens).all()
+    start = _tiny_tuner(tiny_setup).start.tokens
+    fp32, _ = _tiny_tuner(tiny_setup, mode="tokens", max_steps=3, val_fraction=0).run(show_progress=False)
+    tuner = _tiny_tuner(tiny_setup, mode="tokens", max_steps=3, val_fraction=0)
+    tuner.binding.unet.to(torch.bfloat16)
+    bf16, _ = tuner.run(show_progress=False)
+    assert float((bf16 - fp32).norm() / (fp32 - start).norm()) < 0.2
+
+
 def test_mix_mode_moves_only_the_mixing_weights(tiny_setup):
     tuner = _tiny_tuner(tiny_setup, mode="mix")
     tokens, report = tuner.run(show_progress=False)
