@@ -364,14 +364,15 @@ def _adapter(ctx: Ctx):
 
 
 def _fresh_adapter(unet, user):
-    """A random adapter of the right shape for ``unet`` and ``user`` (its user attention switched on: to_v != 0)."""
+    """A random adapter of the right shape for ``unet`` and ``user`` (its user attention switched on: to_v != 0),
+    frozen as ``load_adapter`` returns one (else tune-user's backward would also fill 0.6 GiB of adapter gradients)."""
     from ppd_train.adapter import AdapterConfig, PPDAdapter
     from ppd_train.stage_c import stage_c_info
 
     adapter = PPDAdapter(AdapterConfig.for_model(stage_c_info(unet), embed_dim=user.tokens.shape[1],
                                                    num_tokens=user.tokens.shape[0], embedder=user.embedder))
     torch.nn.init.normal_(adapter.blocks[0].to_v.weight, std=0.02)
-    return adapter
+    return adapter.eval().requires_grad_(False)
 
 
 @path("prepare", "embed_direct")
