@@ -5,7 +5,9 @@ Stage C reads, and LLaVA-OneVision 0.5B are built from their released configs wi
 byte-level tokenizer stands in for the real vocabulary; the embedding matrices keep their real sizes). The 7B VLM and
 Stage C full are also counted on the meta device (``sizes``). Each path runs in a fresh process, so its peak memory
 is its own (CPU: peak resident set; CUDA: the allocator's peak), and the script writes one JSON of wall time and
-peak memory per path. Any error fails the run (exit status 1) after the other paths have run.
+peak memory per path. Any error fails the run (exit status 1) after the other paths have run. A path this machine
+cannot run (ComfyUI not installed, Stage C full on a CPU, not enough free memory) is skipped, and the JSON's
+``skipped`` says why.
 
 Defaults follow the device: on CUDA bf16 and the paper's lengths (1024 chain-of-thought tokens, 20 sampling steps,
 10 training steps); on a CPU float32 and short lengths (the shapes are real; only the number of repeats is cut).
@@ -58,6 +60,7 @@ class Ctx:
     image_px: int  # the pairs' image size on disk
     effnet_px: int  # prepare's EfficientNet input (768 -> 24x24 latents)
     result: dict
+    reserve_gib: float = 0.0  # memory to leave to others (a shared machine)
 
     def path(self, name: str) -> Path:
         return self.work / name
@@ -76,6 +79,28 @@ def path(*needs: str):
 
 def done(ctx: Ctx, name: str) -> bool:
     return ctx.path(f".{name}.done").is_file()
+
+
+class Skip(Exception):
+    """This machine cannot run the path (the reason is the message): recorded in ``skipped``, not a failure."""
+
+
+def free_gib(device: torch.device) -> float:
+    """Memory free for a new model: the GPU's free memory, or the system's available memory (MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**30
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")  # not Linux: cannot tell, try
+
+
+def need_memory(ctx: Ctx, gib: float, what: str) -> None:
+    """Skip rather than swap or be killed (on a shared machine the kernel may kill another process instead)."""
+    free = free_gib(ctx.device) - ctx.reserve_gib
+    if free < gib:
+        raise Skip(f"{what} needs about {gib:.1f} GiB; {free:.1f} GiB is free on this {ctx.device.type}"
+                   + (f" (after the {ctx.reserve_gib:g} GiB --reserve-gib)" if ctx.reserve_gib else ""))
 
 
 # ------------------------------------------------------------------------------------------------------ builders
@@ -338,9 +363,22 @@ def _adapter(ctx: Ctx):
     return load_adapter(ctx.path("fit_adamw/adapter.safetensors"), device=ctx.device)
 
 
-@path("prepare", "embed_direct", "fit_adamw")
+def _fresh_adapter(unet, user):
+    """A random adapter of the right shape for ``unet`` and ``user`` (its user attention switched on: to_v != 0),
+    frozen as ``load_adapter`` returns one (else tune-user's backward would also fill 0.6 GiB of adapter gradients)."""
+    from ppd_train.adapter import AdapterConfig, PPDAdapter
+    from ppd_train.stage_c import stage_c_info
+
+    adapter = PPDAdapter(AdapterConfig.for_model(stage_c_info(unet), embed_dim=user.tokens.shape[1],
+                                                   num_tokens=user.tokens.shape[0], embedder=user.embedder))
+    torch.nn.init.normal_(adapter.blocks[0].to_v.weight, std=0.02)
+    return adapter.eval().requires_grad_(False)
+
+
+@path("prepare", "embed_direct")
 def tune_user(ctx: Ctx) -> None:
-    """``tune-user``: one step on the artist's pairs (adapter and Stage C frozen)."""
+    """``tune-user``: a few steps on the artist's pairs (Stage C lite and a fresh adapter frozen, 2 pairs a step,
+    gradient checkpointing: without it Stage C lite's activations passed 11 GiB at 2 pairs in float32)."""
     from ppd_train.dpo_data import DPOData
     from ppd_train.embedding import load_embedding_table
     from ppd_train.stage_c import PPDBinding
@@ -348,28 +386,37 @@ def tune_user(ctx: Ctx) -> None:
 
     data, _ = one_user(DPOData.load(ctx.path("data.safetensors")), None)
     (start,) = load_embedding_table(ctx.path("table.safetensors"))[0].values()
-    binding = PPDBinding(stage_c(ctx), _adapter(ctx).to(ctx.dtype))
-    tuner = UserTuner(binding, data, TuneConfig(mode="tokens", max_steps=1, batch_size=2, val_draws=1), start)
-    tokens, report = tuner.run(show_progress=False)
-    ctx.result.update(steps=report["steps"], tokens=list(tokens.shape))
+    unet = stage_c(ctx)
+    binding = PPDBinding(unet, _fresh_adapter(unet, start).to(ctx.device, ctx.dtype))
+    # no held-out scoring: those are no-grad passes (below a step's peak) that cost a third of the time on a CPU
+    cfg = TuneConfig(mode="tokens", max_steps=ctx.fit_steps, batch_size=2, val_fraction=0.0,
+                     gradient_checkpointing=True)
+    tuner = UserTuner(binding, data, cfg, start)
+    built = peak_memory_mib(ctx.device)
+    steps: list[float] = []
+    t = [time.perf_counter()]
+
+    def on_step(_step: int) -> None:
+        steps.append(time.perf_counter() - t[0])
+        t[0] = time.perf_counter()
+
+    tokens, report = tuner.run(show_progress=False, on_step=on_step)
+    ctx.result.update(steps=report["steps"], step_s=steps, tokens=list(tokens.shape), val_pairs=report["val_pairs"],
+                      peak_above_model_mib=peak_memory_mib(ctx.device) - built)
 
 
 def _sample(ctx: Ctx, with_adapter: bool, kind: str = "lite") -> None:
-    from ppd_train.adapter import AdapterConfig, PPDAdapter
     from ppd_train.dpo_data import DPOData
     from ppd_train.embedding import load_embedding_table
     from ppd_train.evaluate import Conditions, sample
-    from ppd_train.stage_c import PPDBinding, clip_image_dim, stage_c_info
+    from ppd_train.stage_c import PPDBinding, clip_image_dim
 
     data = DPOData.load(ctx.path("data.safetensors"))
     (user,) = load_embedding_table(ctx.path("table.safetensors"))[0].values()
+    if kind == "full":  # 3.6 B + a 0.54 B adapter, and the activations at 24x24
+        need_memory(ctx, (0 if ctx.tiny else 4.2e9 * ctx.dtype.itemsize / 2**30) + 1.5, "Stage C full with an adapter")
     unet = stage_c(ctx, kind)
-    if kind == "lite":
-        adapter = _adapter(ctx)
-    else:  # no full adapter was trained: a random one of the right shape
-        adapter = PPDAdapter(AdapterConfig.for_stage_c(stage_c_info(unet), embed_dim=user.tokens.shape[1],
-                                                       num_tokens=user.tokens.shape[0]))
-        torch.nn.init.normal_(adapter.blocks[0].to_v.weight, std=0.02)
+    adapter = _adapter(ctx) if kind == "lite" else _fresh_adapter(unet, user)  # no full adapter was trained
     binding = PPDBinding(unet, adapter.to(ctx.device, ctx.dtype))
     side = 24 if not ctx.tiny else data.latents_w.shape[-1]
     cond = Conditions(data.text.to(ctx.dtype), data.pooled.to(ctx.dtype), clip_image_dim(unet), (16, side, side))
@@ -420,7 +467,7 @@ def comfyui(ctx: Ctx) -> None:
     model, config = comfy_stage_c("small" if ctx.tiny else "lite", ctx.device, ctx.dtype)
     _, info = patch.stage_c_of(model)
     (user,) = embedding_mod.load_embedding_table(ctx.path("table.safetensors"))[0].values()
-    cfg = adapter_mod.AdapterConfig.for_stage_c(info, embed_dim=user.tokens.shape[1], num_tokens=user.tokens.shape[0],
+    cfg = adapter_mod.AdapterConfig.for_model(info, embed_dim=user.tokens.shape[1], num_tokens=user.tokens.shape[0],
                                                 embedder=user.embedder)
     adapter = adapter_mod.PPDAdapter(cfg)
     torch.nn.init.normal_(adapter.blocks[0].to_v.weight, std=0.02)
@@ -455,7 +502,10 @@ def run_one(name: str, ctx: Ctx) -> dict:
     start = peak_memory_mib(ctx.device)
     t = time.perf_counter()
     ctx.result = {}
-    PATHS[name][1](ctx)
+    try:
+        PATHS[name][1](ctx)
+    except Skip as e:
+        return {"ok": True, "skipped": str(e)}
     ctx.path(f".{name}.done").touch()
     return {**ctx.result, "ok": True, "wall_s": time.perf_counter() - t, "peak_mib": peak_memory_mib(ctx.device),
             "peak_above_start_mib": peak_memory_mib(ctx.device) - start}
@@ -490,6 +540,8 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, help="sampling steps (default: 20 on CUDA, 2 on a CPU)")
     ap.add_argument("--fit-steps", type=int, help="DPO steps (default: 10 on CUDA, 2 on a CPU)")
     ap.add_argument("--full-on-cpu", action="store_true", help="also run Stage C full on a CPU (14.4 GB in float32)")
+    ap.add_argument("--reserve-gib", type=float, default=0.0, help="memory to leave free (a shared machine): a path "
+                    "that would need more than the rest is skipped, with the reason in the JSON")
     ap.add_argument("--comfyui-python", default=os.environ.get("COMFYUI_PYTHON", sys.executable),
                     help="the Python that runs the comfyui path (needs COMFYUI_DIR)")
     ap.add_argument("--merge", action="store_true", help="keep the paths of an existing --out file that this run "
@@ -507,7 +559,8 @@ def main() -> None:
     ctx = Ctx(work=work, tiny=args.tiny, device=device, dtype=dtype,
               cot_tokens=args.cot_tokens or (1024 if gpu else 8 if not args.tiny else 4),
               sample_steps=args.sample_steps or (20 if gpu else 2), fit_steps=args.fit_steps or (10 if gpu else 2),
-              image_px=64 if args.tiny else 1024, effnet_px=64 if args.tiny else 768, result={})
+              image_px=64 if args.tiny else 1024, effnet_px=64 if args.tiny else 768, result={},
+              reserve_gib=args.reserve_gib)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.path:  # the fresh process of one path
         with open(args.result, "w") as f:
@@ -516,14 +569,17 @@ def main() -> None:
     unknown = [n for n in (args.only or "").split(",") + args.skip.split(",") if n and n not in PATHS]
     if unknown:
         sys.exit(f"Unknown path(s) {unknown}; the paths are: {', '.join(PATHS)}")
-    skip = set(filter(None, args.skip.split(",")))
+    skip = {n: "--skip" for n in args.skip.split(",") if n}
     if not gpu and not args.full_on_cpu:
-        skip.add("sample_full")
+        skip["sample_full"] = "Stage C full (3.6 B) on a CPU: 14.4 GB in float32; --full-on-cpu runs it"
     if not os.environ.get("COMFYUI_DIR"):
-        skip.add("comfyui")
+        skip["comfyui"] = "COMFYUI_DIR is not set (a ComfyUI checkout; --comfyui-python: its Python)"
     asked = args.only.split(",") if args.only else [n for n in PATHS if n not in skip]
     out = Path(args.out)
-    results: dict[str, dict] = json.loads(out.read_text())["paths"] if args.merge and out.is_file() else {}
+    old = json.loads(out.read_text()) if args.merge and out.is_file() else {"paths": {}}
+    results: dict[str, dict] = old["paths"]
+    if isinstance(old.get("skipped"), dict):  # an earlier run's reasons (e.g. too little memory) stay
+        skip.update(old["skipped"])
     for name in with_needs(asked, ctx):
         print(f"realsize: {name} ...", flush=True)
         if args.same_process:
@@ -537,7 +593,8 @@ def main() -> None:
             os.close(fd)
             argv = [python, __file__, "--path", name, "--result", result, "--work", str(work), "--device", args.device,
                     "--dtype", str(dtype).removeprefix("torch."), "--cot-tokens", str(ctx.cot_tokens),
-                    "--sample-steps", str(ctx.sample_steps), "--fit-steps", str(ctx.fit_steps)]
+                    "--sample-steps", str(ctx.sample_steps), "--fit-steps", str(ctx.fit_steps),
+                    "--reserve-gib", str(args.reserve_gib)]
             t = time.perf_counter()
             proc = subprocess.run(argv + (["--tiny"] if args.tiny else []), env={**os.environ,
                                   "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
@@ -548,11 +605,14 @@ def main() -> None:
                                  "wall_s": time.perf_counter() - t}
             os.unlink(result)
         r = results[name]
-        print(f"realsize: {name}: " + (f"{r['wall_s']:.1f} s, peak {r['peak_mib']:.0f} MiB" if r["ok"]
+        if "skipped" in r:  # this machine cannot run it: why goes to "skipped", not into the paths
+            skip[name] = results.pop(name)["skipped"]
+        print(f"realsize: {name}: " + (f"skipped: {skip[name]}" if name in skip else
+                                       f"{r['wall_s']:.1f} s, peak {r['peak_mib']:.0f} MiB" if r["ok"]
                                        else f"FAILED: {r['error']}"), flush=True)
         report = {"benchmark": "realsize", "device": str(device), "dtype": str(dtype), "tiny": args.tiny,
                   "torch": torch.__version__, "threads": torch.get_num_threads(), "work": str(work),
-                  "skipped": sorted(skip - set(results)), "paths": results}
+                  "skipped": {n: why for n, why in sorted(skip.items()) if n not in results}, "paths": results}
         out.write_text(json.dumps(report, indent=2))  # after every path: a stopped run keeps what it measured
     failed = [n for n, r in results.items() if not r["ok"]]
     if failed:

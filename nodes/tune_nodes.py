@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 
 import torch
 
@@ -380,7 +379,9 @@ def tune_in_comfyui(pairs, model, clip, vae, adapter: NamedAdapter, start: UserE
     if sdxl:  # before any heavy work, as the Stage C VAE's refusals below
         check_noise_prediction(model)
         check_sdxl_vae(int(vae.latent_channels), vae.downscale_ratio)
-    cfg = TuneConfig(mode="tokens", max_steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    # checkpointing: the base's activations for backward are what an 8-12 GB card runs out of (docs/performance.md)
+    cfg = TuneConfig(mode="tokens", max_steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                     gradient_checkpointing=True)
     cfg.validate()
     user = str(start.meta.get("user_id", "") or (pairs[0].user_id if pairs and pairs[0].user_id else ""))
     device = mm.get_torch_device()
@@ -421,11 +422,9 @@ def tune_in_comfyui(pairs, model, clip, vae, adapter: NamedAdapter, start: UserE
             bar.update_absolute(min(step, steps))
             mm.throw_exception_if_processing_interrupted()  # ends the prompt as interrupted; the queue goes on
 
-        half = dtype in (torch.float16, torch.bfloat16)
         try:
-            with torch.autocast(device.type, dtype=dtype) if half else nullcontext():
-                tuner = UserTuner(binding, data, cfg, start=start)
-                tokens, report = tuner.run(show_progress=False, on_step=on_step)
+            tuner = UserTuner(binding, data, cfg, start=start)  # it autocasts a bf16/fp16 Stage C itself
+            tokens, report = tuner.run(show_progress=False, on_step=on_step)
             embedding = tuner.embedding(tokens, report, user, start_name=start.describe(),
                                         pairs_hash=content_hash(pairs))
         finally:

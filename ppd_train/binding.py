@@ -14,7 +14,7 @@ and run the adapter-off reference pass before the policy pass.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,6 +44,26 @@ def attention_layers(unet: torch.nn.Module) -> tuple[list[Attention], ModelInfo]
 
 def model_info(unet: torch.nn.Module) -> ModelInfo:
     return attention_layers(unet)[1]
+
+
+def half_autocast(unet: torch.nn.Module) -> AbstractContextManager:
+    """Autocast to the model's dtype when its weights are bf16/fp16 (a no-op in float32): the project's inputs
+    (timesteps, cached text latents, the zero image prompt, the adapter's K_u/V_u) stay float32 and meet the half
+    weights under it, as in `fit`'s mixed precision."""
+    p = next(unet.parameters())
+    return torch.autocast(p.device.type, dtype=p.dtype) if p.dtype in (torch.bfloat16, torch.float16) else nullcontext()
+
+
+def set_gradient_checkpointing(unet: Any, on: bool) -> bool:
+    """diffusers' gradient checkpointing of the base's blocks on or off (-> the previous setting): the blocks keep no
+    activations for backward and recompute them there, trading ~30% more compute for activation memory of about one
+    block. Active only where grad is enabled; needs ``backward()`` inside the user block (see the module docstring)."""
+    previous = bool(unet.is_gradient_checkpointing)
+    if on:
+        unet.enable_gradient_checkpointing()
+    elif previous:
+        unet.disable_gradient_checkpointing()
+    return previous
 
 
 @dataclass

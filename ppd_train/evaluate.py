@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .binding import PPDBinding
+from .binding import PPDBinding, half_autocast
 from .embedding import UserEmbedding, interpolate
 from .errors import PPDError
 from .schedule import ddim_sample, sdxl_ddim_sample
@@ -91,7 +91,7 @@ def sample(binding: PPDBinding, cond: Conditions, caption_idx: torch.Tensor, noi
         kw = dict(clip_text_pooled=cond.pooled[caption_idx].to(dev), clip_text=cond.text[caption_idx].to(dev),
                   clip_img=torch.zeros(b, 1, cond.clip_img_dim, device=dev))
         sampler = ddim_sample
-    with torch.no_grad():
+    with torch.no_grad(), half_autocast(unet):  # a bf16/fp16 base takes the float32 inputs
         kv = binding.adapter(user_tokens.to(dev)) if user_tokens is not None else None  # once per run, not per step
         with binding.user(kv, weight):
             return sampler(lambda x, t: unet(x, t, **kw).sample, noise.to(dev), steps, t_start=cond.t_start).cpu()

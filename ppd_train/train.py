@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .adapter import BASES, AdapterConfig, PPDAdapter, read_adapter_config, save_adapter
-from .binding import PPDBinding, model_info
+from .binding import PPDBinding, model_info, set_gradient_checkpointing
 from .checkpoint import load_latest, prune_checkpoints, save_checkpoint
 from .dpo_data import DPOData, tensor_digest
 from .errors import PPDError
@@ -241,7 +241,7 @@ class Trainer:
         if self.unet.dtype != cfg.frozen_dtype():  # `fit` loads it in that dtype already (no float32 copy first)
             self.unet.to(cfg.frozen_dtype())
         if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            set_gradient_checkpointing(self.unet, True)
         self.binding = PPDBinding(self.unet, adapter)
         adapter = adapter.to(self.device)
         self.adapter, self.optimizer = self.acc.prepare(

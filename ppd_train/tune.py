@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .binding import PPDBinding
+from .binding import PPDBinding, half_autocast, set_gradient_checkpointing
 from .dpo_data import DPOData, tensor_digest
 from .embedding import UserEmbedding, check_compatible
 from .errors import IncompatibleError, PPDError
@@ -57,6 +57,9 @@ class TuneConfig:
     val_draws: int = 8  # noise/timestep draws per held-out pair
     patience: int = 5  # validations without improvement before a phase stops; 0 = never
     seed: int = 0
+    # Stage C's blocks recompute their activations in backward instead of keeping them (as `fit`'s option): needed at
+    # real widths (Stage C lite, 2 pairs, fp32: 11+ GiB without it); same tokens, ~30% more compute
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         fin = math.isfinite
@@ -167,17 +170,25 @@ class UserTuner:
         self.on_step: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------------------------------------------ scoring
-    def _batch_loss(self, idx: torch.Tensor, g: torch.Generator, backward: bool):
+    def _batch_loss(self, idx: torch.Tensor, g: torch.Generator,
+                    backward: Callable[[torch.Tensor], None] | None = None):
+        """The DPO loss of pairs ``idx``; with ``backward``, it runs on the loss inside the user block (where
+        checkpointed blocks recompute with the user attached), else no graph is built."""
         t = self.t_min + (self.t_max - self.t_min) * torch.rand(len(idx), generator=g)
         eps = torch.randn((len(idx), *self.data.latents_w.shape[1:]), generator=g)
         inputs = self.pair_inputs(self.data, idx, t, eps, self.device)
         adapter = self.binding.adapter
-        if backward:
-            return pair_loss(self.binding, inputs, eps, lambda: adapter(self.tokens()[None].to(self.device)),
-                             self.beta, 1.0)
+
+        def kv():
+            return adapter(self.tokens()[None].to(self.device))
+
+        def autocast():  # a bf16 Stage C (tune-user's default on CUDA) takes the float32 inputs under autocast
+            return half_autocast(self.binding.unet)
+
+        if backward is not None:
+            return pair_loss(self.binding, inputs, eps, kv, self.beta, 1.0, autocast, backward)
         with torch.no_grad():
-            return pair_loss(self.binding, inputs, eps, lambda: adapter(self.tokens()[None].to(self.device)),
-                             self.beta, 1.0)
+            return pair_loss(self.binding, inputs, eps, kv, self.beta, 1.0, autocast)
 
     def score(self, idx: torch.Tensor) -> dict:
         """DPO loss and implicit accuracy (sign of each pair's mean margin) of the current tokens on pairs ``idx``,
@@ -189,13 +200,29 @@ class UserTuner:
         loss, margins = 0.0, torch.zeros(len(rep))
         for s in range(0, len(rep), 64):
             part = rep[s:s + 64]
-            stats = self._batch_loss(part, torch.Generator().manual_seed(self.cfg.seed + 4242 + s), backward=False)
+            stats = self._batch_loss(part, torch.Generator().manual_seed(self.cfg.seed + 4242 + s))
             loss += float(stats.loss) * len(part) / len(rep)
             margins[s:s + len(part)] = stats.margins.float().cpu()
         mean_margin = margins.view(self.cfg.val_draws, len(idx)).mean(0)
         return {"loss": loss, "implicit_acc": (mean_margin > 0).float().mean().item()}
 
     # -------------------------------------------------------------------------------------------------------- phases
+    def _train_step(self, opt: torch.optim.Optimizer, idx: torch.Tensor, g: torch.Generator):
+        """One Adam step on pairs ``idx`` (DPO loss + the anchor); no update when that loss is not finite."""
+        total: list[torch.Tensor] = []
+
+        def backward(loss: torch.Tensor) -> None:
+            total.append(loss + self.cfg.anchor * self.tokens.penalty() if self.cfg.anchor else loss)
+            if torch.isfinite(total[0]):
+                total[0].backward()
+
+        opt.zero_grad(set_to_none=True)
+        stats = self._batch_loss(idx, g, backward)
+        # for a non-finite DPO loss pair_loss hands backward a zero-gradient stand-in: skip that step too
+        if torch.isfinite(stats.loss) and torch.isfinite(total[0]):
+            opt.step()
+        return stats
+
     def _phase(self, param: torch.nn.Parameter, bar) -> dict:
         cfg, train = self.cfg, self.train_idx
         for p in self.tokens.parameters():
@@ -209,12 +236,7 @@ class UserTuner:
             try:
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
                 idx = train[torch.randperm(len(train), generator=g)[:cfg.batch_size]]
-                stats = self._batch_loss(idx, g, backward=True)
-                loss = stats.loss + cfg.anchor * self.tokens.penalty() if cfg.anchor else stats.loss
-                opt.zero_grad(set_to_none=True)
-                if torch.isfinite(loss):
-                    loss.backward()
-                    opt.step()
+                stats = self._train_step(opt, idx, g)
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss.item():.4f}")
@@ -254,12 +276,15 @@ class UserTuner:
         before = self.score(self.val_idx)
         selected = {}
         bar = tqdm(total=self.total_steps, desc="tune user", unit="step", disable=not show_progress)
+        unet = self.binding.unet
+        was_checkpointing = set_gradient_checkpointing(unet, self.cfg.gradient_checkpointing)
         try:
             for name in phases:
                 if not self.interrupted:
                     selected[name] = self._phase(getattr(self.tokens, name), bar)
         finally:
             bar.close()
+            set_gradient_checkpointing(unet, was_checkpointing)  # the caller's model as it was
         after = self.score(self.val_idx)
         with torch.no_grad():
             tokens = self.tokens().detach().cpu()

@@ -198,3 +198,22 @@ def test_one_span_of_rows_is_added_in_place_and_others_gather_in_the_models_dtyp
         want = out.double() + weight.double().view(-1, 1, 1) * attend(q, k_u.expand(4, -1, -1),
                                                                        v_u.expand(4, -1, -1)).double()
         torch.testing.assert_close(got.double(), want, rtol=0.02, atol=0.02)
+
+
+def test_a_bf16_stage_c_samples_on_float32_inputs(tiny_unet):
+    """The sampler feeds float32 timesteps, text and zero image prompts; a bf16 Stage C (realsize's default on CUDA)
+    takes them under autocast, with or without a user, near the float32 samples."""
+    from ppd_train.evaluate import Conditions, sample
+
+    adapter = trained_looking_adapter(tiny_unet)
+    g = torch.Generator().manual_seed(0)
+    cond = Conditions(torch.randn(1, 77, 32, generator=g), torch.randn(1, 1, 32, generator=g), 32, (16, 4, 4))
+    noise, users = torch.randn(1, 16, 4, 4, generator=g), torch.randn(1, 5, 24, generator=g)
+    binding = PPDBinding(tiny_unet, adapter)
+    ref = {u is None: sample(binding, cond, torch.tensor([0]), noise, u, steps=2) for u in (None, users)}
+    tiny_unet.to(torch.bfloat16)
+    for u in (None, users):
+        x = sample(binding, cond, torch.tensor([0]), noise, u, steps=2)
+        assert torch.isfinite(x).all()
+        err = float((x.float() - ref[u is None]).norm() / ref[u is None].norm())
+        assert err < 0.05, err  # bf16 rounding, not another sample

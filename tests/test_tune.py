@@ -165,6 +165,43 @@ def test_ctrl_c_keeps_the_best_so_far_and_runs_are_deterministic(tiny_setup):
     assert best["step"] in (0, 2, 4, 6) and report["val_after"]["loss"] == pytest.approx(best["loss"], abs=1e-6)
 
 
+def test_gradient_checkpointing_recomputes_stage_c_blocks_and_tunes_the_same(tiny_setup):
+    """With the option, Stage C's blocks run a third time per step (their recompute in backward, with the user still
+    attached), and the tuned tokens match the plain run's; the caller's model is left as it was."""
+    runs = {}
+    for on in (False, True):
+        tuner = _tiny_tuner(tiny_setup, mode="tokens", max_steps=3, val_fraction=0, gradient_checkpointing=on)
+        unet = tuner.binding.unet
+        calls: list[bool] = []
+        # a ResBlock after the user attention (blocks whose inputs need no grad have nothing to recompute)
+        block = unet.up_blocks[-1][0]
+        # a pre-hook: the recompute stops early, once it has what backward needs
+        block.register_forward_pre_hook(lambda *_, calls=calls: calls.append(torch.is_grad_enabled()))
+        tokens, report = tuner.run(show_progress=False)
+        assert report["steps"] == 3 and not unet.is_gradient_checkpointing
+        runs[on] = tokens, calls
+    # per step: the reference pass (no grad), the policy pass, and with checkpointing the policy's recompute
+    assert runs[False][1] == [False, True] * 3
+    assert runs[True][1] == [False, True, True] * 3
+    assert not torch.equal(runs[True][0], _tiny_tuner(tiny_setup).start.tokens)  # it did tune
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
+
+
+def test_tune_user_on_a_bf16_stage_c(tiny_setup):
+    """`--dtype bfloat16` (tune-user's default on CUDA): the float32 pairs, timesteps and adapter meet the bf16 Stage C
+    under autocast, through the command; and the tokens move the way the float32 run's do."""
+    tmp_path, common, images = tiny_setup
+    assert main(["tune-user", *images, *common, "--dtype", "bfloat16", "--out", str(tmp_path / "bf16.safetensors")]) \
+        == 0
+    assert torch.isfinite(UserEmbedding.load(tmp_path / "bf16.safetensors").tokens).all()
+    start = _tiny_tuner(tiny_setup).start.tokens
+    fp32, _ = _tiny_tuner(tiny_setup, mode="tokens", max_steps=3, val_fraction=0).run(show_progress=False)
+    tuner = _tiny_tuner(tiny_setup, mode="tokens", max_steps=3, val_fraction=0)
+    tuner.binding.unet.to(torch.bfloat16)
+    bf16, _ = tuner.run(show_progress=False)
+    assert float((bf16 - fp32).norm() / (fp32 - start).norm()) < 0.2
+
+
 def test_mix_mode_moves_only_the_mixing_weights(tiny_setup):
     tuner = _tiny_tuner(tiny_setup, mode="mix")
     tokens, report = tuner.run(show_progress=False)
