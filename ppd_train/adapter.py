@@ -29,7 +29,14 @@ from torch import nn
 
 from .errors import FileFormatError, IncompatibleError
 from .guards import non_finite
-from .safetensors_io import atomic_save_safetensors, check_format, dumps_json, read_json_metadata, read_safetensors
+from .safetensors_io import (
+    atomic_save_safetensors,
+    check_format,
+    dumps_json,
+    read_json_metadata,
+    read_safetensors,
+    shape_mismatch,
+)
 
 FORMAT_NAME = "ppd-adapter"
 FORMAT_VERSION = 1
@@ -290,15 +297,10 @@ def load_adapter(path: str | os.PathLike, device: torch.device | str = "cpu",
     """Load an adapter file; the tensors must match its own metadata exactly (else the file is damaged)."""
     config, tensors = read_adapter_config(path)
     with torch.device("meta"):  # shapes only: nothing is allocated before the metadata agrees with the tensors
-        expected = {k: tuple(v.shape) for k, v in PPDAdapter(config).state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != found:
-        problems = [f"{label} {keys[:3]}" for label, keys in (
-            ("missing", sorted(set(expected) - set(found))),
-            ("unexpected", sorted(set(found) - set(expected))),
-            ("wrong shape", sorted(k for k in set(expected) & set(found) if expected[k] != found[k]))) if keys]
+        problems = shape_mismatch(PPDAdapter(config).state_dict(), tensors)
+    if problems:
         raise FileFormatError(
-            f"{path}: tensors do not match the adapter's own metadata ({'; '.join(problems)}). "
+            f"{path}: tensors do not match the adapter's own metadata ({problems}). "
             "The file is damaged or was edited; export it again."
         )
     bad = non_finite(tensors)

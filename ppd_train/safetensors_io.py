@@ -31,6 +31,17 @@ def dumps_json(obj, sort_keys: bool = True, indent: int | None = None) -> str:
 _HOST = re.sub(r"[^A-Za-z0-9]", "-", socket.gethostname()) or "host"
 
 
+def shape_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What differs between two state dicts' names and shapes ("" when they agree), for a refusal's message: up to
+    three names each of the missing, unexpected and wrong-shaped tensors."""
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    got = {k: tuple(v.shape) for k, v in found.items()}
+    return "; ".join(f"{label} {keys[:3]}" for label, keys in (
+        ("missing", sorted(set(want) - set(got))),
+        ("unexpected", sorted(set(got) - set(want))),
+        ("wrong shape", sorted(k for k in set(want) & set(got) if want[k] != got[k]))) if keys)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

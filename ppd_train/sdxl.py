@@ -21,7 +21,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from .adapter import ModelInfo, count_adapter_parameters
 from .errors import FileFormatError, IncompatibleError
-from .safetensors_io import diffusers_folder
+from .safetensors_io import diffusers_folder, shape_mismatch
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 
@@ -91,14 +91,9 @@ def unet_from_ldm(weights: dict[str, torch.Tensor], config: dict, problem: str, 
         converted = convert_ldm_unet_checkpoint(weights, config)
     except KeyError as e:  # diffusers' conversion looks weights up by name
         raise IncompatibleError(f"{problem} (missing {e.args[0]!r}). {fix}") from None
-    expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in converted.items()}
-    if expected != found:
-        problems = [f"{label} {keys[:3]}" for label, keys in (
-            ("missing", sorted(set(expected) - set(found))),
-            ("unexpected", sorted(set(found) - set(expected))),
-            ("wrong shape", sorted(k for k in set(expected) & set(found) if expected[k] != found[k]))) if keys]
-        raise IncompatibleError(f"{problem} ({'; '.join(problems)}). {fix}")
+    problems = shape_mismatch(unet.state_dict(), converted)
+    if problems:
+        raise IncompatibleError(f"{problem} ({problems}). {fix}")
     unet.load_state_dict({k: convert(v) for k, v in converted.items()}, assign=True)
     return unet
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .errors import FileFormatError, IncompatibleError, PPDError
-from .safetensors_io import read_safetensors
+from .safetensors_io import read_safetensors, shape_mismatch
 
 PARTS = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
          "text_encoder": "conditioner.embedders.0.transformer.", "text_encoder_2": "conditioner.embedders.1.model."}
@@ -145,14 +145,9 @@ def load_part(path: str | os.PathLike, weights: dict[str, torch.Tensor], part: s
                                 f"{e}). The file is incomplete or not an SDXL checkpoint: download it again, or give "
                                 "the checkpoint's diffusers folder as the SDXL config (--sdxl-config, sdxl_config)."
                                 ) from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != found:
-        problems = [f"{label} {keys[:3]}" for label, keys in (
-            ("missing", sorted(set(expected) - set(found))),
-            ("unexpected", sorted(set(found) - set(expected))),
-            ("wrong shape", sorted(k for k in set(expected) & set(found) if expected[k] != found[k]))) if keys]
-        raise IncompatibleError(f"{path}: its {NAMES[part]} does not fit {where} ({'; '.join(problems)}). Give the "
+    problems = shape_mismatch(model.state_dict(), state)
+    if problems:
+        raise IncompatibleError(f"{path}: its {NAMES[part]} does not fit {where} ({problems}). Give the "
                                 "checkpoint's diffusers folder (or, for the UNet, its config.json) as the SDXL config "
                                 "(--sdxl-config, sdxl_config); a file missing weights is incomplete: download it "
                                 "again.")

@@ -177,3 +177,15 @@ def test_a_failed_write_reports_its_own_error_when_the_temporary_is_already_gone
     monkeypatch.setattr(safetensors_io.os, "replace", replace_then_fail)
     with pytest.raises(OSError, match="Input/output error"):
         safetensors_io.atomic_write_bytes(tmp_path / "f.bin", b"data")
+
+
+def test_shape_mismatch_names_what_differs_and_nothing_when_equal():
+    from ppd_train.safetensors_io import shape_mismatch
+
+    t = torch.zeros
+    want = {"a": t(2), "b": t(3), "c": t(4, 1), "d": t(1)}
+    assert shape_mismatch(want, dict(want)) == ""
+    got = {"a": t(2), "c": t(1, 4), "e": t(1), "f": t(1)}
+    assert shape_mismatch(want, got) == "missing ['b', 'd']; unexpected ['e', 'f']; wrong shape ['c']"
+    many = {f"k{i}": t(1) for i in range(5)}
+    assert shape_mismatch(many, {}) == "missing ['k0', 'k1', 'k2']"  # three names at most
