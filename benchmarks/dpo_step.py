@@ -15,7 +15,8 @@ interleaved (A B C A B C ...), ``--repeats`` times, so this machine's drift hits
 min-max of the per-run step times, of the optimizer step alone, and of the peak memory above what the process held
 before building the model, with ratios to the baseline's medians, with and without gradient checkpointing.
 
-    python benchmarks/dpo_step.py [--kind tiny|small|lite|full] [--batch 4] [--size 24] [--repeats 3] [--ckpt yes]
+    python benchmarks/dpo_step.py [--kind tiny|small|lite|full|sdxl|sdxl-tiny] [--batch 4] [--size 24] [--repeats 3]
+        [--ckpt yes]
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import statistics
 
 import torch
 from measure import fmt, in_fresh_process, interleaved, peak_memory_mib, spread, timed  # noqa: E402
-from sampler_overhead import build, stage_c_inputs  # noqa: E402  (same folder)
+from sampler_overhead import KINDS, build, model_inputs  # noqa: E402  (same folder)
 
 from ppd_train.adapter import AdapterConfig, PPDAdapter
+from ppd_train.binding import model_info
 from ppd_train.loss import dpo_loss
 from ppd_train.optim import make_optimizer
-from ppd_train.stage_c import PPDBinding, stage_c_info
+from ppd_train.stage_c import PPDBinding
 
 # name: (reference, optimizer); the first is the baseline the others are divided by
 VARIANTS = {"adapters-disabled": ("adapters disabled", "adamw"),
@@ -52,15 +54,15 @@ def run(recipe: str, optimizer: str, kind: str, checkpointing: bool, batch: int,
     reference = copy.deepcopy(unet) if recipe == "second copy" else None
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    info = stage_c_info(unet)
+    info = model_info(unet)
     torch.manual_seed(0)
     adapter = PPDAdapter(AdapterConfig.for_model(info, embed_dim=896, num_tokens=29)).to(device, dtype)
     binding = PPDBinding(unet, adapter)
     opt = make_optimizer(optimizer, adapter.parameters(), 1e-5, 0.0)  # the trainer's optimizers
     b2 = 2 * batch
-    inputs = stage_c_inputs(unet, b2, size, device, dtype)
+    inputs = model_inputs(unet, b2, size, device, dtype)
     g = torch.Generator().manual_seed(1)
-    eps = torch.randn(batch, 16, size, size, generator=g).to(device, dtype)
+    eps = torch.randn(batch, unet.config.in_channels, size, size, generator=g).to(device, dtype)
     users = torch.randn(b2, 29, 896, generator=g).to(device, dtype)
     opt_times: list[float] = []
 
@@ -88,9 +90,10 @@ def run(recipe: str, optimizer: str, kind: str, checkpointing: bool, batch: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
-    ap.add_argument("--kind", default="lite" if cuda else "small", choices=["tiny", "small", "lite", "full"])
+    ap.add_argument("--kind", default="lite" if cuda else "small", choices=KINDS)
     ap.add_argument("--batch", type=int, default=4 if cuda else 2, help="pairs per step")
-    ap.add_argument("--size", type=int, default=24 if cuda else 16, help="latent side (24 = 1024x1024 images)")
+    ap.add_argument("--size", type=int, default=24 if cuda else 16,
+                    help="latent side (Stage C 24, SDXL 128 = 1024x1024 images)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one untimed)")
     ap.add_argument("--repeats", type=int, default=3, help="fresh-process runs of each variant, interleaved")
     ap.add_argument("--ckpt", default="both", choices=["both", "yes", "no"], help="gradient checkpointing")
@@ -128,7 +131,7 @@ def main() -> None:
         runs = interleaved(keys, args.repeats, one)
     args.repeats = min(len(v) for v in runs.values())
     what = "CUDA allocator peak" if cuda else "peak resident set"
-    print(f"DPO step, Stage C '{args.kind}', {args.batch} pairs, latent {args.size}x{args.size}, {device} {dtype}; "
+    print(f"DPO step, '{args.kind}', {args.batch} pairs, latent {args.size}x{args.size}, {device} {dtype}; "
           f"peak = {what} above the process before building; median (min-max) of {args.repeats}+ interleaved runs")
     print(f"{'reference':18s} {'optimizer':9s} {'ckpt':>5s} {'step s':>22s} {'optimizer step s':>22s} "
           f"{'peak MiB':>20s} {'weights':>7s} {'time/base':>9s} {'peak/base':>9s}")

@@ -13,17 +13,28 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from typing import Any
 
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
 from measure import count_ops, fmt, spread, timed  # noqa: E402  (same folder)
 
 from ppd_train.adapter import AdapterConfig, PPDAdapter
-from ppd_train.stage_c import PPDBinding, stage_c_config, stage_c_info
-from ppd_train.tiny import tiny_stage_c_config
+from ppd_train.binding import model_info
+from ppd_train.sdxl import sdxl_config
+from ppd_train.stage_c import PPDBinding, stage_c_config
+from ppd_train.tiny import tiny_sdxl_config, tiny_stage_c_config
+
+# Stage C: tiny, small (lite's depth at a CPU-friendly width), lite, full; SDXL 1.0 at its released config and tiny
+KINDS = ("tiny", "small", "lite", "full", "sdxl", "sdxl-tiny")
 
 
-def build(kind: str, device: torch.device, dtype: torch.dtype) -> StableCascadeUNet:
+def build(kind: str, device: torch.device, dtype: torch.dtype) -> StableCascadeUNet | UNet2DConditionModel:
+    torch.manual_seed(0)
+    if kind.startswith("sdxl"):
+        cfg = sdxl_config() if kind == "sdxl" else tiny_sdxl_config()
+        return UNet2DConditionModel(**cfg).to(device, dtype).eval()
     if kind in ("lite", "full"):
         cfg = stage_c_config(kind)
     elif kind == "small":  # lite's depth at a CPU-friendly width
@@ -31,7 +42,6 @@ def build(kind: str, device: torch.device, dtype: torch.dtype) -> StableCascadeU
                "up_num_layers_per_block": (12, 4)}
     else:
         cfg = tiny_stage_c_config(width=64, heads=4, clip_dim=64)
-    torch.manual_seed(0)
     return StableCascadeUNet(**cfg).to(device, dtype).eval()
 
 
@@ -45,6 +55,24 @@ def stage_c_inputs(unet: StableCascadeUNet, batch: int, size: int, device: torch
                   clip_text=torch.randn(batch, 77, c.clip_text_in_channels, generator=g),
                   clip_img=torch.zeros(batch, 1, c.clip_image_in_channels))
     return {k: v.to(device, dtype) for k, v in inputs.items()}
+
+
+def model_inputs(unet: Any, batch: int, size: int, device: torch.device,
+                 dtype: torch.dtype) -> dict:
+    """Random inputs laid out like real ones for either base (``size``: the latent side)."""
+    if model_info(unet).base != "sdxl":
+        return stage_c_inputs(unet, batch, size, device, dtype)
+    c: Any = unet.config
+    g = torch.Generator().manual_seed(0)
+    channels, text = int(c["in_channels"]), int(c["cross_attention_dim"])
+    pooled = int(c["projection_class_embeddings_input_dim"]) - 6 * int(c["addition_time_embed_dim"])
+    sides = float(8 * size)  # SDXL's size/crop numbers: original and target size in pixels, no crop
+    return dict(sample=torch.randn(batch, channels, size, size, generator=g).to(device, dtype),
+                timestep=torch.randint(0, 1000, (batch,), generator=g).to(device),
+                encoder_hidden_states=torch.randn(batch, 77, text, generator=g).to(device, dtype),
+                added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, generator=g).to(device, dtype),
+                                   "time_ids": torch.tensor([[sides, sides, 0, 0, sides, sides]] * batch,
+                                                            device=device, dtype=dtype)})
 
 
 @torch.no_grad()
@@ -77,7 +105,7 @@ def measure(unet, binding: PPDBinding, adapter: PPDAdapter, user: torch.Tensor, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
-    ap.add_argument("--kind", default="lite" if cuda else "small", choices=["tiny", "small", "lite", "full"])
+    ap.add_argument("--kind", default="lite" if cuda else "small", choices=KINDS)
     ap.add_argument("--tokens", default="4,16,29,64")
     ap.add_argument("--size", type=int, default=24 if cuda else 16, help="latent side (24 = 1024x1024 images)")
     ap.add_argument("--batch", type=int, default=2, help="2 = one image with CFG")
@@ -88,12 +116,12 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     unet = build(args.kind, device, dtype)
-    info = stage_c_info(unet)
+    info = model_info(unet)
     b, s = args.batch, args.size
-    inputs = stage_c_inputs(unet, b, s, device, dtype)
+    inputs = model_inputs(unet, b, s, device, dtype)
     weight = torch.tensor([1.0, 0.0]) if b == 2 else 1.0  # CFG: the unconditional half gets no user
     rows = []
-    print(f"Stage C '{args.kind}': {len(info.block_widths)} attention blocks, width {info.block_widths[0]}, "
+    print(f"'{args.kind}': {len(info.block_widths)} attention blocks, width {info.block_widths[0]}, "
           f"latent {s}x{s}, batch {b}, {device} {dtype}")
     print(f"{'tokens':>6s} {'base ms':>8s} {'ppd ms':>8s} {'ratio':>6s} {'per-step ms':>11s} {'ratio':>6s} "
           f"{'ops base/ppd':>13s} {'syncs':>6s}")
