@@ -11,8 +11,11 @@ Nothing here needs a GPU. The table is the sum of per-component sizes:
   optimizer state, 1 pair = 2 images at 24x24 latents = 1024 px) and by ``--forward`` here (one no-grad Stage C
   forward, batch 2 = one image with CFG). bf16 stores them in half the bytes; full Stage C is scaled by its width x
   attention blocks (2048 x 64 vs 1536 x 32 = 2.67x), since every block's saved tensors grow with both. SDXL's are
-  measured at its own released config (``--sdxl-dpo``: ``dpo_step.py --kind sdxl --size 128``, 1 pair at 1024 px;
-  ``--forward`` measures its sampling forward too), not scaled.
+  measured at its own released config (``--sdxl-dpo``: ``dpo_step.py --kind sdxl --batch 1``); a 1024 px training
+  step (128x128 latents) in float32 does not fit this CPU's 24 GB, so it is measured at a smaller latent and scaled
+  by the number of latent positions (every saved tensor, attention included, grows linearly with them: PyTorch's
+  attention kernels do not store the attention matrix; checked by measuring at two sizes). ``--forward`` measures
+  SDXL's sampling forward at 1024 px itself.
 - a fixed **1.0 GiB** for the CUDA context, cuBLAS workspaces and allocator slack; a total within the last 10% of a
   card is "tight" (the desktop and other programs hold some of it).
 
@@ -101,9 +104,11 @@ def main() -> None:
     if args.sdxl_dpo:
         runs["sdxl"] = json.load(open(args.sdxl_dpo))
     for kind, run in runs.items():
-        want = {"kind": kind, "dtype": "torch.float32"} | ({"batch": 1, "size": SIDE[kind]} if kind == "sdxl" else {})
+        want = {"kind": kind, "dtype": "torch.float32"} | ({"batch": 1} if kind == "sdxl" else {})
         if any(run.get(k) != v for k, v in want.items()):
             raise SystemExit(f"--{'sdxl-' if kind == 'sdxl' else ''}dpo must be a float32 dpo_step.py run with {want}")
+    # training activations against the measured run: full by width x blocks, SDXL by latent positions up to 1024 px
+    train_scale = dict(SCALE, sdxl=(SIDE["sdxl"] / runs["sdxl"]["size"]) ** 2 if "sdxl" in runs else 1.0)
     kinds = ("lite", "full", "sdxl") if "sdxl" in runs else ("lite", "full")
     sizes = {kind: counts(kind) for kind in kinds}
     act = {kind: training_activations(run, sizes[kind][1]) for kind, run in runs.items()}  # MiB by checkpointing
@@ -120,7 +125,7 @@ def main() -> None:
             for opt, state in STATE_BYTES.items():
                 parts = {"base_model": n_unet * 2 / GIB, "adapter": n_adapter * 4 / GIB,
                          "gradients": n_adapter * 4 / GIB, "optimizer": n_adapter * state / GIB,
-                         "activations": act_mb * SCALE[kind] / 2 * MIB / GIB, "overhead": OVERHEAD_GIB}
+                         "activations": act_mb * train_scale[kind] / 2 * MIB / GIB, "overhead": OVERHEAD_GIB}
                 rows.append({"task": "train", "kind": kind, "checkpointing": ck, "optimizer": opt, "parts": parts,
                              "total_gib": sum(parts.values()),
                              "total_gib_fp32_stage_c": sum(parts.values()) + parts["base_model"]})
@@ -146,7 +151,8 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"benchmark": "gpu_budget", "params": sizes, "activations_fp32_lite_mb": act["lite"],
                    "activations_fp32_sdxl_mb": act.get("sdxl"), "forward_fp32_lite_mb": forward["lite"],
-                   "forward_fp32_sdxl_mb": forward.get("sdxl"), "rows": rows}, f, indent=2)
+                   "forward_fp32_sdxl_mb": forward.get("sdxl"), "sdxl_train_scale": train_scale["sdxl"],
+                   "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
