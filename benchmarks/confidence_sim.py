@@ -11,8 +11,14 @@ Two truth-free measures of the same pairs, printed side by side:
     turned into a reliability for N pairs (Spearman-Brown);
   * confidence (ppd_train.confidence, what `embed` saves): the certainty of a Bradley-Terry posterior over the taste.
 
+And the ceiling no truth-free measure can pass: the **oracle**, the exact posterior mean of the truth given the pairs,
+``E[cos(d, p) | pairs]``, computed with what no real measure has (the true K, the encoder inverted, the exact prior and
+label model: the taste is uniform on the sphere, constrained by every pair to ``dz . p > 0``). Its AUC is the best any
+score computed from the pairs can reach (N <= 8: beyond that the Monte Carlo posterior gets too few samples).
+
 For each K and N: the mean of each, its correlation with the truth across users, the AUC for finding users whose
-evidence is weak (cos < 0.3; 0.5 = chance), and the share flagged (confidence < LOW_CONFIDENCE).
+pairs do not agree with their taste (cos < 0.5, the demo's ``embedding_agrees`` cut;
+AUC 0.5 = chance), and the share flagged (confidence < LOW_CONFIDENCE).
 
     python benchmarks/confidence_sim.py [--users 400] [--out confidence_sim.json]
 """
@@ -26,6 +32,7 @@ import math
 import torch
 
 from ppd_train.confidence import LOW_CONFIDENCE, pair_confidence
+from ppd_train.synthetic import AGREE_COS
 
 
 def agreement(e: torch.Tensor) -> float:
@@ -35,6 +42,13 @@ def agreement(e: torch.Tensor) -> float:
     shared = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
     snr = max(float(shared), 0.0) / max(float(total - shared), 1e-12)
     return n * snr / (1 + n * snr)
+
+
+def oracle(dz: torch.Tensor, d: torch.Tensor, sphere: torch.Tensor) -> float:
+    """E[cos(d, p) | the pairs] with p uniform on the sphere (``sphere``: unit samples ``[M, K]``) and every pair
+    saying ``dz_i . p > 0``: the posterior is the prior restricted to that cone (nan: too few samples inside)."""
+    inside = sphere[((sphere @ dz.T) > 0).all(1)]
+    return float((inside @ (d / d.norm())).mean()) if len(inside) >= 50 else float("nan")
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,16 +69,19 @@ def main() -> None:
     p.add_argument("--users", type=int, default=400)
     p.add_argument("--ks", default="2,4,6,8")
     p.add_argument("--ns", default="4,8,16,32")
+    p.add_argument("--oracle-samples", type=int, default=1_000_000)
     p.add_argument("--out", default="")
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     rows = []
-    print(f"{'K':>2s} {'N':>3s} {'cos(d,p)':>8s} {'share<.3':>8s} | {'agreement':>9s} {'corr':>5s} {'AUC':>5s} | "
-          f"{'confidence':>10s} {'corr':>5s} {'AUC':>5s} {'flagged':>7s}")
+    print(f"{'K':>2s} {'N':>3s} {'cos(d,p)':>8s} {'share<.5':>8s} | {'agreement':>9s} {'corr':>5s} {'AUC':>5s} | "
+          f"{'confidence':>10s} {'corr':>5s} {'AUC':>5s} {'flagged':>7s} | {'oracle':>6s} {'corr':>5s} {'AUC':>5s}")
     for k in map(int, args.ks.split(",")):
         enc = torch.randn(32, k, generator=g) / math.sqrt(k)
+        sphere = torch.randn(args.oracle_samples, k, generator=g)
+        sphere = sphere / sphere.norm(dim=1, keepdim=True)
         for n in map(int, args.ns.split(",")):
-            truth, agree, conf = [], [], []
+            truth, agree, conf, orc = [], [], [], []
             for _ in range(args.users):
                 pref = torch.randn(k, generator=g)
                 pref = pref / pref.norm()
@@ -75,16 +92,21 @@ def main() -> None:
                 truth.append(float(d @ pref / d.norm()))
                 agree.append(agreement(e) if n > 1 else 0.0)
                 conf.append(pair_confidence(e)["confidence"])
-            t, a, c = torch.tensor(truth), torch.tensor(agree), torch.tensor(conf)
-            bad = t < 0.3
+                orc.append(oracle(dz, d, sphere) if n <= 8 else float("nan"))
+            t, a, c, o = torch.tensor(truth), torch.tensor(agree), torch.tensor(conf), torch.tensor(orc)
+            bad = t < AGREE_COS  # the pairs do not agree with the taste (the demo's "pairs say too little")
             row = {"K": k, "N": n, "truth_cos": float(t.mean()), "weak_share": float(bad.float().mean()),
                    "agreement": float(a.mean()), "agreement_corr": corr(a, t), "agreement_auc": auc_low(a, bad),
                    "confidence": float(c.mean()), "confidence_corr": corr(c, t), "confidence_auc": auc_low(c, bad),
                    "flagged": float((c < LOW_CONFIDENCE).float().mean())}
+            if not o.isnan().any():
+                row.update(oracle=float(o.mean()), oracle_corr=corr(o, t), oracle_auc=auc_low(o, bad))
             rows.append(row)
             print(f"{k:2d} {n:3d} {row['truth_cos']:8.2f} {row['weak_share']:8.0%} | {row['agreement']:9.2f} "
                   f"{row['agreement_corr']:+5.2f} {row['agreement_auc']:5.2f} | {row['confidence']:10.2f} "
-                  f"{row['confidence_corr']:+5.2f} {row['confidence_auc']:5.2f} {row['flagged']:7.0%}", flush=True)
+                  f"{row['confidence_corr']:+5.2f} {row['confidence_auc']:5.2f} {row['flagged']:7.0%} | "
+                  + (f"{row['oracle']:6.2f} {row['oracle_corr']:+5.2f} {row['oracle_auc']:5.2f}" if "oracle" in row
+                     else f"{'-':>6s} {'-':>5s} {'-':>5s}"), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"users": args.users, "low_confidence": LOW_CONFIDENCE, "rows": rows}, f, indent=2)

@@ -242,3 +242,25 @@ def test_the_flag_and_the_advice_use_the_bounds_given():
     # the set grew past the embedded pairs and holds enough: embed again; the embedding's own pairs never do
     assert "you have 6: embed again" in advice({**low, "pairs_needed": 5}, have=6)
     assert "pick about 1 more (about 5 in all)" in advice({**low, "pairs_needed": 4}, have=4)
+
+
+def test_the_ceiling_oracle_is_the_exact_posterior_mean():
+    """benchmarks/confidence_sim.py's oracle (the AUC ceiling docs/world-sweep.md quotes) against two posteriors
+    computed by hand on the circle: one pair (1, 0) leaves the half circle x > 0, E[cos] = E[x] = 2 / pi; two
+    orthogonal pairs leave the quarter circle, summed evidence (1, 1), E[cos] = 2 sqrt(2) / pi."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "confidence_sim.py"
+    spec = importlib.util.spec_from_file_location("confidence_sim", path)
+    assert spec is not None and spec.loader is not None
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    sphere = torch.randn(400_000, 2, generator=torch.Generator().manual_seed(0))
+    sphere = sphere / sphere.norm(dim=1, keepdim=True)
+    one = torch.tensor([[1.0, 0.0]])
+    assert sim.oracle(one, one.sum(0), sphere) == pytest.approx(2 / math.pi, abs=0.003)
+    two = torch.tensor([[2.0, 0.0], [0.0, 0.5]])  # magnitudes do not change the cone, only the summed evidence
+    d = torch.tensor([1.0, 1.0])
+    assert sim.oracle(two, d, sphere) == pytest.approx(2 * math.sqrt(2) / math.pi, abs=0.003)
+    assert math.isnan(sim.oracle(torch.tensor([[1.0, 0.0], [-1.0, 1e-5]]), d, sphere))  # a sliver: too few samples
