@@ -162,3 +162,48 @@ def write_assets(base: Path, comfy) -> dict:
     extra_yaml = base / "extra_model_paths.yaml"
     extra_yaml.write_text(f"ppd_test:\n  base_path: {base / 'extra'}\n  ppd_adapters: adapters\n")
     return {"extra_yaml": extra_yaml, "ben": ben}
+
+
+def run_tune(world: dict, image_size: int, **over):
+    """The Tune User Embedding node on a ``world`` fixture (pairs, model, clip, vae, adapter, start embedding), run as
+    ComfyUI runs every node (inside inference mode); ``over`` replaces any of its inputs."""
+    import torch
+
+    node = importlib.import_module("ppd_pack.nodes.tune_nodes").PPDTuneUserEmbedding()
+    args = dict(pairs=world["pairs"], model=world["model"], clip=world["clip"], vae=world["vae"],
+                ppd_adapter=world["adapter"], user_embedding=world["start"], steps=30, seed=0, lr=0.1, batch_size=4,
+                image_size=image_size)
+    args.update(over)
+    with torch.inference_mode():
+        return node.tune(**args)
+
+
+def model_weights(model) -> dict:
+    return {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def tune_leaving_inputs_alone(world: dict, image_size: int):
+    """Tunes the ``world``'s user (12 pairs: 9 learned from, 3 held out) and checks what either base must give: better
+    on the held-out pairs, the report says so, nothing the user connected changed (start embedding, adapter, ComfyUI's
+    model weights), and the same inputs and seed give the same result (ComfyUI may rerun a node whose cache was
+    dropped). Returns ``(tuned, report)`` for the base's own checks."""
+    import torch
+
+    start_tokens = world["start"].tokens.clone()
+    adapter_weights = {k: v.clone() for k, v in world["adapter"].adapter.state_dict().items()}
+    before = model_weights(world["model"])
+    tuned, report = run_tune(world, image_size)
+
+    meta = tuned.meta["tuned"]
+    assert meta["val_after"]["loss"] < meta["val_before"]["loss"]
+    assert meta["mode"] == "tokens" and meta["val_pairs"] == 3 and meta["train_pairs"] == 9
+    assert not torch.allclose(tuned.tokens, start_tokens) and torch.isfinite(tuned.tokens).all()
+    assert tuned.embedder == "test" and tuned.meta["user_id"] == "anna"
+    b, a = meta["val_before"], meta["val_after"]
+    assert f"Held-out DPO loss {b['loss']:.4f} -> {a['loss']:.4f}" in report and "12 pairs" in report
+    assert torch.equal(world["start"].tokens, start_tokens)
+    assert all(torch.equal(v, adapter_weights[k]) for k, v in world["adapter"].adapter.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in world["model"].model.diffusion_model.state_dict().items())
+    again, _ = run_tune(world, image_size)
+    assert torch.equal(again.tokens, tuned.tokens)
+    return tuned, report

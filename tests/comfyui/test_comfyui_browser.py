@@ -203,13 +203,29 @@ def test_shipped_workflow_loads_looks_right_and_queues(page, ui_server, workflow
 
 
 # ------------------------------------------------------------------------------------------------------ the picker
-SWAP_TO_TINY_MODELS = """
-// The shipped collect workflow with its model nodes swapped for the fixture pack's tiny Stable Cascade (same graph
-// otherwise), small and fast: 256 px, 3 + 2 steps.
-const [setName] = arguments;
+# What the graph-editing scripts below share: the graph, a node's output targets, setting widgets of every node of a
+# type, and Save Image swapped for the Preference Picker on the same image input.
+GRAPH_JS = """
 const g = app.graph;
 const targets = (node, slot) => (node.outputs[slot].links || []).map(id => g.links[id]).filter(Boolean)
   .map(l => [g.getNodeById(l.target_id), l.target_slot]);
+const set = (type, values) => g._nodes.filter(n => n.type === type).forEach(n =>
+  Object.entries(values).forEach(([k, v]) => { n.widgets.find(w => w.name === k).value = v; }));
+const saveToPicker = () => {
+  const save = g._nodes.find(n => n.type === 'SaveImage');
+  const picker = LiteGraph.createNode('PPDPreferencePicker');
+  g.add(picker);
+  picker.pos = [...save.pos];
+  g.getNodeById(g.links[save.inputs[0].link].origin_id).connect(0, picker, 0);
+  g.remove(save);
+};
+"""
+
+
+SWAP_TO_TINY_MODELS = GRAPH_JS + """
+// The shipped collect workflow with its model nodes swapped for the fixture pack's tiny Stable Cascade (same graph
+// otherwise), small and fast: 256 px, 3 + 2 steps.
+const [setName] = arguments;
 const tiny = LiteGraph.createNode('PPDTestTinyCascade');
 g.add(tiny);
 tiny.widgets[0].value = 'tiny_stage_c.safetensors';
@@ -230,8 +246,6 @@ for (const enc of g._nodes.filter(n => n.type === 'CLIPTextEncode')) {
   for (const [n, slot] of targets(enc, 0)) cond.connect(0, n, slot);
 }
 for (const n of g._nodes.filter(n => ['CheckpointLoaderSimple', 'CLIPTextEncode'].includes(n.type))) g.remove(n);
-const set = (type, values) => g._nodes.filter(n => n.type === type).forEach(n =>
-  Object.entries(values).forEach(([k, v]) => { n.widgets.find(w => w.name === k).value = v; }));
 set('StableCascade_EmptyLatentImage', {width: 256, height: 256});
 for (const ks of g._nodes.filter(n => n.type === 'KSampler')) ks.widgets.find(w => w.name === 'steps').value = 3;
 set('PPDPreferencePicker', {pair_set: setName});
@@ -471,13 +485,10 @@ def test_a_batch_without_images_b_is_asked_pair_by_pair(ui_server):
 
 # ------------------------------------------------------------------------------------------------ SDXL + the picker
 SDXL = next(w for w in WORKFLOWS if w.stem == "ppd_sdxl_personalised")
-SWAP_SDXL_TO_TINY_AND_PICK = """
+SWAP_SDXL_TO_TINY_AND_PICK = GRAPH_JS + """
 // The shipped SDXL workflow with Load Checkpoint swapped for the fixture pack's tiny SDXL (MODEL, VAE) and the text
 // encoders for its SDXL-shaped conditioning, two 64 px candidates, and Save Image replaced by the Preference Picker.
 const [setName, adapterName, userName] = arguments;
-const g = app.graph;
-const targets = (node, slot) => (node.outputs[slot].links || []).map(id => g.links[id]).filter(Boolean)
-  .map(l => [g.getNodeById(l.target_id), l.target_slot]);
 const replace = (old, type, outputs) => {
   const n = LiteGraph.createNode(type);
   g.add(n);
@@ -494,18 +505,11 @@ for (const enc of g._nodes.filter(n => n.type === 'CLIPTextEncode')) {
   prompt = prompt ?? text;  // the first encoder is the positive prompt
   replace(enc, 'PPDTestSDXLConditioning', [[0, 0]]).widgets[0].value = text;
 }
-const set = (type, values) => g._nodes.filter(n => n.type === type).forEach(n =>
-  Object.entries(values).forEach(([k, v]) => { n.widgets.find(w => w.name === k).value = v; }));
 set('EmptyLatentImage', {width: 64, height: 64, batch_size: 2});
 set('KSampler', {steps: 3});
 set('PPDAdapterLoader', {adapter_name: adapterName});
 set('PPDLoadUserEmbedding', {embedding: userName});
-const save = g._nodes.find(n => n.type === 'SaveImage');
-const picker = LiteGraph.createNode('PPDPreferencePicker');
-g.add(picker);
-picker.pos = [...save.pos];
-g.getNodeById(g.links[save.inputs[0].link].origin_id).connect(0, picker, 0);
-g.remove(save);
+saveToPicker();
 set('PPDPreferencePicker', {pair_set: setName, prompt: prompt});
 app.canvas.draw(true, true);
 return prompt;
@@ -536,14 +540,11 @@ def test_sdxl_workflow_with_the_picker_in_the_browser(page, ui_server):
 
 # ------------------------------------------------------------------------------------- SDXL: tune, sample, pick
 SDXL_TUNE = next(w for w in WORKFLOWS if w.stem == "ppd_sdxl_tune_user_from_picks")
-SWAP_SDXL_TUNE_TO_TINY_AND_PICK = """
+SWAP_SDXL_TUNE_TO_TINY_AND_PICK = GRAPH_JS + """
 // The shipped SDXL tune workflow with Load Checkpoint swapped for the fixture pack's tiny SDXL (its MODEL, CLIP and VAE
 // feed Tune User Embedding, the stock text encoders and VAE Decode as before), the pairs from a prepared set, a few
 // tuning steps at 64 px, two 64 px candidates, and Save Image replaced by the Preference Picker on the same set.
 const [setName, numPairs, adapterName, userName] = arguments;
-const g = app.graph;
-const targets = (node, slot) => (node.outputs[slot].links || []).map(id => g.links[id]).filter(Boolean)
-  .map(l => [g.getNodeById(l.target_id), l.target_slot]);
 const ckpt = g._nodes.find(n => n.type === 'CheckpointLoaderSimple');
 const tiny = LiteGraph.createNode('PPDTestTinySDXL');
 g.add(tiny);
@@ -553,20 +554,13 @@ for (const [from, to] of [[0, 0], [1, 2], [2, 1]]) {  // MODEL, CLIP, VAE
 }
 g.remove(ckpt);
 tiny.widgets[0].value = 'tiny_sdxl_unet.safetensors';
-const set = (type, values) => g._nodes.filter(n => n.type === type).forEach(n =>
-  Object.entries(values).forEach(([k, v]) => { n.widgets.find(w => w.name === k).value = v; }));
 set('PPDPreferencePairLoader', {source: setName, num_pairs: numPairs});
 set('PPDTuneUserEmbedding', {steps: 4, image_size: 64, lr: 0.1});
 set('EmptyLatentImage', {width: 64, height: 64, batch_size: 2});
 set('KSampler', {steps: 3});
 set('PPDAdapterLoader', {adapter_name: adapterName});
 set('PPDLoadUserEmbedding', {embedding: userName});
-const save = g._nodes.find(n => n.type === 'SaveImage');
-const picker = LiteGraph.createNode('PPDPreferencePicker');
-g.add(picker);
-picker.pos = [...save.pos];
-g.getNodeById(g.links[save.inputs[0].link].origin_id).connect(0, picker, 0);
-g.remove(save);
+saveToPicker();
 const prompt = g._nodes.find(n => n.type === 'CLIPTextEncode').widgets[0].value;
 set('PPDPreferencePicker', {pair_set: setName, prompt: prompt});
 app.canvas.draw(true, true);

@@ -11,7 +11,7 @@ import importlib
 
 import pytest
 import torch
-from comfyui_support import tiny_adapter
+from comfyui_support import model_weights, run_tune, tiny_adapter, tune_leaving_inputs_alone
 
 IMAGE_SIZE = 64  # 8x8 SDXL latents: seconds on a CPU
 
@@ -65,38 +65,11 @@ def world(comfy, tmp_path_factory):
 
 
 def _tune(world, **over):
-    node = _mod("nodes.tune_nodes").PPDTuneUserEmbedding()
-    args = dict(pairs=world["pairs"], model=world["model"], clip=world["clip"], vae=world["vae"],
-                ppd_adapter=world["adapter"], user_embedding=world["start"], steps=30, seed=0, lr=0.1, batch_size=4,
-                image_size=IMAGE_SIZE)
-    args.update(over)
-    with torch.inference_mode():  # as ComfyUI runs every node
-        return node.tune(**args)
-
-
-def _weights(model):
-    return {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    return run_tune(world, IMAGE_SIZE, **over)
 
 
 def test_tunes_an_sdxl_user_and_leaves_the_inputs_alone(comfy, world):
-    start_tokens = world["start"].tokens.clone()
-    adapter_weights = {k: v.clone() for k, v in world["adapter"].adapter.state_dict().items()}
-    before = _weights(world["model"])
-    tuned, report = _tune(world)
-
-    meta = tuned.meta["tuned"]
-    assert meta["val_after"]["loss"] < meta["val_before"]["loss"]  # better on pairs it never learned from
-    assert meta["mode"] == "tokens" and meta["val_pairs"] == 3 and meta["train_pairs"] == 9
-    assert not torch.allclose(tuned.tokens, start_tokens) and torch.isfinite(tuned.tokens).all()
-    assert tuned.embedder == "test" and tuned.meta["user_id"] == "anna"
-    b, a = meta["val_before"], meta["val_after"]
-    assert f"Held-out DPO loss {b['loss']:.4f} -> {a['loss']:.4f}" in report and "12 pairs" in report
-    # nothing the user connected changed: start, adapter, ComfyUI's SDXL weights
-    assert torch.equal(world["start"].tokens, start_tokens)
-    assert all(torch.equal(v, adapter_weights[k]) for k, v in world["adapter"].adapter.state_dict().items())
-    assert all(torch.equal(v, before[k]) for k, v in world["model"].model.diffusion_model.state_dict().items())
-    again, _ = _tune(world)  # same inputs and seed: the same result
-    assert torch.equal(again.tokens, tuned.tokens)
+    tune_leaving_inputs_alone(world, IMAGE_SIZE)
 
 
 def test_the_tuned_user_samples_with_apply_ppd_adapter_and_the_stock_ksampler(comfy, world):
@@ -181,7 +154,7 @@ def test_interrupt_ends_the_prompt_cleanly(comfy, world):
     import comfy.model_management as mm
     import comfy.utils as comfy_utils
 
-    before = _weights(world["model"])
+    before = model_weights(world["model"])
 
     def hook(value, total, preview, node_id=None):
         if value == 3:
