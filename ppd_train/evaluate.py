@@ -180,6 +180,19 @@ def evaluate_users(binding: PPDBinding, cond: Conditions, users: dict[str, UserE
     return out
 
 
+def user_scores(binding: PPDBinding, cond: Conditions, uid: str, embeddings: Sequence[UserEmbedding], reward: Reward,
+                samples: int = 16, seed: int = 1234, steps: int = 20) -> list[dict]:
+    """One user's ``win_rate`` and ``reward_gain`` with each of several embeddings (say, each made from another draw
+    of its pairs), on the noise and captions :func:`evaluate_users` uses with the same ``samples`` and ``seed``."""
+    noise, caps = _seeds(cond, samples, seed)
+    r_base = reward(uid, sample(binding, cond, caps, noise, None, steps=steps), caps).float()
+    out = []
+    for e in embeddings:
+        r_ppd = reward(uid, sample(binding, cond, caps, noise, e.tokens[None], steps=steps), caps).float()
+        out.append({"win_rate": win_rate(r_ppd, r_base), "reward_gain": (r_ppd - r_base).mean().item()})
+    return out
+
+
 def interpolation_curve(binding: PPDBinding, cond: Conditions, a: UserEmbedding, b: UserEmbedding, reward: Reward,
                         ids: tuple[str, str], weights: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
                         samples: int = 16, seed: int = 4321, steps: int = 20, method: str = "lerp") -> dict:

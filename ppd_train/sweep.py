@@ -27,7 +27,8 @@ ALLOWED = {"name", "seed", "world"}
 COLUMNS = [("world", "{}"), ("seed", "{}"), ("K", "{}"), ("captions", "{}"), ("seen", "{}"), ("unseen", "{}"),
            ("pairs/user", "{}"), ("mix share", "{:.0%}"), ("seen win", "{:.0%}"), ("unseen win", "{:.0%}"),
            ("gain", "{:.2f}"), ("drift sd", "{:.2f}"), ("lowest user", "{:.0%}"), ("users < 50%", "{:.0%}"),
-           ("monotone", "{}"), ("< 50%: pairs / adapter", "{}"), ("< 50% flagged", "{}"), ("flagged", "{}"),
+           ("monotone", "{}"), ("< 50%: pairs / adapter", "{}"), ("< 50% flagged", "{}"),
+           ("< 50%: other draws win", "{}"), ("flagged", "{}"),
            ("step", "{}"), ("time s", "{:.0f}"), ("targets", "{}")]
 
 
@@ -71,6 +72,7 @@ def _row(name: str, cfg: DemoConfig, m: dict) -> dict:
             "monotone": "yes" if m["interpolation"]["monotone"] else "NO",
             "< 50%: pairs / adapter": f"{f.get('pairs_say_too_little', '-')} / {f.get('adapter_wrong', '-')}",
             "< 50% flagged": f"{f.get('failing_flagged', '-')} of {f.get('below_half', '-')}",
+            "< 50%: other draws win": f"{f.get('other_draws_win', '-')} of {f.get('below_half', '-')}",
             "flagged": f"{f.get('flagged', '-')} of {len(m['users'])}",
             "step": (m["selected"] or {}).get("step"),
             "time s": m["seconds"], "targets": "met" if not m["missed"] else "; ".join(m["missed"])}

@@ -30,7 +30,7 @@ from .dpo_data import DPOData
 from .embedders.pairdiff import PairDifferenceEmbedder
 from .embedding import UserEmbedding
 from .errors import PPDError
-from .evaluate import Conditions, evaluate_users, group_summary, interpolation_curve
+from .evaluate import Conditions, evaluate_users, group_summary, interpolation_curve, user_scores
 from .safetensors_io import dumps_json
 from .schedule import add_noise, sdxl_add_noise, sdxl_timesteps
 from .stage_c import load_stage_c
@@ -60,6 +60,9 @@ class WorldConfig:
     pretrain_batch: int = 128
     pretrain_lr: float = 3e-3
     eval_samples: int = 24  # samples per user (fixed seeds), base vs PPD
+    # a user below 50% is evaluated again with embeddings from this many other draws of its N pairs (0: not at all):
+    # does the adapter fail the user, or only the draw its embedding came from?
+    redraws: int = 8
     sample_steps: int = 20
     # Sampling starts at t = 0.92 (alpha_bar 0.016), not 1: near t = 1 the tiny base model's noise error is amplified
     # by 1/sqrt(alpha_bar) (100x at the top), and its samples from t = 1 sat 13x the data's noise off the data; from
@@ -312,6 +315,30 @@ def diagnose_users(world: World, embeddings: dict[str, UserEmbedding], per_user:
             "adapter is wrong" if m["embedding_agrees"] else "pairs say too little"
 
 
+def redraw_failing(world: World, binding: PPDBinding, cond: Conditions, per_user: dict[str, dict], seed: int) -> None:
+    """For every user below 50% (``failure`` from :func:`diagnose_users`), its win rate with embeddings made from
+    ``world.cfg.redraws`` other draws of N fresh pairs, on the evaluation's noise: ``redraw_win_rates``,
+    ``redraw_reward_gains`` and ``other_draws_win`` (most of them reach 50%). True says the adapter serves this user
+    and the one draw misled it; False, that it fails the user whichever pairs describe them. The draws of a user
+    depend on the seed and the user only, not on which other users fail."""
+    c = world.cfg
+    if c.redraws < 1:
+        return
+    embedder = world.embedder()
+    for uid, m in per_user.items():
+        if not m.get("failure"):
+            continue
+        g = torch.Generator().manual_seed(seed + 7919 * (1 + list(world.prefs).index(uid)))
+        embs = []
+        for _ in range(c.redraws):
+            ew, el, _caps = world.pairs(uid, c.n_embed_pairs, g)
+            embs.append(UserEmbedding(embedder.embed_tokens(list(ew), list(el)), embedder.id, {"user_id": uid}))
+        scores = user_scores(binding, cond, uid, embs, world.reward, c.eval_samples, steps=c.sample_steps)
+        rates = [s["win_rate"] for s in scores]
+        m["redraw_win_rates"], m["redraw_reward_gains"] = rates, [s["reward_gain"] for s in scores]
+        m["other_draws_win"] = 2 * sum(r >= 0.5 for r in rates) > len(rates)
+
+
 def interpolation_pair(world: World, trained: list[str], per_user: dict[str, dict]) -> tuple[str, str]:
     """The two most opposed (by true taste) of the ``trained`` users whose evaluation pairs agree with their taste
     (``embedding_agrees`` from :func:`diagnose_users`); all of them when fewer than two agree. The interpolation
@@ -325,13 +352,17 @@ def interpolation_pair(world: World, trained: list[str], per_user: dict[str, dic
 
 
 def failure_counts(per_user: dict[str, dict]) -> dict:
-    """Users below 50% by cause, and whether the confidence measure flagged them."""
+    """Users below 50% by cause, whether the confidence measure flagged them, and how many of them (all, and of the
+    adapter-wrong ones) reach 50% with most other draws of their pairs (:func:`redraw_failing`)."""
     failing = [m for m in per_user.values() if m.get("failure")]
     flagged = [m for m in per_user.values() if m.get("low_confidence")]
     return {"below_half": len(failing),
             "pairs_say_too_little": sum(m["failure"] == "pairs say too little" for m in failing),
             "adapter_wrong": sum(m["failure"] == "adapter is wrong" for m in failing),
             "failing_flagged": sum(m["low_confidence"] for m in failing),
+            "other_draws_win": sum(bool(m.get("other_draws_win")) for m in failing),
+            "adapter_wrong_other_draws_win": sum(bool(m.get("other_draws_win")) for m in failing
+                                                 if m["failure"] == "adapter is wrong"),
             "flagged": len(flagged), "flagged_failing": sum(bool(m.get("failure")) for m in flagged)}
 
 
@@ -357,6 +388,11 @@ def check_targets(metrics: dict, targets: Targets) -> list[str]:
     return missed
 
 
+def _redraws(m: dict) -> str:
+    rates = m.get("redraw_win_rates")
+    return f" (other draws: {sum(r >= 0.5 for r in rates)} of {len(rates)} reach 50%)" if rates else ""
+
+
 def _table(metrics: dict) -> str:
     lines = [f"{'user':8s} {'group':7s} {'win rate':>8s} {'reward gain':>11s} {'drift sd':>8s} {'noise':>6s} "
              f"{'pairs cos':>9s} {'nearest':>7s} {'confid.':>7s}  why below 50%"]
@@ -365,7 +401,7 @@ def _table(metrics: dict) -> str:
         lines.append(f"{uid:8s} {m['group']:7s} {m['win_rate']:8.0%} {m['reward_gain']:11.3f} {m['drift_sd']:8.2f} "
                      f"{m['noise_ratio']:6.2f} {m.get('evidence_cos', float('nan')):9.2f} "
                      f"{m.get('nearest_seen_cos', float('nan')):7.2f} "
-                     f"{m.get('confidence', float('nan')):5.2f}{flag:>4s}  {m.get('failure') or ''}")
+                     f"{m.get('confidence', float('nan')):5.2f}{flag:>4s}  {m.get('failure') or ''}{_redraws(m)}")
     lines.append("-" * 53)
     for group in ("seen", "heldout", "unseen"):
         if group in metrics:
@@ -378,6 +414,10 @@ def _table(metrics: dict) -> str:
         lines.append(f"users below 50%: {f['below_half']} ({f['pairs_say_too_little']} whose pairs say too little, "
                      f"{f['adapter_wrong']} where the adapter is wrong; {f['failing_flagged']} flagged low-confidence)."
                      f" Flagged low-confidence: {f['flagged']} users, {f['flagged_failing']} of them below 50%.")
+        if f["below_half"] and "other_draws_win" in f:
+            lines.append(f"with embeddings from other draws of their pairs, {f['other_draws_win']} of the "
+                         f"{f['below_half']} reach 50% ({f['adapter_wrong_other_draws_win']} of the "
+                         f"{f['adapter_wrong']} adapter-wrong): the draw misled the adapter, not the user's taste.")
     return "\n".join(lines)
 
 
@@ -476,6 +516,7 @@ def run_demo(cfg: DemoConfig, log=print, show_progress: bool = True) -> dict:
                              heldout=heldout)
     metrics["all"] = group_summary(list(metrics["users"].values()))
     diagnose_users(world, embeddings, metrics["users"])
+    redraw_failing(world, binding, cond, metrics["users"], cfg.seed)
     metrics["failures"] = failure_counts(metrics["users"])
     metrics["selected"] = adapter.config.training.get("selected")
     # interpolate between two opposed trained users: their rewards must move in opposite directions

@@ -143,14 +143,16 @@ def test_diagnosis_reads_the_confidence_and_keeps_the_boundaries(world):
 
 
 def test_failure_counts_count_each_cause_and_the_flags():
-    per_user = {"a": {"failure": "adapter is wrong", "low_confidence": True},
-                "b": {"failure": "pairs say too little", "low_confidence": False},
-                "c": {"failure": "pairs say too little", "low_confidence": True},
+    per_user = {"a": {"failure": "adapter is wrong", "low_confidence": True, "other_draws_win": True},
+                "b": {"failure": "pairs say too little", "low_confidence": False, "other_draws_win": True},
+                "c": {"failure": "pairs say too little", "low_confidence": True, "other_draws_win": False},
+                "g": {"failure": "adapter is wrong", "low_confidence": True, "other_draws_win": False},
                 "d": {"failure": None, "low_confidence": True},
                 "e": {"failure": None, "low_confidence": False},
                 "f": {"failure": None, "low_confidence": True}}
-    assert failure_counts(per_user) == {"below_half": 3, "pairs_say_too_little": 2, "adapter_wrong": 1,
-                                        "failing_flagged": 2, "flagged": 4, "flagged_failing": 2}
+    assert failure_counts(per_user) == {"below_half": 4, "pairs_say_too_little": 2, "adapter_wrong": 2,
+                                        "failing_flagged": 3, "other_draws_win": 2, "adapter_wrong_other_draws_win": 1,
+                                        "flagged": 5, "flagged_failing": 3}
 
 
 BASE = {"seen": {"win_rate": 0.9}, "unseen": {"win_rate": 0.8}, "all": {"drift_sd": 2.0, "noise_ratio": 1.1},
