@@ -40,10 +40,11 @@ def test_markdown_table_has_one_row_per_world():
     row = {"world": "w", "seed": 0, "K": 4, "captions": 8, "seen": 48, "unseen": 16, "pairs/user": 32,
            "mix share": 0.3125, "seen win": 0.95, "unseen win": 0.875, "gain": 0.2, "drift sd": 0.3,
            "lowest user": 0.5, "users < 50%": 0.0, "monotone": "yes", "< 50%: pairs / adapter": "2 / 1",
-           "< 50% flagged": "3 of 3", "flagged": "40 of 64", "step": 300, "time s": 100.0, "targets": "met"}
+           "< 50% flagged": "3 of 3", "< 50%: other draws win": "2 of 3", "flagged": "40 of 64", "step": 300,
+           "time s": 100.0, "targets": "met"}
     lines = markdown([row, {**row, "world": "v"}]).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| w | 0 | 4 | 8 | 48 | 16 | 32 | 31% | 95% | 88% |")
-    assert "| yes | 2 / 1 | 3 of 3 | 40 of 64 | 300 |" in lines[2]
+    assert "| yes | 2 / 1 | 3 of 3 | 2 of 3 | 40 of 64 | 300 |" in lines[2]
 
 
 def test_sweep_row_counts_the_failures_and_reads_older_metrics():
@@ -54,9 +55,12 @@ def test_sweep_row_counts_the_failures_and_reads_older_metrics():
          "min_win_rate": 0.0, "below_half": 0.05}, "interpolation": {"monotone": True}, "selected": {"step": 5},
          "seconds": 1.0, "missed": [], "users": {f"u{i}": {} for i in range(20)},
          "failures": {"below_half": 1, "pairs_say_too_little": 1, "adapter_wrong": 0, "failing_flagged": 1,
-                      "flagged": 7, "flagged_failing": 1}}
+                      "other_draws_win": 1, "flagged": 7, "flagged_failing": 1}}
     row = _row("w", DemoConfig(), m)
-    assert (row["< 50%: pairs / adapter"], row["< 50% flagged"], row["flagged"]) == ("1 / 0", "1 of 1", "7 of 20")
+    assert (row["< 50%: pairs / adapter"], row["< 50% flagged"], row["< 50%: other draws win"], row["flagged"]) == (
+        "1 / 0", "1 of 1", "1 of 1", "7 of 20")
+    del m["failures"]["other_draws_win"]  # a world finished before the redraws existed
+    assert _row("w", DemoConfig(), m)["< 50%: other draws win"] == "- of 1"
     del m["failures"]  # a world finished before the diagnosis existed
     row = _row("w", DemoConfig(), m)
     assert (row["< 50%: pairs / adapter"], row["< 50% flagged"]) == ("- / -", "- of -")
