@@ -79,7 +79,9 @@ def run_world(name: str, cfg: DemoConfig, ns: list[int], tune: TuneConfig, max_u
         for k, uid in enumerate(users):
             g = torch.Generator().manual_seed(cfg.seed * 7919 + 104729 * n + k)
             ew, el, caps = world.pairs(uid, n, g)
-            data = DPOData(ew, el, caps, torch.zeros(n, dtype=torch.long), world.text, world.pooled, [uid])
+            base = cfg.world.base
+            data = DPOData(ew, el, caps, torch.zeros(n, dtype=torch.long), world.text, world.pooled, [uid], {},
+                           world.time_ids(n) if base == "sdxl" else None, base)
             t0 = time.perf_counter()
             start = UserEmbedding(embedder_tokens(world, ew, el, group), library[0].embedder, {"user_id": uid})
             secs["embedder"].append(time.perf_counter() - t0)
@@ -148,6 +150,7 @@ def main() -> None:
                    help="unseen: the world's new users; failing: every user the demo puts below 50%% "
                         "(docs/world-sweep.md, 'Why a user fails')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TuneConfig key, e.g. lr=0.1")
+    p.add_argument("--base", choices=("stage_c", "sdxl"), default="stage_c", help="the worlds' base model")
     p.add_argument("--out", default="")
     p.add_argument("--table", nargs="+", metavar="JSON", help="only print the markdown table of earlier results")
     args = p.parse_args()
@@ -170,7 +173,8 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(result, indent=2))
 
     for name in args.worlds.split(","):
-        cfg = world_config(DemoConfig(), worlds[name], Path(args.runs) / name)
+        change = {**worlds[name], "world": {**worlds[name].get("world", {}), "base": args.base}}
+        cfg = world_config(DemoConfig(), change, Path(args.runs) / name)
         rows += run_world(name, cfg, ns, tune, args.max_users, write, args.users)
     print(markdown(rows))
 
