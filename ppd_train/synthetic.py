@@ -356,14 +356,16 @@ def failure_counts(per_user: dict[str, dict]) -> dict:
     adapter-wrong ones) reach 50% with most other draws of their pairs (:func:`redraw_failing`)."""
     failing = [m for m in per_user.values() if m.get("failure")]
     flagged = [m for m in per_user.values() if m.get("low_confidence")]
-    return {"below_half": len(failing),
-            "pairs_say_too_little": sum(m["failure"] == "pairs say too little" for m in failing),
-            "adapter_wrong": sum(m["failure"] == "adapter is wrong" for m in failing),
-            "failing_flagged": sum(m["low_confidence"] for m in failing),
-            "other_draws_win": sum(bool(m.get("other_draws_win")) for m in failing),
-            "adapter_wrong_other_draws_win": sum(bool(m.get("other_draws_win")) for m in failing
-                                                 if m["failure"] == "adapter is wrong"),
-            "flagged": len(flagged), "flagged_failing": sum(bool(m.get("failure")) for m in flagged)}
+    out = {"below_half": len(failing),
+           "pairs_say_too_little": sum(m["failure"] == "pairs say too little" for m in failing),
+           "adapter_wrong": sum(m["failure"] == "adapter is wrong" for m in failing),
+           "failing_flagged": sum(m["low_confidence"] for m in failing),
+           "flagged": len(flagged), "flagged_failing": sum(bool(m.get("failure")) for m in flagged)}
+    if any("other_draws_win" in m for m in failing):  # redraws ran (world.redraws > 0)
+        out["other_draws_win"] = sum(bool(m.get("other_draws_win")) for m in failing)
+        out["adapter_wrong_other_draws_win"] = sum(bool(m.get("other_draws_win")) for m in failing
+                                                   if m["failure"] == "adapter is wrong")
+    return out
 
 
 def check_targets(metrics: dict, targets: Targets) -> list[str]:
@@ -415,9 +417,9 @@ def _table(metrics: dict) -> str:
                      f"{f['adapter_wrong']} where the adapter is wrong; {f['failing_flagged']} flagged low-confidence)."
                      f" Flagged low-confidence: {f['flagged']} users, {f['flagged_failing']} of them below 50%.")
         if f["below_half"] and "other_draws_win" in f:
-            lines.append(f"with embeddings from other draws of their pairs, {f['other_draws_win']} of the "
-                         f"{f['below_half']} reach 50% ({f['adapter_wrong_other_draws_win']} of the "
-                         f"{f['adapter_wrong']} adapter-wrong): the draw misled the adapter, not the user's taste.")
+            lines.append(f"given other draws of their pairs, {f['other_draws_win']} of these {f['below_half']} users "
+                         f"reach 50% with most draws ({f['adapter_wrong_other_draws_win']} of the {f['adapter_wrong']}"
+                         f" adapter-wrong): for those the adapter serves the taste, the one draw misled it.")
     return "\n".join(lines)
 
 

@@ -155,6 +155,27 @@ def test_failure_counts_count_each_cause_and_the_flags():
                                         "flagged": 5, "flagged_failing": 3}
 
 
+def test_demo_table_shows_each_failing_users_redraws_and_the_count():
+    from ppd_train.synthetic import _table
+
+    row = {"group": "seen", "win_rate": 0.0, "reward_gain": -0.01, "drift_sd": 0.3, "noise_ratio": 1.0}
+    per_user = {"a": {**row, "failure": "adapter is wrong", "low_confidence": True, "other_draws_win": True,
+                      "redraw_win_rates": [1.0, 0.5, 0.25, 1.0, 1.0, 0.0, 1.0, 1.0]},
+                "b": {**row, "failure": "pairs say too little", "low_confidence": True, "other_draws_win": False,
+                      "redraw_win_rates": [0.0, 0.0, 1.0]},
+                "c": {**row, "win_rate": 1.0, "failure": None, "low_confidence": False}}
+    lines = _table({"users": per_user, "failures": failure_counts(per_user)}).splitlines()
+    assert lines[1].endswith("adapter is wrong (other draws: 6 of 8 reach 50%)")  # 0.5 counts as reaching
+    assert lines[2].endswith("pairs say too little (other draws: 1 of 3 reach 50%)")
+    assert lines[3].endswith("  ")  # a user PPD serves has no cause and no redraws
+    assert lines[-1].startswith("given other draws of their pairs, 1 of these 2 users reach 50% with most draws "
+                                "(1 of the 1 adapter-wrong)")
+    for m in per_user.values():  # redraws = 0: nothing about them, and no count
+        m.pop("redraw_win_rates", None), m.pop("other_draws_win", None)
+    counts = failure_counts(per_user)
+    assert "other_draws_win" not in counts and "other draws" not in _table({"users": per_user, "failures": counts})
+
+
 BASE = {"seen": {"win_rate": 0.9}, "unseen": {"win_rate": 0.8}, "all": {"drift_sd": 2.0, "noise_ratio": 1.1},
         "interpolation": {"monotone": True}}
 
