@@ -8,11 +8,13 @@ For every unseen user of each world (never trained on, not in the library) and N
   (c) mix       tune-user's mixing weights only, over the library (the adapter's trained users), from the library mean
   (d) mix+tuned tune-user from (c), mode tokens (with (c): mode mix+tokens)
 
-each scored like the demo (Stage C sampled with and without the user from the same noise): win rate, reward gain,
-fidelity (style drift in data sds, residual ratio), and tune-user's seconds per user. The worlds are trained (or
+each scored like the demo (the base model, Stage C or with ``--base sdxl`` SDXL, sampled with and without the user
+from the same noise): win rate, reward gain, fidelity (style drift in data sds, residual ratio), and tune-user's
+seconds per user. The worlds are trained (or
 reused from ``--runs``) with the demo's recipe, exactly as ``ppd-train demo --sweep`` does.
 
     python benchmarks/tune_user.py [--worlds default-s0,k6-c6-u12] [--ns 4,8,16,32] [--out tune_user.json]
+    python benchmarks/tune_user.py --base sdxl --worlds default-s0 --runs runs/sweep-sdxl
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ppd_train.embedding import UserEmbedding
 from ppd_train.evaluate import evaluate_users, group_summary
 from ppd_train.stage_c import PPDBinding
 from ppd_train.sweep import load_sweep, world_config
-from ppd_train.synthetic import DemoConfig, diagnose_users, train_world
+from ppd_train.synthetic import DemoConfig, check_world, diagnose_users, train_world
 from ppd_train.tune import TuneConfig, UserTuner
 
 METHODS = ("embedder", "tuned", "mix", "mix+tuned")
@@ -150,7 +152,9 @@ def main() -> None:
                    help="unseen: the world's new users; failing: every user the demo puts below 50%% "
                         "(docs/world-sweep.md, 'Why a user fails')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TuneConfig key, e.g. lr=0.1")
-    p.add_argument("--base", choices=("stage_c", "sdxl"), default="stage_c", help="the worlds' base model")
+    p.add_argument("--base", choices=("stage_c", "sdxl"), default=None,
+                   help="the worlds' base model (default: as the sweep file says, else Stage C); give an SDXL run "
+                        "its own --runs folder")
     p.add_argument("--out", default="")
     p.add_argument("--table", nargs="+", metavar="JSON", help="only print the markdown table of earlier results")
     args = p.parse_args()
@@ -172,9 +176,14 @@ def main() -> None:
                       "torch": torch.__version__, "threads": torch.get_num_threads()}
             Path(args.out).write_text(json.dumps(result, indent=2))
 
+    cfgs = []
     for name in args.worlds.split(","):
-        change = {**worlds[name], "world": {**worlds[name].get("world", {}), "base": args.base}}
-        cfg = world_config(DemoConfig(), change, Path(args.runs) / name)
+        change = worlds[name]
+        if args.base:
+            change = {**change, "world": {**change.get("world", {}), "base": args.base}}
+        cfgs.append((name, world_config(DemoConfig(), change, Path(args.runs) / name)))
+        check_world(cfgs[-1][1].world)  # every world before the first runs (SDXL holds at most 4 styles)
+    for name, cfg in cfgs:
         rows += run_world(name, cfg, ns, tune, args.max_users, write, args.users)
     print(markdown(rows))
 

@@ -289,6 +289,8 @@ def build_dataset(world: World, seed: int) -> tuple[DPOData, dict[str, UserEmbed
 # (cosine >= 0.5). Every labelled pair leans towards the preference (cosine > 0), so a weaker lean is a real, if
 # faint, signal; below 0.5 the pairs leave most of the preference unsaid (docs/world-sweep.md, "Why a user fails").
 AGREE_COS = 0.5
+# the noise seed of the users' evaluation; redraws are scored on the same noise
+EVAL_SEED = 1234
 
 
 def diagnose_users(world: World, embeddings: dict[str, UserEmbedding], per_user: dict[str, dict]) -> None:
@@ -325,18 +327,24 @@ def redraw_failing(world: World, binding: PPDBinding, cond: Conditions, per_user
     if c.redraws < 1:
         return
     embedder = world.embedder()
+    index = {uid: i for i, uid in enumerate(world.prefs)}
     for uid, m in per_user.items():
         if not m.get("failure"):
             continue
-        g = torch.Generator().manual_seed(seed + 7919 * (1 + list(world.prefs).index(uid)))
+        g = torch.Generator().manual_seed(seed + 7919 * (1 + index[uid]))
         embs = []
         for _ in range(c.redraws):
             ew, el, _caps = world.pairs(uid, c.n_embed_pairs, g)
             embs.append(UserEmbedding(embedder.embed_tokens(list(ew), list(el)), embedder.id, {"user_id": uid}))
-        scores = user_scores(binding, cond, uid, embs, world.reward, c.eval_samples, steps=c.sample_steps)
+        scores = user_scores(binding, cond, uid, embs, world.reward, c.eval_samples, EVAL_SEED, c.sample_steps)
         rates = [s["win_rate"] for s in scores]
         m["redraw_win_rates"], m["redraw_reward_gains"] = rates, [s["reward_gain"] for s in scores]
-        m["other_draws_win"] = 2 * sum(r >= 0.5 for r in rates) > len(rates)
+        m["other_draws_win"] = served_by_most(rates)
+
+
+def served_by_most(rates: list[float]) -> bool:
+    """More than half of the win rates reach 50% (4 of 8 does not)."""
+    return 2 * sum(r >= 0.5 for r in rates) > len(rates)
 
 
 def interpolation_pair(world: World, trained: list[str], per_user: dict[str, dict]) -> tuple[str, str]:
@@ -351,9 +359,10 @@ def interpolation_pair(world: World, trained: list[str], per_user: dict[str, dic
     return pool[i], pool[j]
 
 
-def failure_counts(per_user: dict[str, dict]) -> dict:
+def failure_counts(per_user: dict[str, dict], redrawn: bool = False) -> dict:
     """Users below 50% by cause, whether the confidence measure flagged them, and how many of them (all, and of the
-    adapter-wrong ones) reach 50% with most other draws of their pairs (:func:`redraw_failing`)."""
+    adapter-wrong ones) reach 50% with most other draws of their pairs (:func:`redraw_failing`; with ``redrawn``
+    these counts are there, 0 too, when no user is below 50%)."""
     failing = [m for m in per_user.values() if m.get("failure")]
     flagged = [m for m in per_user.values() if m.get("low_confidence")]
     out = {"below_half": len(failing),
@@ -361,7 +370,7 @@ def failure_counts(per_user: dict[str, dict]) -> dict:
            "adapter_wrong": sum(m["failure"] == "adapter is wrong" for m in failing),
            "failing_flagged": sum(m["low_confidence"] for m in failing),
            "flagged": len(flagged), "flagged_failing": sum(bool(m.get("failure")) for m in flagged)}
-    if any("other_draws_win" in m for m in failing):  # redraws ran (world.redraws > 0)
+    if redrawn or any("other_draws_win" in m for m in failing):  # redraws ran (world.redraws > 0)
         out["other_draws_win"] = sum(bool(m.get("other_draws_win")) for m in failing)
         out["adapter_wrong_other_draws_win"] = sum(bool(m.get("other_draws_win")) for m in failing
                                                    if m["failure"] == "adapter is wrong")
@@ -514,12 +523,12 @@ def run_demo(cfg: DemoConfig, log=print, show_progress: bool = True) -> dict:
     cond = world.conditions()
     heldout = set(adapter.config.training.get("heldout_users", []))
     metrics = evaluate_users(binding, cond, embeddings, world.reward, set(world.seen) - heldout,
-                             cfg.world.eval_samples, steps=cfg.world.sample_steps, fidelity=world.fidelity,
+                             cfg.world.eval_samples, EVAL_SEED, steps=cfg.world.sample_steps, fidelity=world.fidelity,
                              heldout=heldout)
     metrics["all"] = group_summary(list(metrics["users"].values()))
     diagnose_users(world, embeddings, metrics["users"])
     redraw_failing(world, binding, cond, metrics["users"], cfg.seed)
-    metrics["failures"] = failure_counts(metrics["users"])
+    metrics["failures"] = failure_counts(metrics["users"], redrawn=cfg.world.redraws > 0)
     metrics["selected"] = adapter.config.training.get("selected")
     # interpolate between two opposed trained users: their rewards must move in opposite directions
     a, b = interpolation_pair(world, [u for u in world.seen if u not in heldout], metrics["users"])
