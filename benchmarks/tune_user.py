@@ -10,8 +10,8 @@ For every unseen user of each world (never trained on, not in the library) and N
 
 each scored like the demo (the base model, Stage C or with ``--base sdxl`` SDXL, sampled with and without the user
 from the same noise): win rate, reward gain, fidelity (style drift in data sds, residual ratio), and tune-user's
-seconds per user. The worlds are trained (or
-reused from ``--runs``) with the demo's recipe, exactly as ``ppd-train demo --sweep`` does.
+seconds per user. The worlds are trained (or reused from ``--runs``) with the demo's recipe, exactly as
+``ppd-train demo --sweep`` does.
 
     python benchmarks/tune_user.py [--worlds default-s0,k6-c6-u12] [--ns 4,8,16,32] [--out tune_user.json]
     python benchmarks/tune_user.py --base sdxl --worlds default-s0 --runs runs/sweep-sdxl
@@ -81,9 +81,8 @@ def run_world(name: str, cfg: DemoConfig, ns: list[int], tune: TuneConfig, max_u
         for k, uid in enumerate(users):
             g = torch.Generator().manual_seed(cfg.seed * 7919 + 104729 * n + k)
             ew, el, caps = world.pairs(uid, n, g)
-            base = cfg.world.base
             data = DPOData(ew, el, caps, torch.zeros(n, dtype=torch.long), world.text, world.pooled, [uid], {},
-                           world.time_ids(n) if base == "sdxl" else None, base)
+                           world.time_ids(n) if cfg.world.base == "sdxl" else None, cfg.world.base)
             t0 = time.perf_counter()
             start = UserEmbedding(embedder_tokens(world, ew, el, group), library[0].embedder, {"user_id": uid})
             secs["embedder"].append(time.perf_counter() - t0)

@@ -166,8 +166,7 @@ def evaluate_users(binding: PPDBinding, cond: Conditions, users: dict[str, UserE
         ppd = sample(binding, cond, caps, noise, emb.tokens[None], steps=steps)
         r_base, r_ppd = reward(uid, base, caps).float(), reward(uid, ppd, caps).float()
         group = "heldout" if uid in heldout else "seen" if uid in seen else "unseen"
-        m = {"seen": group == "seen", "group": group, "win_rate": win_rate(r_ppd, r_base),
-             "reward_gain": (r_ppd - r_base).mean().item(), "reward_base": r_base.mean().item(),
+        m = {"seen": group == "seen", "group": group, **_score(r_ppd, r_base), "reward_base": r_base.mean().item(),
              "reward_ppd": r_ppd.mean().item()}
         if fidelity is not None:
             m.update(fidelity_change(fidelity_means(fidelity, ppd, caps), fid_base))
@@ -186,11 +185,13 @@ def user_scores(binding: PPDBinding, cond: Conditions, uid: str, embeddings: Seq
     of its pairs), on the noise and captions :func:`evaluate_users` uses with the same ``samples`` and ``seed``."""
     noise, caps = _seeds(cond, samples, seed)
     r_base = reward(uid, sample(binding, cond, caps, noise, None, steps=steps), caps).float()
-    out = []
-    for e in embeddings:
-        r_ppd = reward(uid, sample(binding, cond, caps, noise, e.tokens[None], steps=steps), caps).float()
-        out.append({"win_rate": win_rate(r_ppd, r_base), "reward_gain": (r_ppd - r_base).mean().item()})
-    return out
+    return [_score(reward(uid, sample(binding, cond, caps, noise, e.tokens[None], steps=steps), caps).float(), r_base)
+            for e in embeddings]
+
+
+def _score(r_ppd: torch.Tensor, r_base: torch.Tensor) -> dict:
+    """A user's win rate and mean reward gain of PPD's samples over the base model's from the same noise."""
+    return {"win_rate": win_rate(r_ppd, r_base), "reward_gain": (r_ppd - r_base).mean().item()}
 
 
 def interpolation_curve(binding: PPDBinding, cond: Conditions, a: UserEmbedding, b: UserEmbedding, reward: Reward,
