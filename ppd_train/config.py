@@ -37,6 +37,7 @@ LIMITS: dict[str, tuple[float | None, float | None]] = {
     "warmup_steps": (None, 10**8), "checkpoint_every": (None, 10**8), "keep_checkpoints": (None, 10**6),
     "log_every": (None, 10**8), "max_nan_steps": (None, 10**6), "proj_dim": (None, 65536), "beta": (None, 1e9),
     "token_noise": (0, 100), "redraws": (0, 1024), "samples": (1, 10**6), "steps": (1, 10**4), "threads": (0, 4096),
+    "pretrain_steps": (0, 10**7),
 }
 DEFAULT_LIMITS = (-1e9, 1e9)
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from .embedders.pairdiff import PairDifferenceEmbedder
 from .embedding import UserEmbedding
 from .errors import PPDError
 from .evaluate import Conditions, evaluate_users, group_summary, interpolation_curve, user_scores
-from .safetensors_io import dumps_json
+from .safetensors_io import atomic_write_bytes, dumps_json
 from .schedule import add_noise, sdxl_add_noise, sdxl_timesteps
 from .stage_c import load_stage_c
 from .tiny import build_tiny_sdxl_unet, build_tiny_stage_c
@@ -56,7 +57,8 @@ class WorldConfig:
     embedding_views: int = 16
     embed_dim: int = 32  # output width of the fixed encoder phi
     width: int = 32  # tiny Stage C width (SDXL: its middle level's; text is this wide, pooled text half)
-    pretrain_steps: int = 800
+    # steps of the base model's pre-training; 0: the base's own (PRETRAIN_STEPS)
+    pretrain_steps: int = 0
     pretrain_batch: int = 128
     pretrain_lr: float = 3e-3
     eval_samples: int = 24  # samples per user (fixed seeds), base vs PPD
@@ -108,6 +110,17 @@ class DemoConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     train: TrainConfig = field(default_factory=_demo_train)
     targets: Targets = field(default_factory=Targets)
+
+
+# The tiny SDXL needs 3x the steps of the tiny Stage C to learn its world: at 800 its predictions barely moved along
+# one latent direction, so no adapter could move samples there and users whose taste lies there were failed (issue
+# 27; docs/world-sweep.md, "It was the base model's pre-training").
+PRETRAIN_STEPS = {"stage_c": 800, "sdxl": 2400}
+
+
+def pretrain_steps(cfg: WorldConfig) -> int:
+    """The base model's pre-training steps: ``cfg.pretrain_steps``, or the base's own when it is 0."""
+    return cfg.pretrain_steps or PRETRAIN_STEPS[cfg.base]
 
 
 def check_world(cfg: WorldConfig) -> int:
@@ -234,9 +247,10 @@ def pretrain_base(world: World, seed: int, log=print) -> torch.nn.Module:
             return unet(add_noise(x0, eps, t), t, world.pooled[caps], world.text[caps], img).sample
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=c.pretrain_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, c.pretrain_steps)
+    steps = pretrain_steps(c)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed + 1)
-    for step in range(c.pretrain_steps):
+    for step in range(steps):
         caps = torch.randint(c.n_captions, (c.pretrain_batch,), generator=g)
         x0 = world.sample_data(caps, g)
         t = torch.rand(c.pretrain_batch, generator=g) * 0.98 + 0.01
@@ -247,8 +261,8 @@ def pretrain_base(world: World, seed: int, log=print) -> torch.nn.Module:
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        if (step + 1) % max(1, c.pretrain_steps // 4) == 0:
-            log(f"  pre-train base {BASES[c.base]}: step {step + 1}/{c.pretrain_steps}, eps-loss {loss.item():.4f}")
+        if (step + 1) % max(1, steps // 4) == 0:
+            log(f"  pre-train base {BASES[c.base]}: step {step + 1}/{steps}, eps-loss {loss.item():.4f}")
     return unet.eval()
 
 
@@ -474,6 +488,40 @@ class TrainedWorld:
     adapter_path: Path
 
 
+# What the pre-trained base model depends on (World draws its styles and captions first, then the users), recorded
+# beside it so that a run reusing the folder cannot silently train on a base made for another world.
+PRETRAIN_FILE = "pretrain.json"
+PRETRAIN_KEYS = ("base", "k_styles", "n_captions", "latent_size", "style_scale", "noise_scale", "width",
+                 "pretrain_batch", "pretrain_lr")
+
+
+def base_recipe(cfg: DemoConfig) -> dict:
+    """The seed and world keys the base model's pre-training depends on, with its steps resolved."""
+    w = to_dict(cfg.world)
+    return {"seed": cfg.seed, **{k: w[k] for k in PRETRAIN_KEYS}, "pretrain_steps": pretrain_steps(cfg.world)}
+
+
+def _check_reused_base(base_dir: Path, cfg: DemoConfig, log) -> None:
+    name = BASES[cfg.world.base]
+    try:
+        recorded = json.loads((base_dir / PRETRAIN_FILE).read_text())
+    except FileNotFoundError:
+        log(f"  base {name}: reusing the pre-trained one in {base_dir} (made before bases recorded their "
+            f"pre-training; delete the folder to pre-train it again with world.pretrain_steps = "
+            f"{pretrain_steps(cfg.world)})")
+        return
+    except (OSError, ValueError) as e:
+        recorded = e
+    if not isinstance(recorded, dict):
+        raise PPDError(f"{base_dir / PRETRAIN_FILE} is unreadable ({recorded!r}); delete {base_dir} and its ppd/ "
+                       "folder to pre-train it again.")
+    want = base_recipe(cfg)
+    if diff := [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in want.items() if recorded.get(k) != v]:
+        raise PPDError(f"{base_dir} holds a base model pre-trained for another world ({'; '.join(diff)}). Use "
+                       "another --out for this config, or delete that folder and its ppd/ folder to start over.")
+    log(f"  base {name}: reusing the pre-trained one in {base_dir}")
+
+
 def train_world(cfg: DemoConfig, log=print, show_progress: bool = True) -> TrainedWorld:
     """The world, its pre-trained base model (Stage C, or SDXL with ``world.base = "sdxl"``) and a PPD adapter trained
     on its seen users, under ``out_dir``. A run that already finished there is reused (the base model and the
@@ -485,12 +533,17 @@ def train_world(cfg: DemoConfig, log=print, show_progress: bool = True) -> Train
     world = World(cfg.world, cfg.seed)
     log(f"synthetic world: {cfg.world.k_styles} styles, {len(world.seen)} seen + {len(world.unseen)} unseen users, "
         f"N={cfg.world.n_embed_pairs} pairs per embedding")
-    base, name = cfg.world.base, BASES[cfg.world.base]
+    base = cfg.world.base
     base_dir = out / f"base_{base}"
     if (base_dir / "config.json").is_file():
-        log(f"  base {name}: reusing the pre-trained one in {base_dir}")
+        _check_reused_base(base_dir, cfg, log)
     else:
+        if any((out / "ppd").glob("*.safetensors")) or any((out / "ppd" / "checkpoints").glob("*")):
+            raise PPDError(f"{out / 'ppd'} holds an adapter trained on a base model that is no longer in {base_dir}; "
+                           f"a new base would be pre-trained under it. Delete {out / 'ppd'} to train again, or use "
+                           "another --out.")
         pretrain_base(world, cfg.seed, log).save_pretrained(base_dir)  # type: ignore[operator]
+        atomic_write_bytes(base_dir / PRETRAIN_FILE, dumps_json(base_recipe(cfg), indent=2).encode())
     if base == "sdxl":
         from .sdxl import load_sdxl
 
