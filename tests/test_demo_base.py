@@ -22,8 +22,8 @@ def _demo(out, *extra: str) -> int:
 
 
 def test_each_base_has_its_own_pretraining_steps_unless_set():
-    assert PRETRAIN_STEPS == {"stage_c": 800, "sdxl": 2400}
-    assert pretrain_steps(WorldConfig()) == 800
+    assert PRETRAIN_STEPS == {"stage_c": 2400, "sdxl": 2400}
+    assert pretrain_steps(WorldConfig()) == 2400
     assert pretrain_steps(WorldConfig(base="sdxl")) == 2400
     assert pretrain_steps(WorldConfig(base="sdxl", pretrain_steps=5)) == 5
 
