@@ -52,8 +52,9 @@ class WorldConfig:
     unseen_mixtures: int = 5
     pairs_per_user: int = 32  # training pairs of each seen user
     n_embed_pairs: int = 4  # N: pairs that describe a user (never trained on)
-    # embeddings per seen user for training, each from its own N pairs: 16 with lr 1e-3 (below) met the win-rate and
-    # interpolation targets on every world of the sweep, 8 with lr 3e-3 missed on three (docs/world-sweep.md)
+    # embeddings per seen user for training, each from its own N pairs: 16 (lr 1e-3, 800-step bases) met the
+    # win-rate and interpolation targets on every world of the sweep, 8 with lr 3e-3 missed on three
+    # (docs/world-sweep.md)
     embedding_views: int = 16
     embed_dim: int = 32  # output width of the fixed encoder phi
     width: int = 32  # tiny Stage C width (SDXL: its middle level's; text is this wide, pooled text half)
@@ -115,8 +116,8 @@ class DemoConfig:
 
 
 # At 800 steps the tiny SDXL's predictions barely moved along one latent direction, so no adapter could move samples
-# there and users whose taste lies there were failed (issue 27). The tiny Stage C at 800 left one trained user
-# failed by the adapter on the sweep and one on a world outside it; at 2400, none (issue 24). docs/world-sweep.md,
+# there and users whose taste lies there were failed (issue 27). The tiny Stage C at 800 left one user failed by
+# the adapter on the sweep and one on a world outside it; at 2400, none (issue 24). docs/world-sweep.md,
 # "It was the base model's pre-training" and "Stage C with a longer pre-trained base".
 PRETRAIN_STEPS = {"stage_c": 2400, "sdxl": 2400}
 
