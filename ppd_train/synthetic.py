@@ -58,7 +58,7 @@ class WorldConfig:
     embedding_views: int = 16
     embed_dim: int = 32  # output width of the fixed encoder phi
     width: int = 32  # tiny Stage C width (SDXL: its middle level's; text is this wide, pooled text half)
-    # steps of the base model's pre-training; 0: the base's own (PRETRAIN_STEPS)
+    # steps of the base model's pre-training; 0: the default (PRETRAIN_STEPS)
     pretrain_steps: int = 0
     pretrain_batch: int = 128
     pretrain_lr: float = 3e-3
@@ -119,12 +119,12 @@ class DemoConfig:
 # there and users whose taste lies there were failed (issue 27). The tiny Stage C at 800 left one user failed by
 # the adapter on the sweep and one on a world outside it; at 2400, none (issue 24). docs/world-sweep.md,
 # "It was the base model's pre-training" and "Stage C with a longer pre-trained base".
-PRETRAIN_STEPS = {"stage_c": 2400, "sdxl": 2400}
+PRETRAIN_STEPS = 2400
 
 
 def pretrain_steps(cfg: WorldConfig) -> int:
-    """The base model's pre-training steps: ``cfg.pretrain_steps``, or the base's own when it is 0."""
-    return cfg.pretrain_steps or PRETRAIN_STEPS[cfg.base]
+    """The base model's pre-training steps: ``cfg.pretrain_steps``, or ``PRETRAIN_STEPS`` when it is 0."""
+    return cfg.pretrain_steps or PRETRAIN_STEPS
 
 
 def check_world(cfg: WorldConfig) -> int:

@@ -21,8 +21,8 @@ def _demo(out, *extra: str) -> int:
     return main(["demo", "--out", str(out), "--quiet"] + [a for kv in sets for a in ("--set", kv)])
 
 
-def test_each_base_has_its_own_pretraining_steps_unless_set():
-    assert PRETRAIN_STEPS == {"stage_c": 2400, "sdxl": 2400}
+def test_both_bases_pretrain_2400_steps_unless_set():
+    assert PRETRAIN_STEPS == 2400
     assert pretrain_steps(WorldConfig()) == 2400
     assert pretrain_steps(WorldConfig(base="sdxl")) == 2400
     assert pretrain_steps(WorldConfig(base="sdxl", pretrain_steps=5)) == 5
